@@ -14,6 +14,8 @@ from typing import Any, Optional
 from omegaconf import OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
+from tiltlm.losses import LOSSES, LossParams
+
 
 class ConfigError(ValueError):
     """A configuration that cannot be used, naming the key or file at fault."""
@@ -28,6 +30,7 @@ class TrainConfig:
     output: str = "runs/dpo"
     overwrite: bool = False  # replace an output directory that holds a different run
     resume: bool = False  # continue from the newest checkpoint in `output`
+    resume_fallback: bool = False  # if the newest checkpoint is corrupted, resume from an older intact one
 
     # the reference policy
     ref: Optional[str] = None  # a different reference model; default: the policy's starting weights
@@ -38,10 +41,15 @@ class TrainConfig:
     loss_weights: Optional[str] = None  # comma-separated, one per loss; default all 1
     beta: float = 0.1
     label_smoothing: float = 0.0
+    ipo_average: bool = True  # ipo: per-token (not summed) log-ratios, as the IPO authors advise
+    simpo_gamma: float = 1.0  # simpo: target reward margin (paper: beta 2.0, gamma/beta ~ 0.5)
+    orpo_lambda: float = 0.1  # orpo: weight of the odds-ratio term
 
     # data shaping
     max_length: int = 1024
     max_prompt_length: int = 512
+    layout: str = "packed"  # packed | shared (prompt once per pair) | concatenated (two rows per pair)
+    pack_tokens: int = 0  # packed rows hold up to this many tokens; 0: max_length
 
     # optimisation
     lr: float = 5e-7
@@ -55,6 +63,7 @@ class TrainConfig:
     max_grad_norm: float = 1.0
     gradient_checkpointing: bool = False
     seed: int = 42
+    max_bad_steps: int = 10  # optimizer steps with non-finite gradients skipped before the run stops
 
     # LoRA (through peft): r = 0 trains every weight
     lora_r: int = 0
@@ -122,10 +131,16 @@ def validate(config: TrainConfig) -> None:
         raise ConfigError(f"beta = {config.beta}: expected a positive number")
     if not 0.0 <= config.label_smoothing < 0.5:
         raise ConfigError(f"label_smoothing = {config.label_smoothing}: expected 0 <= value < 0.5")
+    if config.simpo_gamma < 0:
+        raise ConfigError(f"simpo_gamma = {config.simpo_gamma}: expected a margin >= 0")
+    if config.orpo_lambda < 0:
+        raise ConfigError(f"orpo_lambda = {config.orpo_lambda}: expected a weight >= 0")
     if config.scheduler not in ("linear", "cosine", "constant"):
         raise ConfigError(f"scheduler = {config.scheduler!r}: expected linear, cosine or constant")
     if config.ref_mode not in ("auto", "online", "adapters-off", "none"):
         raise ConfigError(f"ref_mode = {config.ref_mode!r}: expected auto, online, adapters-off or none")
+    if config.layout not in ("packed", "shared", "concatenated"):
+        raise ConfigError(f"layout = {config.layout!r}: expected packed, shared or concatenated")
     if config.lora_r < 0:
         raise ConfigError(f"lora_r = {config.lora_r}: expected 0 (no LoRA) or a positive rank")
     if config.ref_mode == "adapters-off" and config.lora_r == 0:
@@ -134,3 +149,19 @@ def validate(config: TrainConfig) -> None:
 
 def to_yaml(config: TrainConfig) -> str:
     return OmegaConf.to_yaml(OmegaConf.create(asdict(config)))
+
+
+def loss_setup(config: TrainConfig) -> tuple[LossParams, tuple[str, ...], tuple[float, ...]]:
+    """The loss names, their weights and their hyper-parameters from ``config``."""
+    names = tuple(n.strip() for n in config.loss.split(",") if n.strip())
+    unknown = [n for n in names if n not in LOSSES]
+    if not names or unknown:
+        raise ConfigError(f"loss = {config.loss!r}: expected comma-separated names from {', '.join(LOSSES)}")
+    try:
+        weights = tuple(float(w) for w in config.loss_weights.split(",")) if config.loss_weights else (1.0,) * len(names)
+    except ValueError:
+        weights = ()
+    if len(weights) != len(names):
+        raise ConfigError(f"loss_weights = {config.loss_weights!r}: expected {len(names)} numbers, one per loss")
+    params = LossParams(**{f.name: getattr(config, f.name) for f in fields(LossParams)})
+    return params, names, weights

@@ -74,6 +74,8 @@ def load_tokenizer(name: str, trust_remote_code: bool = False):
     what counts), so reusing EOS as pad is safe."""
     from transformers import AutoTokenizer
 
+    if is_adapter(name) and not os.path.isfile(os.path.join(name, "tokenizer_config.json")):
+        name = adapter_base(name)
     path, extra = resolve(name)
     try:
         tokenizer = AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code, **extra)
@@ -87,11 +89,29 @@ def load_tokenizer(name: str, trust_remote_code: bool = False):
     return tokenizer
 
 
+def is_adapter(name: str) -> bool:
+    """A directory holding a peft adapter (as tiltlm writes to ``final/`` when training with LoRA)."""
+    return os.path.isfile(os.path.join(name, "adapter_config.json"))
+
+
+def adapter_base(name: str) -> str:
+    import json
+
+    with open(os.path.join(name, "adapter_config.json"), encoding="utf-8") as handle:
+        return json.load(handle)["base_model_name_or_path"]
+
+
 def load_model(name: str, dtype: torch.dtype = torch.float32, trust_remote_code: bool = False,
                attn_implementation: str | None = "sdpa"):
-    """An ``AutoModelForCausalLM`` in ``dtype``. ``trust_remote_code`` only when the user asks for it."""
+    """An ``AutoModelForCausalLM`` in ``dtype``; for an adapter directory, its base model with the
+    adapter attached (a ``PeftModel``). ``trust_remote_code`` only when the user asks for it."""
     from transformers import AutoModelForCausalLM
 
+    if is_adapter(name):
+        from peft import PeftModel
+
+        base = load_model(adapter_base(name), dtype, trust_remote_code, attn_implementation)
+        return PeftModel.from_pretrained(base, name)
     path, extra = resolve(name)
     if not os.path.isdir(path) and os.path.exists(path):
         raise ModelError(f"model {name!r} is a file; expected a model directory, a hub id or an alias "
@@ -121,3 +141,28 @@ def tiny_llama(vocab_size: int = 128, hidden_size: int = 32, layers: int = 2, he
     )
     torch.manual_seed(seed)
     return LlamaForCausalLM(config)
+
+
+def add_lora(model, r: int, alpha: float | None, dropout: float, targets: str):
+    """Wrap ``model`` with LoRA adapters (peft): only the adapters train. With adapters disabled the
+    model is exactly the base, which is what makes it its own reference (no second copy in memory)."""
+    from peft import LoraConfig, get_peft_model
+
+    target_modules = targets if targets == "all-linear" else [t.strip() for t in targets.split(",")]
+    config = LoraConfig(r=r, lora_alpha=alpha if alpha is not None else 2 * r, lora_dropout=dropout,
+                        target_modules=target_modules, task_type="CAUSAL_LM")
+    return get_peft_model(model, config)
+
+
+def disable_dropout(model) -> None:
+    """Set every dropout probability to 0, LoRA's own dropout excepted.
+
+    With dropout the policy's log-probs at step 0 differ from the reference's on the same weights, so
+    the implicit rewards start as noise instead of 0 (and the loss is not log 2).
+    """
+    for name, module in model.named_modules():
+        if isinstance(module, torch.nn.Dropout) and "lora_dropout" not in name:
+            module.p = 0.0
+    for key in ("attention_dropout", "hidden_dropout", "resid_pdrop", "embd_pdrop", "attn_pdrop", "dropout"):
+        if isinstance(getattr(model.config, key, None), float):
+            setattr(model.config, key, 0.0)

@@ -1,0 +1,172 @@
+"""Checkpoints that are either whole or ignored, and resume that reaches the same weights.
+
+A checkpoint ``OUTPUT/checkpoints/step-N/`` holds the trainable weights (safetensors), the optimizer and
+scheduler states and the RNG states (``torch.save``, read back with ``weights_only=True``: no pickle
+from a file is ever executed), ``state.json`` (step; the data position follows from it, since the data
+order is a function of seed and epoch) and, written last, ``manifest.json`` with the SHA-256 of every
+file. It is written in a hidden temporary directory and renamed into place, so a crash mid-save leaves
+the previous checkpoints as they were and no ``step-N`` directory without a manifest.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import random
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file, save_file
+from torch import nn
+
+MANIFEST = "manifest.json"
+
+
+class CheckpointError(RuntimeError):
+    """A checkpoint that is missing, incomplete or corrupted, naming the file."""
+
+
+@dataclass
+class TrainingState:
+    step: int
+    # mean chosen log-prob change at the first logged step, for the likelihood-displacement warning
+    extra: dict
+
+
+def sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        for block in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def trainable_state(model: nn.Module) -> dict[str, torch.Tensor]:
+    return {name: p.detach().contiguous().cpu() for name, p in model.named_parameters() if p.requires_grad}
+
+
+def rng_state() -> dict:
+    state = {"torch": torch.get_rng_state(), "python": random.getstate()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def set_rng_state(state: dict) -> None:
+    torch.set_rng_state(state["torch"])
+    random.setstate(state["python"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def _fsync_directory(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def write_atomically(final: Path, write) -> None:
+    """Call ``write(tmp_dir)``, add a manifest of checksums, then rename ``tmp_dir`` to ``final``."""
+    tmp = final.parent / f".{final.name}.tmp-{os.getpid()}"
+    if tmp.exists():
+        shutil.rmtree(tmp)
+    tmp.mkdir(parents=True)
+    try:
+        write(tmp)
+        files = sorted(p for p in tmp.rglob("*") if p.is_file())
+        manifest = {str(p.relative_to(tmp)): sha256(p) for p in files}
+        for path in files:
+            with open(path, "rb+") as handle:
+                os.fsync(handle.fileno())
+        (tmp / MANIFEST).write_text(json.dumps(manifest, indent=1))
+        _fsync_directory(tmp)
+        if final.exists():  # re-saving a step after a resume from an earlier checkpoint
+            shutil.rmtree(final)
+        os.replace(tmp, final)
+        _fsync_directory(final.parent)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+
+
+def save_checkpoint(directory: Path, model: nn.Module, optimizer, scheduler, state: TrainingState,
+                    keep: int) -> Path:
+    """Write ``directory/step-N`` atomically and delete all but the newest ``keep`` checkpoints."""
+    final = directory / f"step-{state.step}"
+
+    def write(tmp: Path) -> None:
+        save_file(trainable_state(model), tmp / "trainable.safetensors")
+        torch.save(optimizer.state_dict(), tmp / "optimizer.pt")
+        torch.save(scheduler.state_dict(), tmp / "scheduler.pt")
+        torch.save(rng_state(), tmp / "rng.pt")
+        (tmp / "state.json").write_text(json.dumps({"step": state.step, "extra": state.extra}))
+
+    directory.mkdir(parents=True, exist_ok=True)
+    write_atomically(final, write)
+    for old in list_checkpoints(directory)[:-keep] if keep > 0 else []:
+        shutil.rmtree(old, ignore_errors=True)
+    return final
+
+
+def list_checkpoints(directory: Path) -> list[Path]:
+    """``step-N`` directories, oldest first (hidden temporary directories are not checkpoints)."""
+    if not directory.is_dir():
+        return []
+    found = [p for p in directory.iterdir() if p.is_dir() and p.name.startswith("step-")
+             and p.name[5:].isdigit()]
+    return sorted(found, key=lambda p: int(p.name[5:]))
+
+
+def verify(checkpoint: Path) -> None:
+    """Raise CheckpointError naming the first missing or altered file."""
+    manifest_path = checkpoint / MANIFEST
+    if not manifest_path.is_file():
+        raise CheckpointError(f"{checkpoint}: no {MANIFEST}; the checkpoint is incomplete")
+    try:
+        manifest = json.loads(manifest_path.read_text())
+    except json.JSONDecodeError as error:
+        raise CheckpointError(f"{manifest_path}: not valid JSON ({error})") from None
+    for name, digest in manifest.items():
+        path = checkpoint / name
+        if not path.is_file():
+            raise CheckpointError(f"{path}: missing (listed in {MANIFEST})")
+        if sha256(path) != digest:
+            raise CheckpointError(f"{path}: checksum mismatch; the file is corrupted")
+
+
+def latest_checkpoint(directory: Path, allow_fallback: bool = False, log=print) -> Path | None:
+    """The newest intact checkpoint. A corrupted newest one is an error unless ``allow_fallback``."""
+    for hidden in directory.glob(".step-*.tmp-*") if directory.is_dir() else []:
+        log(f"ignoring {hidden}: a checkpoint that was being written when the run stopped")
+    for checkpoint in reversed(list_checkpoints(directory)):
+        try:
+            verify(checkpoint)
+            return checkpoint
+        except CheckpointError as error:
+            if not allow_fallback:
+                raise CheckpointError(f"{error}\n(resume_fallback=true resumes from the newest intact "
+                                      f"checkpoint instead)") from None
+            log(f"skipping {checkpoint.name}: {error}")
+    return None
+
+
+def load_checkpoint(checkpoint: Path, model: nn.Module, optimizer, scheduler) -> TrainingState:
+    """Restore weights, optimizer, scheduler and RNG from a verified checkpoint."""
+    verify(checkpoint)
+    weights = load_file(checkpoint / "trainable.safetensors")
+    missing = model.load_state_dict(weights, strict=False)
+    unexpected = [k for k in missing.unexpected_keys]
+    trainable = {name for name, p in model.named_parameters() if p.requires_grad}
+    if unexpected or trainable - set(weights):
+        raise CheckpointError(f"{checkpoint}: its weights do not match this model "
+                              f"(unexpected {unexpected[:3]}, missing {sorted(trainable - set(weights))[:3]})")
+    optimizer.load_state_dict(torch.load(checkpoint / "optimizer.pt", weights_only=True))
+    scheduler.load_state_dict(torch.load(checkpoint / "scheduler.pt", weights_only=True))
+    set_rng_state(torch.load(checkpoint / "rng.pt", weights_only=True))
+    state = json.loads((checkpoint / "state.json").read_text())
+    return TrainingState(step=state["step"], extra=state.get("extra", {}))

@@ -1,0 +1,220 @@
+"""The DPO training recipe: one process or a torchrun job, one explicit loop.
+
+Supports: full fine-tuning or LoRA (peft); reference online, adapters-off (LoRA) or none
+(reference-free losses); any loss of :mod:`tiltlm.losses` and weighted sums of them; packed,
+prefix-shared or concatenated batches; AdamW with warmup and linear/cosine/constant decay; gradient
+accumulation and clipping; gradient checkpointing; bf16 autocast on GPU; DDP under torchrun (gloo on
+CPU, NCCL on GPU); metrics.jsonl, TensorBoard and a progress bar; atomic checkpoints and exact resume;
+SIGTERM (preemption) saves a checkpoint and exits cleanly; non-finite steps are skipped and counted.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import signal
+import time
+from pathlib import Path
+
+import torch
+from torch.nn.parallel import DistributedDataParallel
+from tqdm.auto import tqdm
+from transformers import get_scheduler
+
+from tiltlm import checkpoint as ckpt
+from tiltlm.config import ConfigError, TrainConfig, loss_setup
+from tiltlm.data import load_pairs, tokenize_pairs
+from tiltlm.data.order import DataOrder
+from tiltlm.evaluate import evaluate_pairs, make_collate, score_batch
+from tiltlm.logprobs import CompletionLogps
+from tiltlm.losses import REFERENCE_FREE, displacement_warning
+from tiltlm.metrics import MetricSums, MetricsWriter, read_metrics
+from tiltlm.models import add_lora, disable_dropout, load_model, load_tokenizer, parse_dtype
+from tiltlm.reference import adapters_off_reference, choose_mode, no_reference, online_reference
+from tiltlm.rundir import prepare
+from tiltlm.runtime import Runtime, autocast, seed_everything, start, stop
+
+
+class TrainingError(RuntimeError):
+    """The run cannot go on (e.g. too many non-finite steps); the message says why and where."""
+
+
+def read_pairs(source: str, tokenizer, config: TrainConfig, log) -> list:
+    pairs, summary = tokenize_pairs(load_pairs(source), tokenizer, config.max_length, config.max_prompt_length)
+    log(f"data {source}:\n{summary.format()}")
+    if not pairs:
+        raise ConfigError(f"data {source}: no usable pair left after tokenisation (see the summary above)")
+    return pairs
+
+
+def build_models(config: TrainConfig, runtime: Runtime, dtype: torch.dtype, reference_free: bool):
+    """(policy, reference function, reference mode)."""
+    policy = load_model(config.model, dtype, config.trust_remote_code)
+    disable_dropout(policy)
+    if config.gradient_checkpointing:
+        policy.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    if config.lora_r > 0:
+        policy = add_lora(policy, config.lora_r, config.lora_alpha, config.lora_dropout, config.lora_targets)
+    policy.to(runtime.device).train()
+    mode = choose_mode(config.ref_mode, config.lora_r > 0, config.ref, reference_free)
+    if mode == "none":
+        return policy, no_reference, mode
+    if mode == "adapters-off":
+        return policy, adapters_off_reference(policy, config.logprob_chunk), mode
+    ref_model = load_model(config.ref or config.model, dtype, config.trust_remote_code).to(runtime.device)
+    return policy, online_reference(ref_model, config.logprob_chunk), mode
+
+
+def truncate_metrics(path: Path, step: int) -> None:
+    """Drop rows logged after ``step``: a resumed run logs those steps again."""
+    if path.is_file():
+        kept = [row for row in read_metrics(path) if row["step"] <= step]
+        path.write_text("".join(json.dumps(row) + "\n" for row in kept))
+
+
+def any_rank(flag: bool, runtime: Runtime) -> bool:
+    """True on every rank when ``flag`` is true on any (a signal may reach only some ranks)."""
+    if not runtime.distributed:
+        return flag
+    value = torch.tensor([float(flag)], device=runtime.device)
+    torch.distributed.all_reduce(value, op=torch.distributed.ReduceOp.MAX)
+    return bool(value.item())
+
+
+def train(config: TrainConfig) -> Path:
+    """Train a policy with the configured preference loss; returns the output directory."""
+    runtime = start(config.device)
+    try:
+        return _train(config, runtime)
+    finally:
+        stop(runtime)
+
+
+def _train(config: TrainConfig, runtime: Runtime) -> Path:
+    log = print if runtime.is_main else (lambda *args, **kwargs: None)
+    seed_everything(config.seed)
+    out = prepare(config, runtime.is_main)
+    params, loss_names, loss_weights = loss_setup(config)
+    tokenizer = load_tokenizer(config.model, config.trust_remote_code)
+    train_pairs = read_pairs(config.data, tokenizer, config, log)
+    eval_pairs = read_pairs(config.eval_data, tokenizer, config, log) if config.eval_data else None
+    collate = make_collate(config.layout, tokenizer.pad_token_id, config.pack_tokens or config.max_length)
+
+    dtype = parse_dtype(config.dtype, runtime.device)
+    policy, reference, ref_mode = build_models(config, runtime, dtype, set(loss_names) <= REFERENCE_FREE)
+    log(f"policy {config.model} ({dtype}, {'LoRA r=%d' % config.lora_r if config.lora_r else 'full'}), "
+        f"reference: {ref_mode}, loss: {config.loss}, layout: {config.layout}, processes: {runtime.world_size}")
+    scorer = CompletionLogps(policy, config.logprob_chunk)
+    forward = DistributedDataParallel(scorer) if runtime.distributed else scorer
+    trainable = [p for p in policy.parameters() if p.requires_grad]
+
+    order = DataOrder(len(train_pairs), config.batch_size, config.grad_accum, runtime.world_size, config.seed)
+    if order.steps_per_epoch == 0:
+        raise ConfigError(f"data {config.data}: {len(train_pairs)} pairs are fewer than one optimizer step "
+                          f"(batch_size x grad_accum x processes = {order.pairs_per_step}); lower batch_size or grad_accum")
+    total_steps = config.max_steps if config.max_steps > 0 else order.steps_per_epoch * config.epochs
+    optimizer = torch.optim.AdamW(trainable, lr=config.lr, weight_decay=config.weight_decay,
+                                  fused=runtime.device.type in ("cpu", "cuda"))
+    scheduler = get_scheduler("constant_with_warmup" if config.scheduler == "constant" else config.scheduler,
+                              optimizer, num_warmup_steps=round(config.warmup_ratio * total_steps),
+                              num_training_steps=total_steps)
+
+    state = ckpt.TrainingState(step=0, extra={})
+    checkpoints = out / "checkpoints"
+    if config.resume:
+        latest = ckpt.latest_checkpoint(checkpoints, config.resume_fallback, log)
+        if latest is not None:
+            state = ckpt.load_checkpoint(latest, policy, optimizer, scheduler)
+            log(f"resumed from {latest} (step {state.step} of {total_steps})")
+        if runtime.is_main:
+            truncate_metrics(out / "metrics.jsonl", state.step)
+    writer = MetricsWriter(out, config.tensorboard) if runtime.is_main else None
+
+    stop_requested = []  # SIGTERM (preemption): finish the step, checkpoint, exit 0
+    previous_handler = signal.signal(signal.SIGTERM, lambda *_: stop_requested.append(True))
+    bad_steps, warned, done = 0, False, state.step
+    pairs_per_micro_batch = config.batch_size * config.grad_accum  # gradient of the step's mean loss
+    bar = tqdm(range(state.step, total_steps), initial=state.step, total=total_steps, desc="train",
+               disable=not (runtime.is_main and config.progress))
+    for step in bar:
+        started, sums, tokens = time.perf_counter(), MetricSums(), 0
+        micro_batches = order.micro_batches(step, runtime.rank)
+        for i, indices in enumerate(micro_batches):
+            batch = collate([train_pairs[j] for j in indices]).to(runtime.device)
+            last = i == len(micro_batches) - 1
+            with (forward.no_sync() if runtime.distributed and not last else contextlib.nullcontext()):
+                with autocast(runtime.device, dtype):
+                    loss_out, policy_logps, ref_logps = score_batch(forward, reference, batch, params,
+                                                                    loss_names, loss_weights)
+                (loss_out.losses.sum() / pairs_per_micro_batch).backward()
+            sums.add(loss_out, policy_logps, ref_logps)
+            tokens += batch.real_tokens
+        grad_norm = torch.nn.utils.clip_grad_norm_(trainable, config.max_grad_norm)
+        lr = scheduler.get_last_lr()[0]
+        if torch.isfinite(grad_norm):
+            optimizer.step()
+        else:  # every rank sees the same (all-reduced) gradients, so every rank skips together
+            bad_steps += 1
+            log(f"step {step + 1}: non-finite gradients, step skipped ({bad_steps} so far)")
+            if bad_steps > config.max_bad_steps:
+                raise TrainingError(f"{bad_steps} steps with non-finite gradients (limit max_bad_steps = "
+                                    f"{config.max_bad_steps}); last batch's pairs: {', '.join(batch.sources)}")
+        scheduler.step()
+        optimizer.zero_grad(set_to_none=True)
+
+        metrics = sums.mean()
+        done = step + 1
+        if done % config.log_every == 0 or done == total_steps:
+            elapsed = time.perf_counter() - started
+            row = {"step": done, "epoch": done / order.steps_per_epoch, **metrics, "grad_norm": grad_norm.item(),
+                   "lr": lr, "tokens_per_second": tokens * runtime.world_size / elapsed}
+            if writer is not None:
+                writer.write(row)
+            bar.set_postfix(loss=f"{metrics['loss']:.4f}", acc=f"{metrics['rewards/accuracies']:.2f}",
+                            margin=f"{metrics['rewards/margins']:.3f}")
+        message = displacement_warning(metrics.get("logps/chosen_change", 0.0), metrics["rewards/margins"], 1.0)
+        if message and not warned:
+            warned = True
+            log(f"\nwarning (step {done}): {message}")
+        if eval_pairs is not None and (done % config.eval_every == 0 or done == total_steps):
+            eval_row = {"step": done, "epoch": done / order.steps_per_epoch,
+                        **evaluate_pairs(scorer, reference, eval_pairs, collate, params, loss_names, loss_weights,
+                                   config.batch_size, runtime.device, progress=config.progress)}
+            if writer is not None:
+                writer.write(eval_row)
+        preempted = any_rank(bool(stop_requested), runtime)
+        if done % config.save_every == 0 or preempted:
+            if runtime.is_main:
+                ckpt.save_checkpoint(checkpoints, policy, optimizer, scheduler,
+                                     ckpt.TrainingState(done, {}), config.keep_checkpoints)
+            if runtime.distributed:
+                torch.distributed.barrier()
+        if preempted and done < total_steps:
+            log(f"\nSIGTERM: checkpoint saved at step {done}; continue with --resume")
+            break
+    bar.close()
+    signal.signal(signal.SIGTERM, previous_handler)
+    if writer is not None:
+        writer.close()
+    if runtime.is_main and done == total_steps:
+        save_final(out, policy, tokenizer, config.model, config.merge_lora)
+        log(f"saved {out / 'final'}")
+    return out
+
+
+def save_final(out: Path, policy, tokenizer, base_model: str, merge_lora: bool) -> None:
+    """``final/``: a transformers model directory, or with LoRA a peft adapter directory (and with
+    ``merge_lora`` also ``merged/``, the adapters folded into the base weights)."""
+    for adapter in getattr(policy, "peft_config", {}).values():
+        adapter.base_model_name_or_path = base_model  # as the user named it: an alias stays loadable
+    save_pretrained_atomically(out / "final", policy, tokenizer)
+    if merge_lora and hasattr(policy, "merge_and_unload"):
+        save_pretrained_atomically(out / "merged", policy.merge_and_unload(), tokenizer)
+
+
+def save_pretrained_atomically(directory: Path, model, tokenizer) -> None:
+    def write(tmp: Path) -> None:
+        model.save_pretrained(tmp, safe_serialization=True)
+        tokenizer.save_pretrained(tmp)
+
+    ckpt.write_atomically(directory, write)
