@@ -11,6 +11,7 @@ from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 from typing import Any, Optional
 
+import yaml
 from omegaconf import OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
@@ -95,27 +96,33 @@ def build_config(yaml_path: str | None = None, flags: dict[str, Any] | None = No
                  dotlist: list[str] | None = None) -> TrainConfig:
     """Merge defaults, a YAML file, ``--flag`` values and ``key=value`` overrides, in that order."""
     merged = OmegaConf.structured(TrainConfig)
-    try:
-        if yaml_path is not None:
-            if not Path(yaml_path).is_file():
-                raise ConfigError(f"config file {yaml_path}: no such file")
-            loaded = OmegaConf.load(yaml_path)
-            if not isinstance(loaded, type(merged)):
-                raise ConfigError(f"config file {yaml_path}: expected a mapping of option: value")
-            merged = OmegaConf.merge(merged, loaded)
-        if flags:
-            merged = OmegaConf.merge(merged, OmegaConf.create(flags))
-        if dotlist:
-            bad = [item for item in dotlist if "=" not in item]
-            if bad:
-                raise ConfigError(f"override {bad[0]!r}: expected key=value")
-            merged = OmegaConf.merge(merged, OmegaConf.from_dotlist(dotlist))
-    except OmegaConfBaseException as error:
-        where = f" (in {yaml_path})" if yaml_path else ""
-        raise ConfigError(f"configuration{where}: {error.msg if hasattr(error, 'msg') else error}") from None
-    config: TrainConfig = OmegaConf.to_object(merged)
+    if yaml_path is not None:
+        if not Path(yaml_path).is_file():
+            raise ConfigError(f"config file {yaml_path}: no such file")
+        loaded = _parse(lambda: OmegaConf.load(yaml_path), f"config file {yaml_path}")
+        if not isinstance(loaded, type(merged)):
+            raise ConfigError(f"config file {yaml_path}: expected a mapping of option: value")
+        merged = _parse(lambda: OmegaConf.merge(merged, loaded), f"config file {yaml_path}")
+    if flags:
+        merged = _parse(lambda: OmegaConf.merge(merged, OmegaConf.create(flags)), "command-line flags")
+    if dotlist:
+        bad = [item for item in dotlist if "=" not in item]
+        if bad:
+            raise ConfigError(f"override {bad[0]!r}: expected key=value")
+        merged = _parse(lambda: OmegaConf.merge(merged, OmegaConf.from_dotlist(dotlist)), "key=value overrides")
+    config: TrainConfig = _parse(lambda: OmegaConf.to_object(merged), "configuration")
     validate(config)
     return config
+
+
+def _parse(step, where: str):
+    """Run an OmegaConf step, turning its errors into a one-line ConfigError naming ``where`` and the key."""
+    try:
+        return step()
+    except (OmegaConfBaseException, yaml.YAMLError) as error:
+        key = getattr(error, "full_key", None)
+        message = " ".join(str(getattr(error, "msg", error)).split())
+        raise ConfigError(f"{where}: {f'option {key!r}: ' if key else ''}{message}") from None
 
 
 def validate(config: TrainConfig) -> None:

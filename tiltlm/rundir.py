@@ -18,8 +18,9 @@ RESUMABLE_CHANGES = {"output", "resume", "overwrite", "progress", "tensorboard",
                      "keep_checkpoints", "log_every", "max_steps", "epochs", "device", "resume_fallback"}
 
 
-def prepare(config: TrainConfig, is_main: bool) -> Path:
-    """Check the output directory against the request and write ``config.yaml`` for a new run."""
+def check(config: TrainConfig) -> Path:
+    """Refuse an output directory that holds another run (unless overwriting) or, for --resume, a run
+    with different settings. Writes nothing."""
     out = Path(config.output)
     saved = out / "config.yaml"
     if config.resume:
@@ -37,10 +38,16 @@ def prepare(config: TrainConfig, is_main: bool) -> Path:
     if existing and not config.overwrite:
         raise ConfigError(f"output {out} already holds a run ({', '.join(existing)}). Use --resume to "
                           f"continue it, --overwrite to replace it, or another --output.")
-    if is_main:
-        for name in existing:
+    return out
+
+
+def start(config: TrainConfig) -> Path:
+    """For a new run: remove a replaced run's files (--overwrite) and write ``config.yaml``."""
+    out = Path(config.output)
+    if not config.resume:
+        for name in [name for name in ARTIFACTS if (out / name).exists()]:
             path = out / name
             shutil.rmtree(path) if path.is_dir() else path.unlink()
         out.mkdir(parents=True, exist_ok=True)
-        saved.write_text(to_yaml(config))
+        (out / "config.yaml").write_text(to_yaml(config))
     return out

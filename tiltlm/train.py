@@ -22,6 +22,7 @@ from tqdm.auto import tqdm
 from transformers import get_scheduler
 
 from tiltlm import checkpoint as ckpt
+from tiltlm import rundir
 from tiltlm.config import ConfigError, TrainConfig, loss_setup
 from tiltlm.data import load_pairs, tokenize_pairs
 from tiltlm.data.order import DataOrder
@@ -31,7 +32,6 @@ from tiltlm.losses import REFERENCE_FREE, displacement_warning
 from tiltlm.metrics import MetricSums, MetricsWriter, read_metrics
 from tiltlm.models import add_lora, disable_dropout, load_model, load_tokenizer, parse_dtype
 from tiltlm.reference import adapters_off_reference, choose_mode, no_reference, online_reference
-from tiltlm.rundir import prepare
 from tiltlm.runtime import Runtime, autocast, seed_everything, start, stop
 
 
@@ -93,7 +93,7 @@ def train(config: TrainConfig) -> Path:
 def _train(config: TrainConfig, runtime: Runtime) -> Path:
     log = print if runtime.is_main else (lambda *args, **kwargs: None)
     seed_everything(config.seed)
-    out = prepare(config, runtime.is_main)
+    out = rundir.check(config)
     params, loss_names, loss_weights = loss_setup(config)
     tokenizer = load_tokenizer(config.model, config.trust_remote_code)
     train_pairs = read_pairs(config.data, tokenizer, config, log)
@@ -104,6 +104,8 @@ def _train(config: TrainConfig, runtime: Runtime) -> Path:
     policy, reference, ref_mode = build_models(config, runtime, dtype, set(loss_names) <= REFERENCE_FREE)
     log(f"policy {config.model} ({dtype}, {'LoRA r=%d' % config.lora_r if config.lora_r else 'full'}), "
         f"reference: {ref_mode}, loss: {config.loss}, layout: {config.layout}, processes: {runtime.world_size}")
+    if runtime.is_main:
+        rundir.start(config)  # only now, so a mistake found above leaves the directory as it was
     scorer = CompletionLogps(policy, config.logprob_chunk)
     forward = DistributedDataParallel(scorer) if runtime.distributed else scorer
     trainable = [p for p in policy.parameters() if p.requires_grad]

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 from typing import Union
 
@@ -43,7 +44,11 @@ class TokenizedPair:
 
 @dataclass
 class DataSummary:
-    """What tokenisation kept and dropped, printed before training."""
+    """What tokenisation kept and dropped, printed before training.
+
+    ``skipped`` counts dropped pairs by reason; ``truncated`` counts kept pairs that lost tokens. The
+    lengths are in tokens, of kept pairs: one prompt length per pair, and two completion lengths per pair
+    (chosen, then rejected), EOS included."""
 
     rows: int = 0
     kept: int = 0
@@ -51,3 +56,29 @@ class DataSummary:
     truncated: int = 0
     prompt_lengths: list[int] = field(default_factory=list)
     completion_lengths: list[int] = field(default_factory=list)
+
+    def format(self) -> str:
+        """A few lines for the log: rows read, kept, skipped by reason, truncations, and the p50/p90/max of
+        prompt and completion lengths, so a bad max_length or a mostly skipped file shows before training."""
+        reasons = ", ".join(f"{reason}: {count}" for reason, count in sorted(self.skipped.items()))
+        skipped = f"skipped {sum(self.skipped.values())}" + (f" ({reasons})" if reasons else "")
+        return "\n".join([
+            f"rows read {self.rows}, kept {self.kept}, {skipped}",
+            f"truncated {self.truncated} of {self.kept} kept pairs",
+            f"prompt tokens: {spread(self.prompt_lengths)}",
+            f"completion tokens (chosen and rejected): {spread(self.completion_lengths)}",
+        ])
+
+
+def percentile(values: list[int], percent: float) -> int:
+    """Nearest-rank percentile: the smallest value with at least ``percent`` % of ``values`` at or below it."""
+    ordered = sorted(values)
+    rank = max(1, math.ceil(percent / 100 * len(ordered)))
+    return ordered[rank - 1]
+
+
+def spread(values: list[int]) -> str:
+    """``"p50 a, p90 b, max c"`` of ``values``, or ``"none"`` when there are none."""
+    if not values:
+        return "none"
+    return f"p50 {percentile(values, 50)}, p90 {percentile(values, 90)}, max {max(values)}"

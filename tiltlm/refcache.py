@@ -1,0 +1,284 @@
+"""Precomputed reference (``--ref-mode precompute``): score every pair with the reference once, before
+training, keep the numbers on disk, and look them up instead of running the reference at every step.
+
+The reference is frozen, so its log-probs of a pair never change during training: an online reference
+spends a full no-grad forward per batch (about a quarter of a step's compute) recomputing the same
+numbers every epoch, and keeps a second copy of the weights in memory. Here one pass over the tokenized
+data, with a larger batch since no activations are kept for a backward, fills a table
+``[num_pairs, 4]`` (float32):
+
+    column 0  summed log pi_ref(chosen | prompt)      column 2  chosen completion tokens
+    column 1  summed log pi_ref(rejected | prompt)    column 3  rejected completion tokens
+
+Row ``i`` belongs to ``pairs[i]``, the i-th tokenized pair, so a batch must say which pairs it holds
+(``Batch.indices``; see :func:`lookup_reference`).
+
+The cache. The table is saved as safetensors (plain tensors, nothing executed on load, unlike pickle) at
+``<cache dir>/<fingerprint>.safetensors``; the fingerprint is a sha256 of everything the numbers depend
+on (see :func:`reference_fingerprint`), so a changed input gives another file name and a recompute, and
+a later run or an evaluation with the same inputs reads the file instead. The cache directory is
+``$TILTLM_CACHE/reference`` when ``TILTLM_CACHE`` is set, else ``~/.cache/tiltlm/reference``, unless
+given.
+
+Under torchrun each rank scores every ``world_size``-th pair and the shards are all-gathered, so every
+pair is computed exactly once and every rank ends with the whole table in memory (no shared file system
+needed); rank 0 writes the file.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import tempfile
+from pathlib import Path
+from typing import Any, Callable, Iterable, Optional, Sequence
+
+import torch
+import torch.distributed as dist
+from safetensors.torch import load_file, save_file
+from torch import Tensor, nn
+from tqdm.auto import tqdm
+
+from tiltlm.data.collate import Batch
+from tiltlm.data.types import TokenizedPair
+
+FORMAT = "tiltlm-reference-v1"  # bump when the table's meaning changes: old files are then never read
+TABLE = "reference"  # the tensor's name inside the safetensors file
+
+Scorer = Callable[[Batch], tuple[Tensor, Tensor]]
+Collate = Callable[[list[TokenizedPair]], Batch]
+PrecomputedReference = Callable[..., tuple[Tensor, Tensor]]
+
+
+# --- fingerprints ----------------------------------------------------------------------------------
+
+
+def _update_tensor(digest: "hashlib._Hash", name: str, tensor: Tensor) -> None:
+    """Feed name, dtype, shape and raw bytes of ``tensor`` to ``digest`` (bytes alone would let two
+    different layouts of the same bytes collide)."""
+    tensor = tensor.detach()
+    digest.update(f"{name}|{tensor.dtype}|{tuple(tensor.shape)}|".encode())
+    if tensor.numel():
+        # uint8 view: numpy has no bfloat16, and the bytes are what we want to hash anyway
+        flat = tensor.to("cpu").contiguous().reshape(-1).view(torch.uint8)
+        digest.update(memoryview(flat.numpy()))
+
+
+def weights_fingerprint(model: nn.Module) -> str:
+    """sha256 of the model's state_dict (every tensor's name, dtype, shape and bytes) and of its config.
+
+    Why the tensors in memory and not the files on disk: they are exactly what computes the numbers,
+    whatever they were loaded from (a safetensors directory, a GGUF file dequantized on load, a hub
+    cache, a model built in code) and whatever dtype they were loaded in; and hashing memory costs about
+    the same as reading the files (sha256 runs at ~1-2 GB/s: ~0.3 s for SmolLM2-135M in float32, seconds
+    for a 7B model, against minutes to hours for the pass it saves). The config enters too, because
+    some settings change the outputs without touching a weight (rope scaling, logit softcapping)."""
+    digest = hashlib.sha256()
+    for name, tensor in model.state_dict().items():
+        _update_tensor(digest, name, tensor)
+    config = getattr(model, "config", None)
+    if config is not None and hasattr(config, "to_dict"):
+        settings = {k: v for k, v in config.to_dict().items()
+                    if k not in ("_name_or_path", "transformers_version", "_commit_hash")}
+        digest.update(json.dumps(settings, sort_keys=True, default=str).encode())
+    return digest.hexdigest()
+
+
+def tokenizer_fingerprint(tokenizer) -> str:
+    """sha256 of the tokenizer's full serialization (vocabulary, merges, normalizer, added tokens) when
+    it is a fast tokenizer, else its vocabulary, plus its special tokens and chat template.
+
+    Strictly the reference's numbers depend on the token ids only, which :func:`data_fingerprint`
+    covers; this is a cheap second lock, so a tokenizer swapped under an unchanged id list (a bug
+    elsewhere) still cannot reuse a table."""
+    digest = hashlib.sha256()
+    backend = getattr(tokenizer, "backend_tokenizer", None)
+    if backend is not None:
+        digest.update(backend.to_str().encode())
+    else:
+        digest.update(json.dumps(sorted(tokenizer.get_vocab().items())).encode())
+    specials = {"special": getattr(tokenizer, "special_tokens_map", {}),
+                "chat_template": getattr(tokenizer, "chat_template", None),
+                "class": type(tokenizer).__name__}
+    digest.update(json.dumps(specials, sort_keys=True, default=str).encode())
+    return digest.hexdigest()
+
+
+def data_fingerprint(pairs: Sequence[TokenizedPair]) -> str:
+    """sha256 of the token ids of every pair, in order. Covers the data file's contents, the prompt
+    template, ``max_length`` and ``max_prompt_length``: anything that changes what the model scores
+    changes these ids. Lengths are hashed too, so ``[1, 2] + [3]`` and ``[1] + [2, 3]`` differ."""
+    digest = hashlib.sha256()
+    for pair in pairs:
+        parts = (pair.prompt_ids, pair.chosen_ids, pair.rejected_ids)
+        digest.update(torch.tensor([len(part) for part in parts], dtype=torch.int64).numpy().tobytes())
+        digest.update(torch.tensor([t for part in parts for t in part], dtype=torch.int64).numpy().tobytes())
+    return digest.hexdigest()
+
+
+def reference_fingerprint(model: nn.Module, tokenizer, pairs: Sequence[TokenizedPair],
+                          extra: dict[str, Any] | None = None) -> str:
+    """The cache key: sha256 over the format version, the weights, the tokenizer, the data and ``extra``
+    (anything else the caller knows to matter, e.g. an autocast dtype)."""
+    parts = {"format": FORMAT, "weights": weights_fingerprint(model), "tokenizer": tokenizer_fingerprint(tokenizer),
+             "data": data_fingerprint(pairs), "extra": extra or {}}
+    return hashlib.sha256(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()
+
+
+def default_cache_dir() -> Path:
+    """``$TILTLM_CACHE/reference`` or ``~/.cache/tiltlm/reference``."""
+    root = os.environ.get("TILTLM_CACHE")
+    return Path(root).expanduser() / "reference" if root else Path.home() / ".cache" / "tiltlm" / "reference"
+
+
+# --- computing the table -----------------------------------------------------------------------------
+
+
+def _world() -> tuple[int, int]:
+    return (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)
+
+
+@torch.no_grad()
+def precompute_reference(scorer: Scorer, pairs: Sequence[TokenizedPair], collate: Collate, batch_size: int,
+                         device: torch.device | str = "cpu", progress: bool = True) -> Tensor:
+    """The ``[len(pairs), 4]`` float32 table of :mod:`this module <tiltlm.refcache>`, on the CPU.
+
+    ``scorer`` maps a Batch to (summed log-probs [2P], token counts [2P]), chosen of every pair first,
+    like :class:`~tiltlm.logprobs.CompletionLogps` of the frozen reference. Pairs are scored in order of
+    length, so each batch holds pairs of similar size (little padding, tight packing); results go back
+    to each pair's own row. Under torchrun each rank scores every ``world_size``-th pair of that order
+    (the ranks get similar work) and the shards are all-gathered: each pair is scored once.
+    """
+    rank, world = _world()
+    order = sorted(range(len(pairs)), key=lambda i: len(pairs[i].prompt_ids) + len(pairs[i].chosen_ids)
+                   + len(pairs[i].rejected_ids))
+    mine = order[rank::world]
+    rows = torch.zeros(len(mine), 4, dtype=torch.float32)
+    starts = range(0, len(mine), batch_size)
+    for start in tqdm(starts, desc="reference", disable=not progress or rank != 0, leave=False):
+        chunk = mine[start:start + batch_size]
+        logps, counts = scorer(collate([pairs[i] for i in chunk]).to(device))
+        n = len(chunk)
+        rows[start:start + n] = torch.stack(
+            [logps[:n], logps[n:], counts[:n].to(logps.dtype), counts[n:].to(logps.dtype)], dim=1).float().cpu()
+    table = torch.zeros(len(pairs), 4, dtype=torch.float32)
+    if world == 1:
+        table[mine] = rows
+        return table
+    # gloo's all_gather wants equal shapes: pad every shard to the largest one (ranks differ by <= 1 row)
+    width = -(-len(pairs) // world)
+    padded = torch.zeros(width, 4, dtype=torch.float32)
+    padded[:len(rows)] = rows
+    backend_device = torch.device("cuda", torch.cuda.current_device()) if dist.get_backend() == "nccl" else "cpu"
+    shards = [torch.zeros_like(padded, device=backend_device) for _ in range(world)]
+    dist.all_gather(shards, padded.to(backend_device))
+    for r, shard in enumerate(shards):
+        theirs = order[r::world]
+        table[theirs] = shard[:len(theirs)].cpu()
+    return table
+
+
+def save_table(path: Path, table: Tensor, metadata: dict[str, str]) -> None:
+    """Write ``table`` to ``path`` atomically (a temporary file renamed into place), so a crash or a
+    concurrent reader never sees half a file."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    handle, tmp = tempfile.mkstemp(dir=path.parent, prefix=".tmp-", suffix=".safetensors")
+    os.close(handle)
+    try:
+        save_file({TABLE: table.contiguous()}, tmp, metadata={"format": FORMAT, **metadata})
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+
+
+def load_table(path: Path, num_pairs: int) -> Tensor | None:
+    """The table stored at ``path``, or None when there is none or it does not fit (wrong shape, an
+    unreadable or foreign file): the caller recomputes."""
+    if not path.is_file():
+        return None
+    try:
+        table = load_file(str(path))[TABLE]
+    except Exception:  # a truncated or foreign file is a cache miss, not an error
+        return None
+    if table.shape != (num_pairs, 4) or table.dtype != torch.float32:
+        return None
+    return table
+
+
+def _all_ranks_agree(flag: bool) -> bool:
+    """True when ``flag`` is true on every rank (one process: ``flag``)."""
+    if not dist.is_initialized():
+        return flag
+    device = torch.device("cuda", torch.cuda.current_device()) if dist.get_backend() == "nccl" else "cpu"
+    value = torch.tensor([float(flag)], device=device)
+    dist.all_reduce(value, op=dist.ReduceOp.MIN)
+    return bool(value.item())
+
+
+def cached_reference_table(model: nn.Module, tokenizer, pairs: Sequence[TokenizedPair], collate: Collate,
+                           batch_size: int, device: torch.device | str = "cpu", chunk_size: int = 1024,
+                           cache_dir: str | Path | None = None, name: str = "",
+                           extra: dict[str, Any] | None = None, progress: bool = True,
+                           scorer: Optional[Scorer] = None) -> tuple[Tensor, Path, bool]:
+    """``(table, cache file, hit)``: the reference table of ``pairs``, read from the cache when a file
+    with this fingerprint exists, else computed (:func:`precompute_reference`) and written.
+
+    ``model`` is the frozen reference (its weights are fingerprinted); ``scorer`` defaults to
+    ``CompletionLogps(model, chunk_size)``. ``name`` (e.g. the model's name) only goes into the file's
+    metadata, to make a cache directory readable. Under torchrun every rank calls this: they agree on
+    hit or miss, so either all read the file or all take part in computing it.
+    """
+    from tiltlm.logprobs import CompletionLogps
+
+    key = reference_fingerprint(model, tokenizer, pairs, extra)
+    path = Path(cache_dir).expanduser() if cache_dir is not None else default_cache_dir()
+    path = path / f"{key}.safetensors"
+    table = load_table(path, len(pairs))
+    if _all_ranks_agree(table is not None):
+        return table, path, True
+    if scorer is None:
+        scorer = CompletionLogps(model, chunk_size)
+    was_training = model.training
+    model.eval()
+    try:
+        table = precompute_reference(scorer, pairs, collate, batch_size, device, progress)
+    finally:
+        model.train(was_training)
+    rank, _ = _world()
+    if rank == 0:
+        save_table(path, table, {"model": name, "pairs": str(len(pairs))})
+    if dist.is_initialized():
+        dist.barrier()  # the file exists before any rank goes on (a later run may read it at once)
+    return table, path, False
+
+
+# --- using the table ---------------------------------------------------------------------------------
+
+
+def lookup_reference(table: Tensor) -> PrecomputedReference:
+    """A reference that reads the table instead of running a model.
+
+    ``reference(batch, indices=None) -> (logps [2P], counts [2P])``, in the layout of
+    :class:`~tiltlm.logprobs.CompletionLogps` (chosen of every pair, then rejected): ``indices`` are the
+    batch's pairs' positions in the list the table was computed from, given explicitly or carried by
+    the batch as ``batch.indices``. Values are moved to the batch's device; counts are int64 like
+    ``torch.bincount``'s.
+    """
+    logps_table = table[:, :2].contiguous()
+    counts_table = table[:, 2:].round().long()
+
+    def reference(batch: Batch, indices: Iterable[int] | None = None) -> tuple[Tensor, Tensor]:
+        if indices is None:
+            indices = getattr(batch, "indices", None)
+        if indices is None or len(tuple(indices)) != batch.num_pairs:
+            raise ValueError(f"precomputed reference: the batch holds {batch.num_pairs} pairs but says which "
+                             f"ones by {indices!r}; set Batch.indices to the pairs' positions in the data")
+        rows = torch.as_tensor(tuple(indices), dtype=torch.long)
+        device = batch.input_ids.device
+        logps = logps_table[rows].T.reshape(-1).to(device)  # [chosen of all pairs, rejected of all pairs]
+        counts = counts_table[rows].T.reshape(-1).to(device)
+        return logps, counts
+
+    return reference
