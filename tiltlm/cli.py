@@ -4,6 +4,7 @@ one clear line on stderr and exit code 2 (no traceback)."""
 from __future__ import annotations
 
 import argparse
+import importlib
 import json
 import sys
 from dataclasses import fields
@@ -91,6 +92,17 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate.add_argument("--json", help="also write the result to this file")
     evaluate.add_argument("--trust-remote-code", action="store_true")
     evaluate.set_defaults(run=cmd_eval)
+
+    for name, module, summary in (
+        ("quickstart", "tiltlm.quickstart", "DPO end to end on the embedded default (SmolLM2-135M, VADER)"),
+        ("generate", "tiltlm.generate", "sample completions from a policy, with log-probs"),
+        ("compare", "tiltlm.compare", "win rate of policy A over policy B under a reward"),
+        ("plot", "tiltlm.plots", "training curves of a run as PNG"),
+    ):
+        sub = commands.add_parser(name, help=summary, description=summary)
+        imported = importlib.import_module(module)
+        imported.add_arguments(sub)
+        sub.set_defaults(run=imported.run)
 
     verify = commands.add_parser("verify", help="check on an exactly solvable problem that DPO reaches the "
                                                 "optimum pi_ref * exp(r / beta) / Z", add_help=False)

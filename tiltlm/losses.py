@@ -15,6 +15,7 @@ chosen (preferred) and ``y_l`` the rejected completion of prompt ``x``.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from typing import Callable
 
@@ -48,6 +49,9 @@ class LossParams:
 
     beta: float = 0.1
     label_smoothing: float = 0.0
+    ipo_average: bool = True  # ipo: length-averaged log-ratios (see :func:`ipo`)
+    simpo_gamma: float = 1.0  # simpo: the target reward margin gamma (see :func:`simpo`)
+    orpo_lambda: float = 0.1  # orpo: weight of the odds-ratio term (see :func:`orpo`)
 
 
 def dpo_loss(
@@ -87,9 +91,58 @@ def dpo_loss(
     return losses, chosen_rewards.detach(), rejected_rewards.detach()
 
 
+# --- shared pieces -----------------------------------------------------------------------------------
+
+
+def _require_reference(reference: PairLogps | None, name: str) -> PairLogps:
+    """The reference log-probs, or a clear error naming the loss that needed them."""
+    if reference is None:
+        raise ValueError(f"the {name!r} loss needs reference log-probs, but none were given "
+                         f"(reference-free losses: {', '.join(sorted(REFERENCE_FREE))})")
+    return reference
+
+
+def _average(logps: Tensor, tokens: Tensor) -> Tensor:
+    """Per-token mean log-prob. An empty completion has summed log-prob 0; dividing by at least one
+    token keeps its mean 0 instead of NaN."""
+    return logps / tokens.clamp(min=1).to(logps.dtype)
+
+
+def _log_ratios(policy: PairLogps, reference: PairLogps, average: bool = False) -> tuple[Tensor, Tensor]:
+    """``log pi(y|x) - log pi_ref(y|x)`` for the chosen and the rejected completion, summed over tokens
+    or (``average``) per token."""
+    chosen = policy.chosen - reference.chosen
+    rejected = policy.rejected - reference.rejected
+    if average:
+        return _average(chosen, policy.chosen_tokens), _average(rejected, policy.rejected_tokens)
+    return chosen, rejected
+
+
+def _scaled(beta: float, chosen: Tensor, rejected: Tensor) -> tuple[Tensor, Tensor]:
+    """``beta * chosen``, ``beta * rejected``, detached: the rewards a loss reports for logging."""
+    return (beta * chosen).detach(), (beta * rejected).detach()
+
+
+def log1mexp(x: Tensor) -> Tensor:
+    """``log(1 - exp(x))`` for ``x < 0``, accurate over the whole range (Maechler 2012, "Accurately
+    computing log(1 - exp(-|a|))"): ``log(-expm1(x))`` for ``x > -log 2``, ``log1p(-exp(x))`` below.
+
+    Each branch is fed only inputs where it is finite, because ``torch.where`` back-propagates
+    ``0 * inf = NaN`` through the branch it did not select. ``x`` is clamped a hair below 0: at
+    ``x = 0`` (probability one) the result is ``-inf`` and its gradient infinite.
+    """
+    x = x.clamp(max=-torch.finfo(x.dtype).tiny)
+    near_zero = torch.log(-torch.expm1(x.clamp(min=-math.log(2.0))))
+    far = torch.log1p(-torch.exp(x.clamp(max=-math.log(2.0))))
+    return torch.where(x > -math.log(2.0), near_zero, far)
+
+
+# --- the losses --------------------------------------------------------------------------------------
+
+
 def sigmoid(policy: PairLogps, reference: PairLogps | None, params: LossParams) -> LossOutput:
     """DPO (eq. 7 of Rafailov et al. 2023), with conservative label smoothing; see :func:`dpo_loss`."""
-    assert reference is not None, "the sigmoid (DPO) loss needs reference log-probs"
+    reference = _require_reference(reference, "sigmoid")
     losses, chosen, rejected = dpo_loss(
         policy.chosen, policy.rejected, reference.chosen, reference.rejected,
         beta=params.beta, label_smoothing=params.label_smoothing,
@@ -97,15 +150,208 @@ def sigmoid(policy: PairLogps, reference: PairLogps | None, params: LossParams) 
     return LossOutput(losses, chosen, rejected)
 
 
+def robust(policy: PairLogps, reference: PairLogps | None, params: LossParams) -> LossOutput:
+    """Robust DPO (Chowdhury, Kini & Natarajan 2024, "Provably Robust DPO: Aligning Language Models with
+    Noisy Feedback"): the rDPO loss, unbiased when each label is flipped with known probability
+    ``eps = label_smoothing``::
+
+        loss = ((1 - eps) * -log sigma(h) - eps * -log sigma(-h)) / (1 - 2 eps),
+        h = beta * (log-ratio(y_w) - log-ratio(y_l))
+
+    Unbiased: with ``L`` this loss, the expectation over the flip, ``(1 - eps) L(h) + eps L(-h)``,
+    equals the clean DPO loss ``-log sigma(h)``. Unlike cDPO (:func:`sigmoid` with label smoothing) the
+    loss is not bounded below: the ``-eps * -log sigma(-h)`` term falls without limit as ``h`` grows.
+    ``eps`` must be below 1/2. With ``eps = 0`` this is DPO.
+    """
+    reference = _require_reference(reference, "robust")
+    eps = params.label_smoothing
+    if not 0.0 <= eps < 0.5:
+        raise ValueError(f"the robust loss needs 0 <= label_smoothing < 0.5, got {eps}")
+    chosen, rejected = _log_ratios(policy, reference)
+    h = params.beta * (chosen - rejected)
+    losses = ((1.0 - eps) * -F.logsigmoid(h) - eps * -F.logsigmoid(-h)) / (1.0 - 2.0 * eps)
+    return LossOutput(losses, *_scaled(params.beta, chosen, rejected))
+
+
+def ipo(policy: PairLogps, reference: PairLogps | None, params: LossParams) -> LossOutput:
+    """IPO (Azar et al. 2023, "A General Theoretical Paradigm to Understand Learning from Human
+    Preferences", eq. 17), with ``tau = beta``::
+
+        loss = (h - 1 / (2 tau))^2,   h = log-ratio(y_w) - log-ratio(y_l)
+
+    Where DPO pushes ``h`` towards infinity whenever a preference is deterministic, IPO regresses it
+    onto the finite target ``1/(2 tau)``, so the KL regularisation keeps its grip.
+
+    Length averaging (``ipo_average``, default on). The paper writes ``pi(y|x)`` without saying how a
+    sequence is scored. With summed log-probs the target ``1/(2 tau)`` is a fixed number of nats for
+    the whole completion, whatever its length: at ``tau = 0.1`` a 300-token completion meets it with
+    0.017 nats per token, so long completions barely move, and the effective strength of ``tau``
+    depends on length. Per-token means make the target a per-token log-ratio margin. This is what the
+    IPO authors advised Hugging Face when TRL's first, summed IPO was found wrong (TRL pull request
+    1265, the "pref-tuning" blog post). ``ipo_average = False`` uses sums: the paper's formula read
+    literally, exact for one-token "completions" as in :mod:`tiltlm.verify`.
+
+    Rewards reported: ``beta`` times the log-ratios the loss acts on (per-token when averaging), so
+    the logged margin is ``tau * h`` and IPO's target shows as 0.5.
+    """
+    reference = _require_reference(reference, "ipo")
+    chosen, rejected = _log_ratios(policy, reference, average=params.ipo_average)
+    losses = (chosen - rejected - 1.0 / (2.0 * params.beta)) ** 2
+    return LossOutput(losses, *_scaled(params.beta, chosen, rejected))
+
+
+def hinge(policy: PairLogps, reference: PairLogps | None, params: LossParams) -> LossOutput:
+    """The SLiC-HF rank calibration loss (Zhao et al. 2023, "SLiC-HF: Sequence Likelihood Calibration
+    with Human Feedback"), in the reference-normalised form TRL uses::
+
+        loss = max(0, 1 - beta * h),   h = log-ratio(y_w) - log-ratio(y_l)
+
+    SLiC's own form is ``max(0, delta - log pi(y_w|x) + log pi(y_l|x))``; this is ``beta`` times it
+    with margin ``delta = 1/beta`` and log-probs measured against the reference. SLiC-HF's second
+    term, an NLL on the reference/SFT targets, is left to a combination such as ``hinge,nll``.
+    Once the margin reaches ``1/beta`` the gradient is exactly zero.
+    """
+    reference = _require_reference(reference, "hinge")
+    chosen, rejected = _log_ratios(policy, reference)
+    losses = torch.relu(1.0 - params.beta * (chosen - rejected))
+    return LossOutput(losses, *_scaled(params.beta, chosen, rejected))
+
+
+def simpo(policy: PairLogps, reference: PairLogps | None, params: LossParams) -> LossOutput:
+    """SimPO (Meng, Xia & Chen 2024, "SimPO: Simple Preference Optimization with a Reference-Free
+    Reward"), reference-free::
+
+        loss = -log sigma(beta * (avg log pi(y_w|x) - avg log pi(y_l|x)) - gamma)
+
+    with ``avg`` the per-token mean and ``gamma = simpo_gamma`` a target reward margin. The implicit
+    reward is ``beta * avg log pi(y|x)``, which is what is reported.
+
+    The CLI's ``--beta`` is used as SimPO's beta. Its default, 0.1, is a DPO value; the paper uses
+    beta around 2-2.5 with ``gamma / beta`` around 0.5, so for its setting pass ``--beta 2.0`` (the
+    ``simpo_gamma`` default, 1.0, matches that ratio at beta = 2).
+    """
+    chosen = _average(policy.chosen, policy.chosen_tokens)
+    rejected = _average(policy.rejected, policy.rejected_tokens)
+    losses = -F.logsigmoid(params.beta * (chosen - rejected) - params.simpo_gamma)
+    return LossOutput(losses, *_scaled(params.beta, chosen, rejected))
+
+
+def orpo(policy: PairLogps, reference: PairLogps | None, params: LossParams) -> LossOutput:
+    """ORPO (Hong, Lee & Thorne 2024, "ORPO: Monolithic Preference Optimization without Reference
+    Model", eq. 6-7), reference-free: supervised NLL on the chosen completion plus an odds-ratio
+    penalty, with ``P(y|x)`` the per-token mean likelihood ``exp(avg log pi(y|x))`` of the paper::
+
+        log odds(y) = avg log pi(y|x) - log(1 - exp(avg log pi(y|x)))
+        loss        = -avg log pi(y_w|x) - lambda * log sigma(log odds(y_w) - log odds(y_l))
+
+    ``lambda = orpo_lambda``, default 0.1, TRL's default for this weight (which TRL calls ``beta``;
+    here ``beta`` keeps its meaning of reward scale and only scales the reported rewards,
+    ``beta * avg log pi(y|x)``). ``log(1 - exp(.))`` goes through :func:`log1mexp`: the naive form
+    loses all precision as a completion's likelihood nears one.
+    """
+    chosen = _average(policy.chosen, policy.chosen_tokens)
+    rejected = _average(policy.rejected, policy.rejected_tokens)
+    log_odds_ratio = (chosen - log1mexp(chosen)) - (rejected - log1mexp(rejected))
+    losses = -chosen - params.orpo_lambda * F.logsigmoid(log_odds_ratio)
+    return LossOutput(losses, *_scaled(params.beta, chosen, rejected))
+
+
+def nll(policy: PairLogps, reference: PairLogps | None, params: LossParams) -> LossOutput:
+    """Length-averaged negative log-likelihood of the chosen completion, ``-log pi(y_w|x) / |y_w|``:
+    the NLL term of RPO (Pang et al. 2024, "Iterative Reasoning Preference Optimization", the
+    DPO+NLL loss). Combine it, e.g. ``--loss sigmoid,nll --loss-weights 1,1``; it keeps DPO from
+    lowering the chosen likelihood while it widens the margin (likelihood displacement).
+
+    Rewards reported: DPO's implicit rewards when a reference is given, else ``beta * avg log pi``.
+    """
+    chosen = _average(policy.chosen, policy.chosen_tokens)
+    if reference is None:
+        rewards = _scaled(params.beta, chosen, _average(policy.rejected, policy.rejected_tokens))
+    else:
+        rewards = _scaled(params.beta, *_log_ratios(policy, reference))
+    return LossOutput(-chosen, *rewards)
+
+
+def apo_zero(policy: PairLogps, reference: PairLogps | None, params: LossParams) -> LossOutput:
+    """APO-zero (D'Oosterlinck et al. 2024, "Anchored Preference Optimization and Contrastive
+    Revisions", eq. 7), for chosen completions better than the model's own outputs::
+
+        loss = (1 - sigma(beta * r_w)) + sigma(beta * r_l),   r = log-ratio
+
+    Each completion is anchored separately at the reference: the chosen likelihood is pushed up and
+    the rejected one down, instead of only their difference being controlled as in DPO.
+    """
+    reference = _require_reference(reference, "apo_zero")
+    chosen, rejected = _log_ratios(policy, reference)
+    b = params.beta
+    losses = (1.0 - torch.sigmoid(b * chosen)) + torch.sigmoid(b * rejected)
+    return LossOutput(losses, *_scaled(b, chosen, rejected))
+
+
+def apo_down(policy: PairLogps, reference: PairLogps | None, params: LossParams) -> LossOutput:
+    """APO-down (D'Oosterlinck et al. 2024, eq. 8), for chosen completions worse than the model's own
+    outputs: lower both likelihoods, the rejected one more::
+
+        loss = sigma(beta * r_w) + (1 - sigma(beta * (r_w - r_l))),   r = log-ratio
+    """
+    reference = _require_reference(reference, "apo_down")
+    chosen, rejected = _log_ratios(policy, reference)
+    b = params.beta
+    losses = torch.sigmoid(b * chosen) + (1.0 - torch.sigmoid(b * (chosen - rejected)))
+    return LossOutput(losses, *_scaled(b, chosen, rejected))
+
+
+EXO_DEFAULT_EPS = 1e-3
+
+
+def exo(policy: PairLogps, reference: PairLogps | None, params: LossParams) -> LossOutput:
+    """Pairwise EXO (Ji et al. 2024, "Towards Efficient Exact Optimization of Language Model
+    Alignment", eq. 16): the reverse KL from the policy's preference distribution over the pair,
+    ``(sigma(h), sigma(-h))``, to the label distribution ``(1 - eps, eps)``::
+
+        loss = sigma(h) (log sigma(h) - log(1 - eps)) + sigma(-h) (log sigma(-h) - log eps),
+        h = beta * (log-ratio(y_w) - log-ratio(y_l))
+
+    The minimum is at ``h = log((1 - eps) / eps)``, a finite margin. ``eps = label_smoothing``; EXO
+    needs ``eps > 0`` (with ``eps = 0`` the ``log eps`` term is infinite), so 0 means the paper's
+    ``1e-3``.
+    """
+    reference = _require_reference(reference, "exo")
+    eps = params.label_smoothing if params.label_smoothing > 0 else EXO_DEFAULT_EPS
+    chosen, rejected = _log_ratios(policy, reference)
+    h = params.beta * (chosen - rejected)
+    # sigma(h) * logsigmoid(h), not sigma(h) * log(sigma(h)): at h = -1e4 the latter is 0 * -inf.
+    losses = (torch.sigmoid(h) * (F.logsigmoid(h) - math.log(1.0 - eps))
+              + torch.sigmoid(-h) * (F.logsigmoid(-h) - math.log(eps)))
+    return LossOutput(losses, *_scaled(params.beta, chosen, rejected))
+
+
+# --- registry and combination ------------------------------------------------------------------------
+
 LossFn = Callable[[PairLogps, "PairLogps | None", LossParams], LossOutput]
 
 # name -> loss function; the CLI's --loss chooses from these.
 LOSSES: dict[str, LossFn] = {
     "sigmoid": sigmoid,
+    "robust": robust,
+    "ipo": ipo,
+    "hinge": hinge,
+    "simpo": simpo,
+    "orpo": orpo,
+    "nll": nll,
+    "apo_zero": apo_zero,
+    "apo_down": apo_down,
+    "exo": exo,
 }
 
-# Losses that never look at a reference model: with only these, no reference is loaded.
-REFERENCE_FREE: set[str] = set()
+# Losses that never need a reference model (nll only uses one, when given, for the rewards it
+# reports): with only these, no reference is loaded.
+REFERENCE_FREE: set[str] = {"simpo", "orpo", "nll"}
+
+
+def needs_reference(names: tuple[str, ...]) -> bool:
+    """Whether any of the named losses needs reference log-probs."""
+    return any(name not in REFERENCE_FREE for name in names)
 
 
 def preference_loss(
@@ -115,10 +361,41 @@ def preference_loss(
     names: tuple[str, ...] = ("sigmoid",),
     weights: tuple[float, ...] = (1.0,),
 ) -> LossOutput:
-    """A weighted sum of named losses from :data:`LOSSES`, e.g. DPO + 0.5 NLL (RPO).
+    """A weighted sum of named losses from :data:`LOSSES`, e.g. DPO + NLL (RPO).
 
-    The rewards reported are those of the first loss in ``names``.
+    The rewards reported are those of the first loss in ``names``. Unknown names, a weight count that
+    does not match, and a reference-needing loss without reference log-probs are ``ValueError``\\ s.
     """
+    unknown = [name for name in names if name not in LOSSES]
+    if unknown or not names:
+        raise ValueError(f"unknown loss {', '.join(map(repr, unknown)) or '(none given)'}; "
+                         f"valid names: {', '.join(LOSSES)}")
+    if len(weights) != len(names):
+        raise ValueError(f"{len(names)} losses ({','.join(names)}) but {len(weights)} weights")
+    if reference is None and needs_reference(names):
+        missing = [name for name in names if name not in REFERENCE_FREE]
+        raise ValueError(f"loss {', '.join(missing)} needs a reference model, but no reference "
+                         f"log-probs were given (reference-free: {', '.join(sorted(REFERENCE_FREE))})")
     outputs = [LOSSES[name](policy, reference, params) for name in names]
     total = sum(w * out.losses for w, out in zip(weights, outputs))
     return LossOutput(total, outputs[0].chosen_rewards, outputs[0].rejected_rewards)
+
+
+# --- diagnostics ---------------------------------------------------------------------------------------
+
+
+def displacement_warning(chosen_logps_change: float, margin_change: float, threshold: float) -> str | None:
+    """A one-line warning when training shows likelihood displacement, else ``None``.
+
+    DPO-style losses only constrain the chosen-minus-rejected margin, so they can widen it while
+    lowering the chosen completions' likelihood too (Razin et al. 2024, "Unintentional Unalignment:
+    Likelihood Displacement in Direct Preference Optimization"; Pal et al. 2024, "Smaug"). The
+    symptom is the mean chosen log-prob falling by more than ``threshold`` nats since step 0
+    (``chosen_logps_change < -threshold``) while the margin rose (``margin_change > 0``). The usual
+    remedy is an NLL anchor on the chosen completions, RPO's ``--loss sigmoid,nll``.
+    """
+    if chosen_logps_change < -threshold and margin_change > 0:
+        return (f"likelihood displacement: the mean chosen log-prob fell {-chosen_logps_change:.2f} nats "
+                f"since step 0 while the margin rose {margin_change:.2f}; the policy is widening the "
+                f"margin by lowering the chosen completions too - consider --loss sigmoid,nll (RPO)")
+    return None

@@ -123,10 +123,25 @@ def load_model(name: str, dtype: torch.dtype = torch.float32, trust_remote_code:
         )
     except (OSError, ValueError) as error:
         raise ModelError(f"cannot load a causal LM from {name!r}: {error}") from error
+    if "gguf_file" in extra:
+        plain_after_gguf(model)
     alias = ALIASES.get(name)
     if alias is not None:
         model.generation_config.pad_token_id = model.config.eos_token_id
     return model
+
+
+def plain_after_gguf(model) -> None:
+    """transformers de-quantizes GGUF weights into ordinary float Linear layers but keeps the GGUF
+    quantizer attached, and then refuses ``save_pretrained`` ("not serializable"). The weights are plain
+    floats, so we detach it: the trained model saves as an ordinary safetensors checkpoint."""
+    quantized = [m for m in model.modules() if isinstance(m, torch.nn.Linear) and not m.weight.is_floating_point()]
+    if quantized:
+        raise ModelError("the GGUF model kept quantized layers; tiltlm trains only de-quantized weights")
+    model.hf_quantizer = None
+    model.is_quantized = False
+    if hasattr(model.config, "quantization_config"):
+        del model.config.quantization_config
 
 
 def tiny_llama(vocab_size: int = 128, hidden_size: int = 32, layers: int = 2, heads: int = 4,

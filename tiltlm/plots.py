@@ -46,7 +46,7 @@ PANELS = (
     Panel("loss", "loss", ("loss",)),
     Panel("accuracies", "reward accuracy (chosen reward > rejected)", ("rewards/accuracies",)),
     Panel("margins", "reward margin (chosen - rejected)", ("rewards/margins",)),
-    Panel("rewards", "implicit rewards beta log(pi / pi_ref)", ("rewards/chosen", "rewards/rejected")),
+    Panel("rewards", r"implicit rewards $\beta \log \pi(y|x) / \pi_{ref}(y|x)$", ("rewards/chosen", "rewards/rejected")),
     Panel("logps", "log-probability of the completions", ("logps/chosen", "logps/rejected")),
     Panel("grad_norm", "gradient norm (before clipping)", ("grad_norm",)),
     Panel("lr", "learning rate", ("lr",)),

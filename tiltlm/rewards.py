@@ -91,8 +91,15 @@ def function_reward(spec: str) -> Reward:
         raise RewardError(f"reward {spec!r}: {module_name}.{function_name} is not callable")
 
     def reward(prompts: list[Text], completions: list[str]) -> list[float]:
-        return [_as_number(function(prompt, completion), spec, index)
-                for index, (prompt, completion) in enumerate(zip(prompts, completions))]
+        scores = []
+        for index, (prompt, completion) in enumerate(zip(prompts, completions)):
+            try:
+                value = function(prompt, completion)
+            except Exception as error:  # the user's code: say which reward and which completion failed
+                raise RewardError(f"reward {spec!r} failed on completion {index} ({completion!r:.60}): "
+                                  f"{type(error).__name__}: {error}") from error
+            scores.append(_as_number(value, spec, index))
+        return scores
 
     return reward
 
@@ -102,15 +109,19 @@ def _import(module_name: str, spec: str):
         path = Path(module_name)
         if not path.is_file():
             raise RewardError(f"reward {spec!r}: file {path} not found")
-        loader_spec = importlib.util.spec_from_file_location(f"tiltlm_reward_{path.stem}", path)
+        name = f"tiltlm_reward_{path.stem}"
+        loader_spec = importlib.util.spec_from_file_location(name, path)
         module = importlib.util.module_from_spec(loader_spec)
+        sys.modules[name] = module  # registered before running, as an import would (dataclasses need it)
         try:
             loader_spec.loader.exec_module(module)
         except Exception as error:  # the user's file: report any failure with its name
+            del sys.modules[name]
             raise RewardError(f"reward {spec!r}: running {path} failed: {type(error).__name__}: {error}") from error
         return module
     # The console script's sys.path does not hold the working directory, where a user's module lives.
-    sys.path.insert(0, os.getcwd())
+    here = os.getcwd()
+    sys.path.insert(0, here)
     try:
         return importlib.import_module(module_name)
     except ModuleNotFoundError as error:
@@ -121,7 +132,7 @@ def _import(module_name: str, spec: str):
     except Exception as error:
         raise RewardError(f"reward {spec!r}: importing {module_name} failed: {type(error).__name__}: {error}") from error
     finally:
-        sys.path.remove(os.getcwd())
+        sys.path.remove(here)
 
 
 def _as_number(value: Any, spec: str, index: int) -> float:

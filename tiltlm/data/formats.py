@@ -1,0 +1,148 @@
+"""From a raw row to a :class:`Pair`: which layout the row uses, checking its fields, and finding the
+prompt of layouts that do not state it.
+
+Layouts, decided per row from its fields (a ``prompt`` field makes the row explicit; extra fields are
+ignored):
+
+* explicit text: ``prompt``, ``chosen``, ``rejected`` strings.
+* explicit conversational: any of the three is a message list (``[{"role", "content"}, ...]``). A string
+  prompt becomes one user message and a string completion one assistant message; completions that
+  repeat the prompt's turns before their own (whole conversations) have those turns removed.
+* implicit text: only ``chosen`` and ``rejected``, whole dialogues in the Anthropic HH-RLHF layout
+  ``"\\n\\nHuman: ...\\n\\nAssistant: ..."``. The prompt is their longest common prefix, cut back to end
+  right after the last ``"\\n\\nAssistant:"`` in it; the completions are the rest, leading space
+  included (``" Sure..."``), so ``prompt + completion`` gives back the original text exactly.
+* implicit conversational: only ``chosen`` and ``rejected``, whole message lists. The prompt is their
+  longest common run of leading messages, cut back so that it does not end with an assistant message
+  (the completions then start with the assistant turn where the two differ).
+
+Empty completions and identical completions are valid here; tokenisation skips and counts them.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Any
+
+from tiltlm.data.types import DataError, Messages, Pair, Text
+
+ASSISTANT_MARKER = "\n\nAssistant:"
+
+LAYOUTS = ("accepted layouts: 'prompt' + 'chosen' + 'rejected' (strings or message lists), or 'chosen' + "
+           "'rejected' only (whole dialogues: HH-RLHF text '\\n\\nHuman: ...\\n\\nAssistant: ...' or "
+           "message lists)")
+
+
+def pair_from_row(row: dict[str, Any], source: str) -> Pair:
+    """The :class:`Pair` a row describes; a :class:`DataError` naming ``source`` and the field if it cannot."""
+    missing = [name for name in ("chosen", "rejected") if name not in row]
+    if missing:
+        raise DataError(f"{source}: missing field {missing[0]!r}; found columns {sorted(row)}; {LAYOUTS}")
+    if "prompt" in row:
+        return _explicit(row, source)
+    return _implicit(row, source)
+
+
+def _explicit(row: dict[str, Any], source: str) -> Pair:
+    values = {name: checked_text(row[name], name, source) for name in ("prompt", "chosen", "rejected")}
+    if all(isinstance(value, str) for value in values.values()):
+        return Pair(values["prompt"], values["chosen"], values["rejected"], source)
+    prompt = values["prompt"]
+    if isinstance(prompt, str):
+        prompt = [{"role": "user", "content": prompt}]
+    completions = {}
+    for name in ("chosen", "rejected"):
+        completion = values[name]
+        if isinstance(completion, str):
+            completion = [{"role": "assistant", "content": completion}]
+        elif completion[:len(prompt)] == prompt:
+            completion = completion[len(prompt):]
+        completions[name] = _starting_with_assistant(completion, name, source)
+    return Pair(prompt, completions["chosen"], completions["rejected"], source)
+
+
+def _implicit(row: dict[str, Any], source: str) -> Pair:
+    chosen = checked_text(row["chosen"], "chosen", source)
+    rejected = checked_text(row["rejected"], "rejected", source)
+    if isinstance(chosen, str) != isinstance(rejected, str):
+        expected = "a string" if isinstance(chosen, str) else "a list of messages"
+        raise DataError(f"{source}: field 'rejected': expected {expected} like 'chosen' (no 'prompt' field, "
+                        f"so both must be whole dialogues of the same kind), got {_kind_name(row['rejected'])}")
+    if isinstance(chosen, str):
+        split = split_dialogues(chosen, rejected)
+        if split is None:
+            raise DataError(f"{source}: fields 'chosen' and 'rejected': no shared prompt: their common "
+                            f"beginning contains no {ASSISTANT_MARKER!r} (no 'prompt' field, so both must be "
+                            f"HH-RLHF dialogues sharing their turns up to an assistant reply)")
+    else:
+        split = split_conversations(chosen, rejected)
+        if split is None:
+            raise DataError(f"{source}: fields 'chosen' and 'rejected': no shared prompt: the conversations do "
+                            f"not begin with the same non-assistant message(s) (no 'prompt' field, so the "
+                            f"prompt must be their shared opening turns)")
+        for name, completion in zip(("chosen", "rejected"), split[1:]):
+            _starting_with_assistant(completion, name, source)
+    return Pair(*split, source=source)
+
+
+def split_dialogues(chosen: str, rejected: str) -> tuple[str, str, str] | None:
+    """``(prompt, chosen_completion, rejected_completion)`` of two HH-RLHF dialogues, or None when their
+    common beginning holds no ``"\\n\\nAssistant:"``. The prompt ends with that marker; the completions
+    keep the text after it as is (usually a leading space)."""
+    shared = len(os.path.commonprefix([chosen, rejected]))
+    marker = chosen.rfind(ASSISTANT_MARKER, 0, shared)
+    if marker < 0:
+        return None
+    end = marker + len(ASSISTANT_MARKER)
+    return chosen[:end], chosen[end:], rejected[end:]
+
+
+def split_conversations(chosen: Messages, rejected: Messages) -> tuple[Messages, Messages, Messages] | None:
+    """``(prompt, chosen_completion, rejected_completion)`` of two message lists, or None when they share
+    no leading non-assistant message. The prompt is the shared leading messages without any trailing
+    assistant ones."""
+    shared = 0
+    while shared < min(len(chosen), len(rejected)) and chosen[shared] == rejected[shared]:
+        shared += 1
+    while shared > 0 and chosen[shared - 1]["role"] == "assistant":
+        shared -= 1
+    if shared == 0:
+        return None
+    return chosen[:shared], chosen[shared:], rejected[shared:]
+
+
+def checked_text(value: Any, name: str, source: str) -> Text:
+    """``value`` if it is a string or a well-formed message list (keys set to None, which Arrow adds for
+    fields other messages have, are dropped); else a :class:`DataError` naming the field."""
+    if isinstance(value, str):
+        return value
+    if not isinstance(value, list):
+        raise DataError(f"{source}: field {name!r}: expected a string or a list of messages, "
+                        f"got {_kind_name(value)}")
+    return [_checked_message(message, name, index, source) for index, message in enumerate(value, start=1)]
+
+
+def _checked_message(message: Any, name: str, index: int, source: str) -> dict[str, Any]:
+    where = f"{source}: field {name!r}, message {index}"
+    if not isinstance(message, dict):
+        raise DataError(f"{where}: expected an object with 'role' and 'content' strings, got {_kind_name(message)}")
+    message = {key: value for key, value in message.items() if value is not None}
+    for key in ("role", "content"):
+        if key not in message:
+            raise DataError(f"{where}: missing {key!r} (a message needs 'role' and 'content' strings); "
+                            f"found keys {sorted(message)}")
+        if not isinstance(message[key], str):
+            raise DataError(f"{where}: {key!r}: expected a string, got {_kind_name(message[key])}")
+    return message
+
+
+def _starting_with_assistant(completion: Messages, name: str, source: str) -> Messages:
+    """A completion is the assistant's reply: its first message (if any) must have role ``assistant``."""
+    if completion and completion[0]["role"] != "assistant":
+        raise DataError(f"{source}: field {name!r}: expected the completion to start with an assistant "
+                        f"message, got role {completion[0]['role']!r}")
+    return completion
+
+
+def _kind_name(value: Any) -> str:
+    return "null" if value is None else type(value).__name__

@@ -1,0 +1,80 @@
+"""Building blocks of controlled experiments in the manner of the DPO paper's IMDb sentiment task
+(Rafailov et al. 2023, section 6.1): label samples of the reference with a reward to make preference
+pairs, and measure a policy by its mean reward and its KL divergence from the reference."""
+
+from __future__ import annotations
+
+import contextlib
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from statistics import fmean
+from typing import Callable
+
+from tiltlm.compare import mean_ci
+from tiltlm.generate import Sample, sample, score_logps
+
+
+@dataclass
+class PolicyScore:
+    """Mean reward over prompts and the sampled KL(pi || pi_ref), each with a normal 95% interval over
+    prompts (samples of one prompt are averaged first: they are not independent)."""
+
+    reward: tuple[float, float, float]  # mean, low, high
+    kl: tuple[float, float, float]
+    samples: list[Sample]
+    rewards: list[float]
+
+
+def per_prompt_means(values: list[float], samples: list[Sample]) -> list[float]:
+    groups: dict[int, list[float]] = {}
+    for value, s in zip(values, samples):
+        groups.setdefault(s.index, []).append(value)
+    return [fmean(group) for _, group in sorted(groups.items())]
+
+
+def preference_pairs(samples: list[Sample], rewards: list[float]) -> list[dict]:
+    """For each prompt, its highest- and lowest-reward completions as an explicit-format pair; prompts
+    whose samples all score the same give no pair."""
+    by_prompt: dict[int, list[tuple[float, Sample]]] = {}
+    for reward, s in zip(rewards, samples):
+        by_prompt.setdefault(s.index, []).append((reward, s))
+    pairs = []
+    for _, scored in sorted(by_prompt.items()):
+        best = max(scored, key=lambda item: item[0])
+        worst = min(scored, key=lambda item: item[0])
+        if best[0] > worst[0] and best[1].completion != worst[1].completion:
+            pairs.append({"prompt": best[1].prompt, "chosen": best[1].completion, "rejected": worst[1].completion,
+                          "reward_chosen": best[0], "reward_rejected": worst[0]})
+    return pairs
+
+
+def write_jsonl(path: Path, rows: list[dict]) -> Path:
+    path.write_text("".join(json.dumps(row, ensure_ascii=False) + "\n" for row in rows), encoding="utf-8")
+    return path
+
+
+def adapters_disabled(model):
+    """A context in which a peft model scores as its base (its reference); a no-op for other models."""
+    return model.disable_adapter() if hasattr(model, "disable_adapter") else contextlib.nullcontext()
+
+
+def score_policy(policy, tokenizer, prompts: list[str], reward: Callable, samples_per_prompt: int,
+                 max_new_tokens: int, seed: int, batch_size: int = 16, reference=None) -> PolicyScore:
+    """Sample from ``policy`` at temperature 1 (so the KL estimate is unbiased), reward the samples, and
+    estimate KL(pi || pi_ref) = E_{y ~ pi}[log pi(y|x) - log pi_ref(y|x)] from the same samples. The
+    reference is ``reference`` or, when None, ``policy`` with its adapters disabled."""
+    samples = sample(policy, tokenizer, prompts, n=samples_per_prompt, max_new_tokens=max_new_tokens,
+                     temperature=1.0, top_p=1.0, seed=seed, batch_size=batch_size, progress=True)
+    rewards = reward([s.prompt for s in samples], [s.completion for s in samples])
+    policy_logps = score_logps(policy, tokenizer, samples, batch_size=batch_size)
+    if reference is policy:  # the reference itself: KL is 0, no second pass needed
+        reference_logps = policy_logps
+    elif reference is not None:
+        reference_logps = score_logps(reference, tokenizer, samples, batch_size=batch_size)
+    else:
+        with adapters_disabled(policy):
+            reference_logps = score_logps(policy, tokenizer, samples, batch_size=batch_size)
+    log_ratios = [p - r for p, r in zip(policy_logps, reference_logps)]
+    return PolicyScore(reward=mean_ci(per_prompt_means(rewards, samples)),
+                       kl=mean_ci(per_prompt_means(log_ratios, samples)), samples=samples, rewards=rewards)
