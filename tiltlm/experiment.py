@@ -24,6 +24,12 @@ class PolicyScore:
     kl: tuple[float, float, float]
     samples: list[Sample]
     rewards: list[float]
+    log_ratios: list[float]  # log pi(y|x) - log pi_ref(y|x) of each sample
+
+    def rows(self) -> list[dict]:
+        """One JSON-ready row per sample, to save beside a report."""
+        return [{"prompt": s.prompt, "sample": s.sample, "completion": s.completion, "reward": reward,
+                 "log_ratio": ratio} for s, reward, ratio in zip(self.samples, self.rewards, self.log_ratios)]
 
 
 def per_prompt_means(values: list[float], samples: list[Sample]) -> list[float]:
@@ -77,4 +83,5 @@ def score_policy(policy, tokenizer, prompts: list[str], reward: Callable, sample
             reference_logps = score_logps(policy, tokenizer, samples, batch_size=batch_size)
     log_ratios = [p - r for p, r in zip(policy_logps, reference_logps)]
     return PolicyScore(reward=mean_ci(per_prompt_means(rewards, samples)),
-                       kl=mean_ci(per_prompt_means(log_ratios, samples)), samples=samples, rewards=rewards)
+                       kl=mean_ci(per_prompt_means(log_ratios, samples)), samples=samples, rewards=rewards,
+                       log_ratios=log_ratios)

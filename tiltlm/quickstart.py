@@ -34,6 +34,7 @@ from tiltlm.train import train
 @dataclass
 class QuickstartConfig:
     model: str = "smollm2-135m"
+    reward: str = "vader"  # or module:function, or a reward-model directory (see tiltlm.rewards)
     output: str = "runs/quickstart"
     overwrite: bool = False
     train_prompts: int = 36
@@ -62,7 +63,7 @@ def run_quickstart(config: QuickstartConfig) -> Path:
     torch.manual_seed(config.seed)
     train_prompts = list(PROMPTS[:config.train_prompts])
     heldout = list(PROMPTS[len(PROMPTS) - config.heldout_prompts:])
-    reward = load_reward("vader")
+    reward = load_reward(config.reward)
     tokenizer = load_tokenizer(config.model)
     base = load_model(config.model)
 
@@ -91,6 +92,8 @@ def run_quickstart(config: QuickstartConfig) -> Path:
     policy = PeftModel.from_pretrained(base, str(run_dir / "final"))
     after = score_policy(policy, tokenizer, heldout, reward, config.samples, config.max_new_tokens,
                          config.seed + 1)
+    write_jsonl(out / "heldout_before.jsonl", before.rows())
+    write_jsonl(out / "heldout_after.jsonl", after.rows())
     accuracy = evaluate(str(run_dir / "final"), str(heldout_file), beta=config.beta, max_length=256,
                         max_prompt_length=64, progress=False)
     rows = read_metrics(run_dir / "metrics.jsonl")
@@ -115,7 +118,7 @@ def write_report(out: Path, config: QuickstartConfig, pairs: int, before: Policy
     lines = [
         "# tiltlm quickstart",
         "",
-        f"Reference {config.model}; reward VADER compound score in [-1, 1]; DPO with LoRA r={config.lora_r}, "
+        f"Reference {config.model}; reward {config.reward}; DPO with LoRA r={config.lora_r}, "
         f"beta={config.beta}, lr={config.lr}, {config.epochs} epochs on {pairs} pairs "
         f"({config.samples} samples per prompt, {config.max_new_tokens} new tokens).",
         "",
@@ -140,8 +143,9 @@ def write_report(out: Path, config: QuickstartConfig, pairs: int, before: Policy
         "",
         f"## Training curves\n\n![training curves]({plot.name})",
         "",
-        "Files: `pairs.jsonl` (the training pairs, explicit format), `heldout_pairs.jsonl`, `run/` (config, "
-        "metrics.jsonl, final/ adapter).",
+        "Files: `pairs.jsonl` (the training pairs, explicit format), `heldout_pairs.jsonl`, "
+        "`heldout_before.jsonl` and `heldout_after.jsonl` (every held-out sample with its reward and log-ratio), "
+        "`run/` (config, metrics.jsonl, final/ adapter).",
     ]
     path = out / "report.md"
     path.write_text("\n".join(lines) + "\n", encoding="utf-8")

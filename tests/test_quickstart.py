@@ -1,0 +1,62 @@
+"""The quickstart end to end: on a tiny model (fast), and on the real SmolLM2 (slow)."""
+
+import json
+from statistics import fmean
+
+import pytest
+
+from tiltlm.cli import main
+
+REWARD = '''
+def score(prompt, completion):
+    """A deterministic stand-in for sentiment: the share of vowels in the completion."""
+    letters = [c for c in completion.lower() if c.isalpha()]
+    return sum(c in "aeiou" for c in letters) / max(len(letters), 1)
+'''
+
+
+def read(path):
+    return [json.loads(line) for line in path.read_text().splitlines()]
+
+
+def vowel_share(text):
+    letters = [c for c in text.lower() if c.isalpha()]
+    return sum(c in "aeiou" for c in letters) / max(len(letters), 1)
+
+
+def check_outputs(out, reward):
+    pairs = read(out / "pairs.jsonl")
+    assert pairs and set(pairs[0]) >= {"prompt", "chosen", "rejected"}
+    for pair in pairs:  # chosen is the higher-reward continuation, by the reward recomputed here
+        assert reward(pair["chosen"]) > reward(pair["rejected"])
+    report = (out / "report.md").read_text()
+    for name in ("before", "after"):
+        rows = read(out / f"heldout_{name}.jsonl")
+        for row in rows:
+            assert row["reward"] == pytest.approx(reward(row["completion"]))
+        by_prompt = {}
+        for row in rows:
+            by_prompt.setdefault(row["prompt"], []).append(row["reward"])
+        mean = fmean(fmean(v) for v in by_prompt.values())
+        assert f"mean reward {name} (" in report and f"{mean:+.3f} (95% CI" in report
+    assert all(row["log_ratio"] == 0.0 for row in read(out / "heldout_before.jsonl"))  # the reference itself
+    assert (out / "training.png").stat().st_size > 1000
+
+
+def test_quickstart_on_a_tiny_model(tiny_model_dir, tmp_path, monkeypatch):
+    (tmp_path / "vowels.py").write_text(REWARD)
+    monkeypatch.syspath_prepend(str(tmp_path))
+    out = tmp_path / "qs"
+    assert main(["quickstart", "--quick", "--model", str(tiny_model_dir), "--reward", "vowels:score",
+                 "--output", str(out), "--lr", "0.01"]) == 0
+    check_outputs(out, vowel_share)
+    assert main(["quickstart", "--quick", "--model", str(tiny_model_dir), "--output", str(out)]) == 2  # no clobber
+
+
+@pytest.mark.slow
+def test_quickstart_on_smollm2(tmp_path):
+    from tiltlm.rewards import vader
+
+    out = tmp_path / "qs"
+    assert main(["quickstart", "--quick", "--output", str(out)]) == 0
+    check_outputs(out, lambda text: vader([""], [text])[0])
