@@ -9,21 +9,12 @@ import random
 import statistics
 
 import pytest
-import torch
 from test_generate import save_tiny
 
 from tiltlm.compare import (CompareError, Generation, add_arguments, match, mean_ci, read_generations, run,
                             wald_interval, win_rate)
 
 Z = 1.959963984540054  # the 97.5% standard normal quantile
-
-
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 def test_hand_computed_win_rate_with_a_tie():

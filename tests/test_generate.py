@@ -48,15 +48,6 @@ def word_ids(text: str) -> list[int]:
     return [tokens.index(word) for word in text.split()]
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny models gain nothing from threads, and on a busy machine thread hand-offs cost 10x the math."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 @pytest.fixture(scope="module")
 def model():
     return tiny_llama(vocab_size=VOCAB, seed=0).eval()

@@ -55,7 +55,11 @@ def test_quickstart_on_a_tiny_model(tiny_model_dir, tmp_path, monkeypatch):
 
 @pytest.mark.slow
 def test_quickstart_on_smollm2(tmp_path):
+    import torch
+
     from tiltlm.rewards import vader
+
+    torch.set_num_threads(2)  # a real model: the machine's two cores help here
 
     out = tmp_path / "qs"
     assert main(["quickstart", "--quick", "--output", str(out)]) == 0

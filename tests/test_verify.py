@@ -19,16 +19,6 @@ EXPECTED_CHECKS = {
 }
 
 
-@pytest.fixture(autouse=True, scope="module")
-def single_thread():
-    # As in verify.run_checks: on tiny tensors intra-op threads only add synchronisation, which on a
-    # busy machine made some kernels (log_softmax, logsumexp) hundreds of times slower.
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 @pytest.fixture(scope="module")
 def checks() -> list[verify.Check]:
     return verify.run_checks(seed=0)
