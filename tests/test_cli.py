@@ -1,6 +1,7 @@
 """The command line: an end-to-end run, YAML with overrides, and one clear line for each user mistake."""
 
 import json
+import shutil
 
 import pytest
 
@@ -64,3 +65,15 @@ def test_bad_yaml_names_the_file_and_line(tmp_path):
     wrong_type.write_text("epochs: many\n")
     with pytest.raises(ConfigError, match="wrong.yaml: option 'epochs'"):
         build_config(str(wrong_type))
+
+
+def test_resume_needs_only_the_run_directory(tiny_model_dir, pairs_file, tmp_path):
+    out = tmp_path / "run"
+    assert main(["train", "--model", str(tiny_model_dir), "--data", str(pairs_file), "--output", str(out),
+                 "--batch-size", "4", "--grad-accum", "1", "--max-length", "64", "--max-prompt-length", "32",
+                 "--save-every", "1", "--no-progress", "--no-tensorboard"]) == 0
+    shutil.rmtree(out / "final")
+    shutil.rmtree(out / "checkpoints" / "step-2")  # as if stopped after step 1
+    assert main(["train", "--resume", str(out), "--no-progress"]) == 0  # settings come from run/config.yaml
+    assert [row["step"] for row in read_metrics(out / "metrics.jsonl")] == [1, 2]
+    assert (out / "final" / "model.safetensors").is_file()

@@ -13,12 +13,14 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import pickle
 import random
 import shutil
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from torch import nn
 
@@ -27,6 +29,14 @@ MANIFEST = "manifest.json"
 
 class CheckpointError(RuntimeError):
     """A checkpoint that is missing, incomplete or corrupted, naming the file."""
+
+
+class SaveError(OSError):
+    """A checkpoint or model directory that could not be written (full disk, I/O error), naming it."""
+
+
+# What writers raise when the disk fails them: Python's OSError, torch.save's RuntimeError, safetensors'.
+WRITE_ERRORS = (OSError, RuntimeError, SafetensorError)
 
 
 @dataclass
@@ -71,27 +81,48 @@ def _fsync_directory(path: Path) -> None:
 
 
 def write_atomically(final: Path, write) -> None:
-    """Call ``write(tmp_dir)``, add a manifest of checksums, then rename ``tmp_dir`` to ``final``."""
+    """Call ``write(tmp_dir)``, then :func:`seal` it as ``final``. If writing fails (a full disk, say),
+    the temporary directory is removed, nothing else changes, and a :class:`SaveError` names ``final``."""
     tmp = final.parent / f".{final.name}.tmp-{os.getpid()}"
     if tmp.exists():
         shutil.rmtree(tmp)
     tmp.mkdir(parents=True)
     try:
         write(tmp)
-        files = sorted(p for p in tmp.rglob("*") if p.is_file())
-        manifest = {str(p.relative_to(tmp)): sha256(p) for p in files}
-        for path in files:
-            with open(path, "rb+") as handle:
-                os.fsync(handle.fileno())
-        (tmp / MANIFEST).write_text(json.dumps(manifest, indent=1))
-        _fsync_directory(tmp)
-        if final.exists():  # re-saving a step after a resume from an earlier checkpoint
-            shutil.rmtree(final)
-        os.replace(tmp, final)
-        _fsync_directory(final.parent)
-    except BaseException:
+        seal(tmp, final)
+    except BaseException as error:
         shutil.rmtree(tmp, ignore_errors=True)
+        if isinstance(error, WRITE_ERRORS):
+            raise save_error(final, error) from error
         raise
+
+
+def seal(tmp: Path, final: Path) -> None:
+    """Add a manifest of the checksums of ``tmp``'s files, flush everything to disk, rename ``tmp`` to
+    ``final``: a reader finds either the whole directory or none."""
+    files = sorted(p for p in tmp.rglob("*") if p.is_file())
+    manifest = {str(p.relative_to(tmp)): sha256(p) for p in files}
+    for path in files:
+        with open(path, "rb+") as handle:
+            os.fsync(handle.fileno())
+    (tmp / MANIFEST).write_text(json.dumps(manifest, indent=1))
+    _fsync_directory(tmp)
+    if final.exists():  # re-saving a step after a resume from an earlier checkpoint
+        shutil.rmtree(final)
+    os.replace(tmp, final)
+    _fsync_directory(final.parent)
+
+
+def save_error(final: Path, error: BaseException) -> "SaveError":
+    """A one-line error naming what could not be written, with the free space: torch.save reports a
+    full disk only as "unexpected pos ..."."""
+    try:
+        free = f"{shutil.disk_usage(final.parent).free:,} bytes free there"
+    except OSError:
+        free = "free space unknown"
+    message = " ".join(str(error).split())
+    return SaveError(f"could not write {final} ({type(error).__name__}: {message}; {free}); "
+                     f"earlier checkpoints are unchanged")
 
 
 def save_checkpoint(directory: Path, model: nn.Module, optimizer, scheduler, state: TrainingState,
@@ -155,6 +186,16 @@ def latest_checkpoint(directory: Path, allow_fallback: bool = False, log=print) 
     return None
 
 
+def read_tensors(path: Path):
+    """``torch.load`` with ``weights_only=True``: tensors and plain containers only. A file that needs
+    anything else (a pickle that could run code) is refused with a CheckpointError naming it."""
+    try:
+        return torch.load(path, weights_only=True)
+    except pickle.UnpicklingError as error:
+        raise CheckpointError(f"{path}: refused: it holds objects other than tensors and plain data, and "
+                              f"loading them could run code ({' '.join(str(error).split())[:200]})") from None
+
+
 def load_checkpoint(checkpoint: Path, model: nn.Module, optimizer, scheduler) -> TrainingState:
     """Restore weights, optimizer, scheduler and RNG from a verified checkpoint."""
     verify(checkpoint)
@@ -165,8 +206,8 @@ def load_checkpoint(checkpoint: Path, model: nn.Module, optimizer, scheduler) ->
     if unexpected or trainable - set(weights):
         raise CheckpointError(f"{checkpoint}: its weights do not match this model "
                               f"(unexpected {unexpected[:3]}, missing {sorted(trainable - set(weights))[:3]})")
-    optimizer.load_state_dict(torch.load(checkpoint / "optimizer.pt", weights_only=True))
-    scheduler.load_state_dict(torch.load(checkpoint / "scheduler.pt", weights_only=True))
-    set_rng_state(torch.load(checkpoint / "rng.pt", weights_only=True))
+    optimizer.load_state_dict(read_tensors(checkpoint / "optimizer.pt"))
+    scheduler.load_state_dict(read_tensors(checkpoint / "scheduler.pt"))
+    set_rng_state(read_tensors(checkpoint / "rng.pt"))
     state = json.loads((checkpoint / "state.json").read_text())
     return TrainingState(step=state["step"], extra=state.get("extra", {}))

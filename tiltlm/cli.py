@@ -6,6 +6,7 @@ from __future__ import annotations
 import argparse
 import importlib
 import json
+import os
 import sys
 from dataclasses import fields
 from pathlib import Path
@@ -38,11 +39,17 @@ def cmd_train(args: argparse.Namespace) -> int:
     flags = {k: v for k, v in vars(args).items() if k in {f.name for f in fields(TrainConfig)}}
     if isinstance(flags.get("resume"), str):  # --resume RUN_DIR
         flags["output"], flags["resume"] = flags["resume"], True
-    config = build_config(args.config, flags, args.overrides)
+    yaml_path = args.config
+    if flags.get("resume") and yaml_path is None:  # a run resumes with the settings it was started with
+        yaml_path = str(Path(flags.get("output", TrainConfig.output)) / "config.yaml")
+        if not Path(yaml_path).is_file():
+            raise ConfigError(f"resume: {Path(yaml_path).parent} holds no run to continue (no config.yaml)")
+    config = build_config(yaml_path, flags, args.overrides)
     if not config.data:
         raise ConfigError("no training data: give --data FILE (or data: in the YAML config)")
     out = train(config)
-    print(f"done: {out}")
+    if os.environ.get("RANK", "0") == "0":
+        print(f"done: {out}")
     return 0
 
 
@@ -98,6 +105,7 @@ def build_parser() -> argparse.ArgumentParser:
         ("generate", "tiltlm.generate", "sample completions from a policy, with log-probs"),
         ("compare", "tiltlm.compare", "win rate of policy A over policy B under a reward"),
         ("plot", "tiltlm.plots", "training curves of a run as PNG"),
+        ("frontier", "tiltlm.frontier", "reward against KL(pi || pi_ref) for DPO at several betas, preferred-FT and best-of-N"),
     ):
         sub = commands.add_parser(name, help=summary, description=summary)
         imported = importlib.import_module(module)
@@ -116,12 +124,16 @@ def main(argv: list[str] | None = None) -> int:
     from tiltlm.checkpoint import CheckpointError
     from tiltlm.data.types import DataError
     from tiltlm.models import ModelError
+    from tiltlm.train import TrainingError
 
     try:
         return args.run(args)
     except (ConfigError, DataError, ModelError, CheckpointError) as error:
         print(f"tiltlm {args.command}: error: {error}", file=sys.stderr)
         return 2
+    except (OSError, TrainingError) as error:  # a full disk, too many non-finite steps: not the user's mistake
+        print(f"tiltlm {args.command}: error: {' '.join(str(error).split())}", file=sys.stderr)
+        return 1
     except KeyboardInterrupt:
         print(f"tiltlm {args.command}: interrupted", file=sys.stderr)
         return 130

@@ -78,6 +78,7 @@ class TrainConfig:
     device: str = "auto"
     logprob_chunk: int = 1024  # completion positions projected to the vocabulary at a time
     trust_remote_code: bool = False
+    parallel: str = "ddp"  # under torchrun: ddp (whole model per rank) | fsdp (weights and optimizer sharded)
 
     # logging and saving
     log_every: int = 1

@@ -17,6 +17,7 @@ class Runtime:
     rank: int = 0
     world_size: int = 1
     local_rank: int = 0
+    owns_group: bool = False  # start() created the process group, so stop() destroys it
 
     @property
     def is_main(self) -> bool:
@@ -43,13 +44,14 @@ def start(device: str = "auto") -> Runtime:
     if chosen.type == "cuda":
         torch.cuda.set_device(local_rank)
         chosen = torch.device("cuda", local_rank)
-    if not dist.is_initialized():
+    owns_group = not dist.is_initialized()  # a caller's group is used as it is, and left to the caller
+    if owns_group:
         dist.init_process_group(backend="nccl" if chosen.type == "cuda" else "gloo")
-    return Runtime(chosen, dist.get_rank(), dist.get_world_size(), local_rank)
+    return Runtime(chosen, dist.get_rank(), dist.get_world_size(), local_rank, owns_group)
 
 
 def stop(runtime: Runtime) -> None:
-    if runtime.distributed and dist.is_initialized():
+    if runtime.owns_group and dist.is_initialized():
         dist.destroy_process_group()
 
 

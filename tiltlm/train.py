@@ -3,26 +3,26 @@
 Supports: full fine-tuning or LoRA (peft); reference online, adapters-off (LoRA) or none
 (reference-free losses); any loss of :mod:`tiltlm.losses` and weighted sums of them; packed,
 prefix-shared or concatenated batches; AdamW with warmup and linear/cosine/constant decay; gradient
-accumulation and clipping; gradient checkpointing; bf16 autocast on GPU; DDP under torchrun (gloo on
-CPU, NCCL on GPU); metrics.jsonl, TensorBoard and a progress bar; atomic checkpoints and exact resume;
-SIGTERM (preemption) saves a checkpoint and exits cleanly; non-finite steps are skipped and counted.
+accumulation and clipping; gradient checkpointing; bf16 autocast on GPU; DDP or FSDP2 under torchrun
+(gloo on CPU, NCCL on GPU; see distributed.py); metrics.jsonl, TensorBoard and a progress bar; atomic
+checkpoints and exact resume; SIGTERM (preemption) saves a checkpoint and exits cleanly; non-finite
+steps are skipped and counted.
 """
 
 from __future__ import annotations
 
-import contextlib
 import json
+import math
 import signal
 import time
 from pathlib import Path
 
 import torch
-from torch.nn.parallel import DistributedDataParallel
 from tqdm.auto import tqdm
 from transformers import get_scheduler
 
 from tiltlm import checkpoint as ckpt
-from tiltlm import rundir
+from tiltlm import distributed, rundir
 from tiltlm.config import ConfigError, TrainConfig, loss_setup
 from tiltlm.data import load_pairs, tokenize_pairs
 from tiltlm.data.order import DataOrder
@@ -49,20 +49,23 @@ def read_pairs(source: str, tokenizer, config: TrainConfig, log) -> list:
 
 def build_models(config: TrainConfig, runtime: Runtime, dtype: torch.dtype, reference_free: bool):
     """(policy, reference function, reference mode)."""
-    policy = load_model(config.model, dtype, config.trust_remote_code)
+    sharded = distributed.uses_fsdp(config, runtime)  # FSDP: float32 master shards, placed by fully_shard
+    policy = load_model(config.model, torch.float32 if sharded else dtype, config.trust_remote_code)
     disable_dropout(policy)
     if config.gradient_checkpointing:
         policy.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     if config.lora_r > 0:
         policy = add_lora(policy, config.lora_r, config.lora_alpha, config.lora_dropout, config.lora_targets)
-    policy.to(runtime.device).train()
+    policy.to("cpu" if sharded else runtime.device).train()
     mode = choose_mode(config.ref_mode, config.lora_r > 0, config.ref, reference_free)
     if mode == "none":
         return policy, no_reference, mode
     if mode == "adapters-off":
         return policy, adapters_off_reference(policy, config.logprob_chunk), mode
-    ref_model = load_model(config.ref or config.model, dtype, config.trust_remote_code).to(runtime.device)
-    return policy, online_reference(ref_model, config.logprob_chunk), mode
+    ref_model = load_model(config.ref or config.model, dtype, config.trust_remote_code)
+    if sharded:
+        return policy, distributed.sharded_reference(ref_model, config.logprob_chunk, runtime), mode
+    return policy, online_reference(ref_model.to(runtime.device), config.logprob_chunk), mode
 
 
 def truncate_metrics(path: Path, step: int) -> None:
@@ -107,7 +110,7 @@ def _train(config: TrainConfig, runtime: Runtime) -> Path:
     if runtime.is_main:
         rundir.start(config)  # only now, so a mistake found above leaves the directory as it was
     scorer = CompletionLogps(policy, config.logprob_chunk)
-    forward = DistributedDataParallel(scorer) if runtime.distributed else scorer
+    forward = distributed.wrap(scorer, config.parallel, runtime, dtype)
     trainable = [p for p in policy.parameters() if p.requires_grad]
 
     order = DataOrder(len(train_pairs), config.batch_size, config.grad_accum, runtime.world_size, config.seed)
@@ -126,7 +129,7 @@ def _train(config: TrainConfig, runtime: Runtime) -> Path:
     if config.resume:
         latest = ckpt.latest_checkpoint(checkpoints, config.resume_fallback, log)
         if latest is not None:
-            state = ckpt.load_checkpoint(latest, policy, optimizer, scheduler)
+            state = distributed.load_checkpoint(latest, policy, optimizer, scheduler)
             log(f"resumed from {latest} (step {state.step} of {total_steps})")
         if runtime.is_main:
             truncate_metrics(out / "metrics.jsonl", state.step)
@@ -134,7 +137,7 @@ def _train(config: TrainConfig, runtime: Runtime) -> Path:
 
     stop_requested = []  # SIGTERM (preemption): finish the step, checkpoint, exit 0
     previous_handler = signal.signal(signal.SIGTERM, lambda *_: stop_requested.append(True))
-    bad_steps, warned, done = 0, False, state.step
+    bad_steps, warned, done, last_finite = 0, False, state.step, None
     pairs_per_micro_batch = config.batch_size * config.grad_accum  # gradient of the step's mean loss
     bar = tqdm(range(state.step, total_steps), initial=state.step, total=total_steps, desc="train",
                disable=not (runtime.is_main and config.progress))
@@ -144,27 +147,30 @@ def _train(config: TrainConfig, runtime: Runtime) -> Path:
         for i, indices in enumerate(micro_batches):
             batch = collate([train_pairs[j] for j in indices]).to(runtime.device)
             last = i == len(micro_batches) - 1
-            with (forward.no_sync() if runtime.distributed and not last else contextlib.nullcontext()):
+            with distributed.accumulating(forward, not last):  # ranks synchronise once, after the last
                 with autocast(runtime.device, dtype):
                     loss_out, policy_logps, ref_logps = score_batch(forward, reference, batch, params,
                                                                     loss_names, loss_weights)
                 (loss_out.losses.sum() / pairs_per_micro_batch).backward()
             sums.add(loss_out, policy_logps, ref_logps)
             tokens += batch.real_tokens
-        grad_norm = torch.nn.utils.clip_grad_norm_(trainable, config.max_grad_norm)
+        grad_norm = distributed.clip_grad_norm(trainable, config.max_grad_norm)
         lr = scheduler.get_last_lr()[0]
-        if torch.isfinite(grad_norm):
+        metrics = sums.mean()
+        if torch.isfinite(grad_norm) and math.isfinite(metrics["loss"]):
             optimizer.step()
-        else:  # every rank sees the same (all-reduced) gradients, so every rank skips together
+            last_finite = {"step": step + 1, **metrics, "grad_norm": grad_norm.item()}
+        else:  # gradients and metrics are all-reduced, so every rank skips together
             bad_steps += 1
-            log(f"step {step + 1}: non-finite gradients, step skipped ({bad_steps} so far)")
+            log(f"step {step + 1}: non-finite loss or gradients, step skipped ({bad_steps} so far)")
             if bad_steps > config.max_bad_steps:
-                raise TrainingError(f"{bad_steps} steps with non-finite gradients (limit max_bad_steps = "
-                                    f"{config.max_bad_steps}); last batch's pairs: {', '.join(batch.sources)}")
+                raise TrainingError(f"{bad_steps} steps with non-finite loss or gradients (limit max_bad_steps = "
+                                    f"{config.max_bad_steps}); step {step + 1}'s pairs: "
+                                    f"{', '.join(step_sources(order, train_pairs, step))}; last finite metrics: "
+                                    f"{json.dumps(last_finite)}")
         scheduler.step()
         optimizer.zero_grad(set_to_none=True)
 
-        metrics = sums.mean()
         done = step + 1
         if done % config.log_every == 0 or done == total_steps:
             elapsed = time.perf_counter() - started
@@ -186,11 +192,8 @@ def _train(config: TrainConfig, runtime: Runtime) -> Path:
                 writer.write(eval_row)
         preempted = any_rank(bool(stop_requested), runtime)
         if done % config.save_every == 0 or preempted:
-            if runtime.is_main:
-                ckpt.save_checkpoint(checkpoints, policy, optimizer, scheduler,
-                                     ckpt.TrainingState(done, {}), config.keep_checkpoints)
-            if runtime.distributed:
-                torch.distributed.barrier()
+            distributed.save_checkpoint(checkpoints, policy, optimizer, scheduler, ckpt.TrainingState(done, {}),
+                                        config.keep_checkpoints, runtime)
         if preempted and done < total_steps:
             log(f"\nSIGTERM: checkpoint saved at step {done}; continue with --resume")
             break
@@ -198,25 +201,33 @@ def _train(config: TrainConfig, runtime: Runtime) -> Path:
     signal.signal(signal.SIGTERM, previous_handler)
     if writer is not None:
         writer.close()
+    weights = distributed.full_state_dict(policy) if done == total_steps else None  # FSDP: gathered on rank 0
     if runtime.is_main and done == total_steps:
-        save_final(out, policy, tokenizer, config.model, config.merge_lora)
+        save_final(out, policy, tokenizer, config.model, config.merge_lora, weights)
         log(f"saved {out / 'final'}")
     return out
 
 
-def save_final(out: Path, policy, tokenizer, base_model: str, merge_lora: bool) -> None:
+def step_sources(order: DataOrder, pairs: list, step: int) -> list[str]:
+    """Where each pair of optimizer step ``step`` came from ("file:line"), on every rank."""
+    return [pairs[j].source for rank in range(order.world_size) for indices in order.micro_batches(step, rank)
+            for j in indices]
+
+
+def save_final(out: Path, policy, tokenizer, base_model: str, merge_lora: bool, weights: dict | None = None) -> None:
     """``final/``: a transformers model directory, or with LoRA a peft adapter directory (and with
-    ``merge_lora`` also ``merged/``, the adapters folded into the base weights)."""
+    ``merge_lora`` also ``merged/``, the adapters folded into the base weights). ``weights``: the full
+    state dict of a sharded policy."""
     for adapter in getattr(policy, "peft_config", {}).values():
         adapter.base_model_name_or_path = base_model  # as the user named it: an alias stays loadable
-    save_pretrained_atomically(out / "final", policy, tokenizer)
+    save_pretrained_atomically(out / "final", policy, tokenizer, weights)
     if merge_lora and hasattr(policy, "merge_and_unload"):
         save_pretrained_atomically(out / "merged", policy.merge_and_unload(), tokenizer)
 
 
-def save_pretrained_atomically(directory: Path, model, tokenizer) -> None:
+def save_pretrained_atomically(directory: Path, model, tokenizer, weights: dict | None = None) -> None:
     def write(tmp: Path) -> None:
-        model.save_pretrained(tmp, safe_serialization=True)
+        model.save_pretrained(tmp, safe_serialization=True, state_dict=weights)
         tokenizer.save_pretrained(tmp)
 
     ckpt.write_atomically(directory, write)

@@ -115,7 +115,7 @@ def checked_text(value: Any, name: str, source: str) -> Text:
     """``value`` if it is a string or a well-formed message list (keys set to None, which Arrow adds for
     fields other messages have, are dropped); else a :class:`DataError` naming the field."""
     if isinstance(value, str):
-        return value
+        return _unicode(value, f"{source}: field {name!r}")
     if not isinstance(value, list):
         raise DataError(f"{source}: field {name!r}: expected a string or a list of messages, "
                         f"got {_kind_name(value)}")
@@ -133,7 +133,19 @@ def _checked_message(message: Any, name: str, index: int, source: str) -> dict[s
                             f"found keys {sorted(message)}")
         if not isinstance(message[key], str):
             raise DataError(f"{where}: {key!r}: expected a string, got {_kind_name(message[key])}")
+        _unicode(message[key], f"{where}: {key!r}")
     return message
+
+
+def _unicode(text: str, where: str) -> str:
+    """``text`` if it is valid Unicode. JSON's escapes can spell a lone surrogate (``"\\ud800"``), which
+    Python strings hold but no tokenizer can encode."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as error:
+        raise DataError(f"{where}: not valid Unicode: an unpaired surrogate U+{ord(text[error.start]):04X} at "
+                        f"character {error.start + 1}") from None
+    return text
 
 
 def _starting_with_assistant(completion: Messages, name: str, source: str) -> Messages:

@@ -120,6 +120,8 @@ def _parse_jsonl(raw: bytes, source: str, limit: int | None) -> list[Row]:
             record = json.loads(text)
         except json.JSONDecodeError as error:
             raise DataError(f"{source}:{number}: invalid JSON at column {error.colno}: {error.msg}") from error
+        except RecursionError:  # Python's parser recurses once per nesting level
+            raise DataError(f"{source}:{number}: JSON nested too deeply to read") from None
         rows.append((f"{source}:{number}", _as_object(record, f"{source}:{number}")))
     return rows
 
@@ -133,6 +135,8 @@ def _parse_json(raw: bytes, source: str, split: str | None, limit: int | None) -
             return _parse_jsonl(raw, source, limit)
         raise DataError(f"{source}: invalid JSON at line {error.lineno} column {error.colno}: "
                         f"{error.msg}") from error
+    except RecursionError:  # Python's parser recurses once per nesting level
+        raise DataError(f"{source}: JSON nested too deeply to read") from None
     records = _json_records(document, source, split)
     return [(f"{source}:row {i}", _as_object(r, f"{source}:row {i}")) for i, r in enumerate(records, start=1)]
 
