@@ -193,7 +193,7 @@ def test_fast_paths_equal_naive(models, tmp_path, data_format, lengths):
     # nats): its float32 rounding error is relative to those sums, not to the reward itself.
     reward_scale = BETA * max(expected["policy logps"].abs().max().item(), expected["reference logps"].abs().max().item())
 
-    online = online_reference(reference_model, chunk_size=3)
+    online = online_reference(reference_model, chunk_size=16)
     # the table is computed in its own batches (larger, length-sorted, packed), as training will do
     table = precompute_reference(online, pairs, layout_collate("packed", pad, row_tokens), batch_size=5, progress=False)
     lookup = lookup_reference(table)
@@ -202,7 +202,7 @@ def test_fast_paths_equal_naive(models, tmp_path, data_format, lengths):
         collate = layout_collate(layout, pad, row_tokens)
         if layout == "packed":
             assert collate(pairs[:4]).input_ids.shape[0] < 4, "nothing was packed"
-        policy_logps = (naive_policy if projection == "full" else CompletionLogps(policy, chunk_size=3))
+        policy_logps = (naive_policy if projection == "full" else CompletionLogps(policy, chunk_size=16))
         reference = (lambda batch, indices: online(batch)) if ref_mode == "online" else lookup
         got, grads = run_step(policy, policy_logps, reference, collate, pairs)
         for what, value in got.items():

@@ -1,0 +1,204 @@
+"""One tiltlm configuration, timed in a process of its own (so its peak RSS is its own).
+
+    python benchmarks/bench_step.py MODEL CONFIG --warmup 2 --steps 6 --out result.json [--profile FILE]
+
+Runs what tiltlm's training loop runs for a step (collate, policy forward, reference, DPO loss,
+backward, gradient clipping, fused AdamW step) over the workload's pairs in their fixed order, 8 pairs a
+step, float32 on 2 threads, and writes per-step wall times, per-step losses and log-probs, and the peak
+RSS as JSON.
+
+Configurations (:data:`CONFIGS`) switch on tiltlm's fast paths one at a time and all together; the
+``+opt`` ones also apply the candidate optimisations of ``benchmarks/candidates.py`` (monkeypatches of
+tiltlm's functions, measured here before being proposed as changes to the library).
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import resource
+import sys
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from flops import Shape, blocks_params, matmul_peak  # noqa: E402
+from workload import load_workload, model_dir  # noqa: E402
+
+PAIRS_PER_STEP = 8
+LR = 1e-5
+
+
+@dataclass(frozen=True)
+class Config:
+    layout: str  # concatenated | shared | packed
+    projection: str  # full (logits at every position) | chunked (completion positions, checkpointed chunks)
+    reference: str  # online | precompute
+    pack_tokens: int = 512  # packed rows: tiltlm's default, max_length
+    gradient_checkpointing: bool = False  # tiltlm's option: recompute each block's activations in the backward
+    candidates: tuple[str, ...] = ()  # names from candidates.py
+
+
+CONFIGS = {
+    "naive": Config("concatenated", "full", "online"),
+    "shared": Config("shared", "full", "online"),
+    "packed": Config("packed", "full", "online"),
+    "chunked": Config("concatenated", "chunked", "online"),
+    "precompute": Config("concatenated", "full", "precompute"),
+    "all": Config("packed", "chunked", "precompute"),
+    "all+fused": Config("packed", "chunked", "precompute", candidates=("fused-logprobs",)),
+    "all+opt": Config("packed", "chunked", "precompute",
+                      candidates=("fused-logprobs", "chunk-256", "mmap-threshold", "float-mask")),
+    "all+opt+p1024": Config("packed", "chunked", "precompute", pack_tokens=1024,
+                            candidates=("fused-logprobs", "chunk-256", "mmap-threshold", "float-mask")),
+    "all+opt+gc": Config("packed", "chunked", "precompute", gradient_checkpointing=True,
+                         candidates=("fused-logprobs", "chunk-256", "mmap-threshold", "float-mask")),
+}
+
+
+def peak_rss_mb() -> float:
+    """Peak resident set of this process (VmHWM; ru_maxrss as a fallback), in MiB."""
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) / 1024
+    except OSError:
+        pass
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def build(model_name: str, config: Config):
+    from transformers import AutoModelForCausalLM
+
+    from tiltlm.data.types import TokenizedPair
+    from tiltlm.evaluate import make_collate
+    from tiltlm.logprobs import CompletionLogps, naive_sequence_logps
+    from tiltlm.models import disable_dropout
+    from tiltlm.reference import frozen
+
+    data = load_workload(model_name)
+    pairs = [TokenizedPair(p["prompt_ids"], p["chosen_ids"], p["rejected_ids"]) for p in data["pairs"]]
+    policy = AutoModelForCausalLM.from_pretrained(model_dir(model_name), dtype=torch.float32, attn_implementation="sdpa")
+    disable_dropout(policy)
+    reference_model = frozen(copy.deepcopy(policy))  # the policy's starting weights, like tiltlm's online mode
+    if config.gradient_checkpointing:  # as tiltlm.train.build_models does it
+        policy.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    policy.train()
+    collate = make_collate(config.layout, data["pad_id"], config.pack_tokens)
+    if config.projection == "full":
+        policy_fn = lambda batch: naive_sequence_logps(policy, batch)  # noqa: E731
+        ref_scorer = torch.no_grad()(lambda batch: naive_sequence_logps(reference_model, batch))
+    else:
+        policy_fn = CompletionLogps(policy)
+        ref_scorer = torch.no_grad()(CompletionLogps(reference_model))
+    return pairs, policy, reference_model, collate, policy_fn, ref_scorer
+
+
+def run(model_name: str, name: str, warmup: int, steps: int, profile: str | None) -> dict:
+    from tiltlm.evaluate import score_batch
+    from tiltlm.losses import LossParams
+    from tiltlm.refcache import cached_reference_table, lookup_reference
+
+    config = CONFIGS[name]
+    if config.candidates:
+        import candidates
+
+        candidates.apply(config.candidates)
+    peak = matmul_peak()  # contemporaneous with this configuration's steps (the machine is shared)
+    pairs, policy, reference_model, collate, policy_fn, ref_scorer = build(model_name, config)
+    shape = Shape.of(policy.config, blocks_params(policy))
+    result: dict = {"model": model_name, "config": name, "setup": config.__dict__, "pairs": len(pairs),
+                    "peak_flops": peak, "shape": shape.__dict__}
+
+    if config.reference == "precompute":
+        from transformers import AutoTokenizer
+
+        tokenizer = AutoTokenizer.from_pretrained(model_dir(model_name))
+        # the epoch is the run's own pairs: precompute cost is linear in pairs, so pairs/s over an epoch
+        # does not depend on how many there are
+        pairs = pairs[:PAIRS_PER_STEP * (warmup + steps)]
+        result["epoch_pairs"] = len(pairs)
+        with tempfile.TemporaryDirectory() as cache:
+            start, start_cpu = time.perf_counter(), time.process_time()
+            table, path, hit = cached_reference_table(reference_model, tokenizer, pairs, collate,
+                                                      4 * PAIRS_PER_STEP, scorer=ref_scorer, cache_dir=cache,
+                                                      progress=False)
+            result["precompute_seconds"] = time.perf_counter() - start
+            result["precompute_cpu_seconds"] = time.process_time() - start_cpu
+            assert not hit
+            start = time.perf_counter()
+            again, _, hit = cached_reference_table(reference_model, tokenizer, pairs, collate, 4 * PAIRS_PER_STEP,
+                                                   scorer=ref_scorer, cache_dir=cache, progress=False)
+            result["cache_hit_seconds"] = time.perf_counter() - start
+            assert hit and torch.equal(again, table)
+        result["rss_after_precompute_mb"] = peak_rss_mb()
+        del reference_model, ref_scorer  # training needs only the table
+        reference = lookup_reference(table)
+    else:
+        reference = ref_scorer
+
+    trainable = [p for p in policy.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(trainable, lr=LR, weight_decay=0.0, fused=True)
+    params = LossParams(beta=0.1)
+    times, cpu_times, losses, logps, tokens, lengths = [], [], [], [], [], []
+    total = warmup + steps
+    profiler = None
+    if profile:
+        from torch.profiler import ProfilerActivity, profile as torch_profile
+
+        profiler = torch_profile(activities=[ProfilerActivity.CPU], record_shapes=False)
+    last, last_cpu = time.perf_counter(), time.process_time()
+    for step in range(total):
+        if profiler is not None and step == warmup:
+            profiler.__enter__()
+        indices = [(step * PAIRS_PER_STEP + k) % len(pairs) for k in range(PAIRS_PER_STEP)]
+        batch = collate([pairs[i] for i in indices])
+        batch.indices = tuple(indices)  # what the precomputed reference looks up
+        out, policy_logps, _ = score_batch(policy_fn, reference, batch, params, ("sigmoid",), (1.0,))
+        loss = out.losses.mean()
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(trainable, 1.0)
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        now, now_cpu = time.perf_counter(), time.process_time()
+        times.append(now - last)
+        cpu_times.append(now_cpu - last_cpu)  # all threads: robust to time-slicing by other processes
+        last, last_cpu = now, now_cpu
+        losses.append(loss.item())
+        logps.append([policy_logps.chosen.sum().item(), policy_logps.rejected.sum().item()])
+        tokens.append(batch.real_tokens)
+        lengths.append([(len(pairs[i].prompt_ids), len(pairs[i].chosen_ids), len(pairs[i].rejected_ids))
+                        for i in indices])
+    if profiler is not None:
+        profiler.__exit__(None, None, None)
+        table_text = profiler.key_averages().table(sort_by="self_cpu_time_total", row_limit=25)
+        Path(profile).write_text(table_text)
+    result.update(step_seconds=times, step_cpu_seconds=cpu_times, warmup=warmup, losses=losses, logps=logps, real_tokens=tokens,
+                  lengths=lengths, peak_rss_mb=peak_rss_mb())
+    return result
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("model")
+    parser.add_argument("config", choices=sorted(CONFIGS))
+    parser.add_argument("--warmup", type=int, default=2)
+    parser.add_argument("--steps", type=int, default=6)
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--out", required=True)
+    parser.add_argument("--profile", default=None, help="write torch.profiler's top operators over the measured steps")
+    args = parser.parse_args()
+    torch.set_num_threads(args.threads)
+    torch.manual_seed(0)
+    result = run(args.model, args.config, args.warmup, args.steps, args.profile)
+    Path(args.out).write_text(json.dumps(result))
+
+
+if __name__ == "__main__":
+    main()
