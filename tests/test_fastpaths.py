@@ -29,6 +29,8 @@ from tiltlm.models import load_model, load_tokenizer
 from tiltlm.refcache import lookup_reference, precompute_reference
 from tiltlm.reference import frozen, online_reference
 
+from conftest import PAIRS  # pytest puts tests/ on sys.path
+
 RTOL = 1e-5
 # micro-batches of a step, given by pair index (shuffled, as the data order would give them)
 MICRO_BATCHES = ([5, 2, 7, 0], [1, 6, 3, 4])
@@ -47,16 +49,7 @@ def bot(text: str) -> dict:
     return {"role": "assistant", "content": " " + text}
 
 
-TEXT_ROWS = [
-    {"prompt": "Review: the film was", "chosen": " wonderful and superb.", "rejected": " boring and awful."},
-    {"prompt": "Describe the day:", "chosen": " a lovely day for a walk.", "rejected": " cold, slow and sad."},
-    {"prompt": "The food was", "chosen": " good and the service nice.", "rejected": " terrible, the worst."},
-    {"prompt": "Tell me about the weather today.", "chosen": " It is fine and happy.", "rejected": " It is bad."},
-    {"prompt": "How do I bake bread?", "chosen": " Mix flour, water and yeast.", "rejected": " I hate bread."},
-    {"prompt": "Can you help me?", "chosen": " Of course, what do you need?", "rejected": " No."},
-    {"prompt": "The acting was", "chosen": " superb, the best.", "rejected": " poor, the worst."},
-    {"prompt": "A walk in the park is", "chosen": " lovely and nice.", "rejected": " boring."},
-]
+TEXT_ROWS = PAIRS  # the explicit-format pairs of conftest
 
 CHAT_ROWS = [
     {"prompt": [user(r["prompt"])], "chosen": [bot(r["chosen"].strip())], "rejected": [bot(r["rejected"].strip())]}
