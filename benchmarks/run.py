@@ -116,6 +116,8 @@ def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--models", nargs="*", default=list(PLAN))
     parser.add_argument("--skip-profile", action="store_true")
+    parser.add_argument("--resume", action="store_true",
+                        help="keep the results in out/summary.json and run only the missing configurations")
     parser.add_argument("--configs", nargs="*", default=None, help="only these configurations")
     parser.add_argument("--warmup", type=int, default=None, help="override the plan's warm-up steps")
     parser.add_argument("--steps", type=int, default=None, help="override the plan's measured steps")
@@ -128,13 +130,20 @@ def main() -> None:
     subprocess.check_call([sys.executable, str(HERE / "workload.py"), *args.models])
     results: dict[str, dict[str, dict]] = {}
     profiles: dict[str, str] = {}
+    if args.resume and (OUT / "summary.json").is_file():
+        previous = json.loads((OUT / "summary.json").read_text())
+        results, profiles = previous["results"], previous["profiles"]
+        info["load_before"] = previous["machine"]["load_before"]
+        started -= previous["machine"].get("minutes", 0) * 60  # the report counts the whole run
     for model in args.models:
         configs, warmup, steps = PLAN[model]
         configs = [c for c in configs if args.configs is None or c in args.configs]
         warmup = args.warmup if args.warmup is not None else warmup
         steps = args.steps if args.steps is not None else steps
-        results[model] = {}
+        results.setdefault(model, {})
         for config in configs:
+            if config in results[model]:
+                continue
             if config.startswith("trl-") and not TRL_PYTHON.exists():
                 log(f"  {config}: skipped, no {TRL_PYTHON}")
                 continue
@@ -142,7 +151,7 @@ def main() -> None:
             if result is not None:
                 results[model][config] = result
                 save(info, results, profiles, started)  # a partial report survives an interrupted run
-        if model == "tiny20m" and not args.skip_profile:
+        if model == "tiny20m" and not args.skip_profile and not profiles:
             for config in ("all", "all+opt"):
                 profiles[config] = profile("tiny20m", config, log)
     save(info, results, profiles, started)

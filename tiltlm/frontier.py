@@ -655,7 +655,7 @@ def write_report(out: Path, document: dict, config: FrontierConfig, points: list
         "```",
         "",
         f"Wall time: {seconds / 60:.1f} min on {machine['device']} ({machine['cpus']} cores, "
-        f"{machine['torch_threads']} torch threads; load average {machine['load_average_start']:.1f} at the "
+        f"torch threads: {machine['torch_threads']}; load average {machine['load_average_start']:.1f} at the "
         f"start and {machine['load_average_end']:.1f} at the end - above the core count means other "
         f"processes shared the CPU).",
         "",
