@@ -43,7 +43,7 @@ class QuickstartConfig:
     max_new_tokens: int = 24
     beta: float = 0.1
     lr: float = 5e-4
-    epochs: int = 4
+    epochs: int = 3
     batch_size: int = 6
     lora_r: int = 16
     seed: int = 0
