@@ -145,6 +145,9 @@ def write(path: Path, info: dict, results: dict, profiles: dict) -> None:
         parts += ["## Equivalence tests\n", "`pytest tests/test_fastpaths.py tests/test_refcache.py` (every fast path "
                   "against the naive path, 1e-5 relative, on every data format and on truncated pairs):\n",
                   "    " + tests.read_text().strip().splitlines()[-1] + "\n"]
+    if not profiles:  # a resumed run that skipped profiling: the files of the last profiling run
+        profiles = {path.stem[len("profile-tiny20m-"):]: path.read_text()
+                    for path in sorted(OUT.glob("profile-tiny20m-*.txt"))}
     for name, text in profiles.items():
         rows = text.strip().splitlines()[:16]
         parts += [f"## Profile: tiny20m `{name}` (2 measured steps, self CPU time)\n", "```", *rows, "```\n"]
