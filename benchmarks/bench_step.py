@@ -7,9 +7,9 @@ backward, gradient clipping, fused AdamW step) over the workload's pairs in thei
 step, float32 on 2 threads, and writes per-step wall times, per-step losses and log-probs, and the peak
 RSS as JSON.
 
-Configurations (:data:`CONFIGS`) switch on tiltlm's fast paths one at a time and all together; the
-``+opt`` ones also apply the candidate optimisations of ``benchmarks/candidates.py`` (monkeypatches of
-tiltlm's functions, measured here before being proposed as changes to the library).
+Configurations (:data:`CONFIGS`) switch on tiltlm's fast paths one at a time and all together (``all``
+is what ``tiltlm train`` does by default); ``all+gc`` adds gradient checkpointing, tiltlm's option for
+memory.
 """
 
 from __future__ import annotations
@@ -42,7 +42,6 @@ class Config:
     reference: str  # online | precompute
     pack_tokens: int = 512  # packed rows: tiltlm's default, max_length
     gradient_checkpointing: bool = False  # tiltlm's option: recompute each block's activations in the backward
-    candidates: tuple[str, ...] = ()  # names from candidates.py
 
 
 CONFIGS = {
@@ -52,13 +51,7 @@ CONFIGS = {
     "chunked": Config("concatenated", "chunked", "online"),
     "precompute": Config("concatenated", "full", "precompute"),
     "all": Config("packed", "chunked", "precompute"),
-    "all+fused": Config("packed", "chunked", "precompute", candidates=("fused-logprobs",)),
-    "all+opt": Config("packed", "chunked", "precompute",
-                      candidates=("fused-logprobs", "chunk-256", "mmap-threshold", "float-mask")),
-    "all+opt+p1024": Config("packed", "chunked", "precompute", pack_tokens=1024,
-                            candidates=("fused-logprobs", "chunk-256", "mmap-threshold", "float-mask")),
-    "all+opt+gc": Config("packed", "chunked", "precompute", gradient_checkpointing=True,
-                         candidates=("fused-logprobs", "chunk-256", "mmap-threshold", "float-mask")),
+    "all+gc": Config("packed", "chunked", "precompute", gradient_checkpointing=True),
 }
 
 
@@ -105,11 +98,10 @@ def run(model_name: str, name: str, warmup: int, steps: int, profile: str | None
     from tiltlm.losses import LossParams
     from tiltlm.refcache import cached_reference_table, lookup_reference
 
-    config = CONFIGS[name]
-    if config.candidates:
-        import candidates
+    from tiltlm.runtime import return_freed_memory
 
-        candidates.apply(config.candidates)
+    config = CONFIGS[name]
+    return_freed_memory()  # what tiltlm's trainer does at start-up, whatever the configuration
     peak = matmul_peak()  # contemporaneous with this configuration's steps (the machine is shared)
     pairs, policy, reference_model, collate, policy_fn, ref_scorer = build(model_name, config)
     shape = Shape.of(policy.config, blocks_params(policy))

@@ -23,13 +23,13 @@ sys.path.insert(0, str(HERE))
 
 from flops import Shape, step_flops  # noqa: E402
 
-TILTLM_CONFIGS = ["naive", "shared", "packed", "chunked", "precompute", "all", "all+opt", "all+opt+gc"]
+TILTLM_CONFIGS = ["naive", "shared", "packed", "chunked", "precompute", "all", "all+gc"]
 TRL_CONFIGS = ["trl-shipped", "trl-completion-only"]
 PLAN = {  # model: (configurations, warm-up steps, measured steps)
     "tiny20m": (TILTLM_CONFIGS + TRL_CONFIGS, 1, 5),
     # SmolLM2 steps cost ~7x the 20M model's: only the all-on configurations and TRL's faster one fit the
     # time budget on 2 shared cores (add more with --configs)
-    "smollm2": (["all", "all+opt", "trl-completion-only"], 1, 5),
+    "smollm2": (["all", "all+gc", "trl-completion-only"], 1, 5),
 }
 DESCRIPTIONS = {
     "naive": "concatenated rows, full logits, online reference",
@@ -37,10 +37,8 @@ DESCRIPTIONS = {
     "packed": "naive + prefix sharing + packing (512-token rows)",
     "chunked": "naive + completion-only chunked projection",
     "precompute": "naive + precomputed reference",
-    "all": "packing + completion-only projection + precomputed reference",
-    "all+opt": "all + candidate changes (fused log-prob head, 256-row chunks, malloc mmap threshold, float mask)",
-    "all+opt+p1024": "all+opt with 1024-token packed rows",
-    "all+opt+gc": "all+opt + gradient checkpointing of the blocks",
+    "all": "packing + completion-only projection + precomputed reference: `tiltlm train`'s defaults",
+    "all+gc": "all + gradient checkpointing of the blocks (`--gradient-checkpointing`)",
     "trl-shipped": "TRL DPOTrainer as shipped (fp32, no grad. ckpt)",
     "trl-completion-only": "TRL with its log-prob head on completion positions (`_use_triton` patched)",
 }
@@ -152,7 +150,7 @@ def main() -> None:
                 results[model][config] = result
                 save(info, results, profiles, started)  # a partial report survives an interrupted run
         if model == "tiny20m" and not args.skip_profile and not profiles:
-            for config in ("all", "all+opt"):
+            for config in ("all",):
                 profiles[config] = profile("tiny20m", config, log)
     save(info, results, profiles, started)
     log(f"wrote {HERE / 'RESULTS.md'} in {info['minutes']:.1f} min")

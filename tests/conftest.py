@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import tempfile
 from pathlib import Path
 
 import pytest
@@ -14,6 +15,8 @@ import torch
 # hand-offs cost more than the arithmetic (seen: kernels on tiny tensors hundreds of times slower).
 torch.set_num_threads(1)
 os.environ.setdefault("HF_HUB_OFFLINE", "1")  # tests never reach for the network
+# precomputed reference tables go to a directory of this session, never the user's ~/.cache
+os.environ.setdefault("TILTLM_CACHE", tempfile.mkdtemp(prefix="tiltlm-test-cache-"))
 
 REPO = Path(__file__).resolve().parents[1]
 HH_RLHF = REPO.parent / "shared" / "data" / "hh-rlhf-harmless-base-test.jsonl.gz"

@@ -1,13 +1,14 @@
 """Chunked completion-only log-probs equal the naive full-logits computation, in every batch layout."""
 
 import random
+from types import SimpleNamespace
 
 import pytest
 import torch
 
 from tiltlm.data.collate import collate_concatenated, collate_shared, pack_rows
 from tiltlm.data.types import TokenizedPair
-from tiltlm.logprobs import chunked_token_logps, naive_sequence_logps, sequence_logps
+from tiltlm.logprobs import additive_mask, chunked_token_logps, naive_sequence_logps, sequence_logps
 from tiltlm.models import tiny_llama
 
 VOCAB = 300
@@ -98,3 +99,39 @@ def test_shared_mask_hides_chosen_from_rejected():
     # the first rejected token (10) is predicted from the last prompt position (1)
     first_rejected = (batch.target_seq == 1).nonzero()[0].item()
     assert batch.target_cols[first_rejected].item() == 1 and batch.target_ids[first_rejected].item() == 10
+
+
+def test_closed_form_head_gradient_passes_gradcheck():
+    """The head's hand-written backward against finite differences, in float64, with a bias and a
+    chunk size that leaves a short last chunk; and the checkpointed generic path (a logit scale) agrees."""
+    torch.manual_seed(4)
+    hidden = torch.randn(7, 5, dtype=torch.float64, requires_grad=True)
+    weight = torch.randn(11, 5, dtype=torch.float64, requires_grad=True)
+    bias = torch.randn(11, dtype=torch.float64, requires_grad=True)
+    targets = torch.randint(0, 11, (7,))
+
+    def head_logps(h, w, b, **modifiers):  # the function reads only .weight and .bias of the head
+        return chunked_token_logps(h, SimpleNamespace(weight=w, bias=b), targets, chunk_size=3, **modifiers)
+
+    assert torch.autograd.gradcheck(head_logps, (hidden, weight, bias))
+    grad = torch.randn(7, dtype=torch.float64)
+    values = head_logps(hidden, weight, bias)
+    generic = head_logps(hidden, weight, bias, scale=1.0)
+    torch.testing.assert_close(values.double(), generic.double())
+    grads = torch.autograd.grad(values, (hidden, weight, bias), grad)
+    generic_grads = torch.autograd.grad(generic, (hidden, weight, bias), grad)
+    for a, b in zip(grads, generic_grads):
+        torch.testing.assert_close(a, b)
+
+
+def test_additive_mask_gives_the_boolean_mask_results(model):
+    pairs = random_pairs(4, seed=5)
+    batch = collate_shared(pairs, pad_id=0, row_tokens=40)
+    mask = batch.attention_mask
+    additive = additive_mask(mask, torch.float32)
+    assert additive.dtype == torch.float32 and torch.equal(additive == 0, mask)
+    assert torch.isneginf(additive[~mask]).all()
+    with torch.no_grad():  # the model given each mask directly, through its own attention code
+        direct = [model.model(input_ids=batch.input_ids, attention_mask=m, position_ids=batch.position_ids)
+                  .last_hidden_state for m in (mask, additive)]
+    torch.testing.assert_close(direct[0], direct[1], rtol=1e-6, atol=1e-6)

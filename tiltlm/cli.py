@@ -59,7 +59,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
     result = evaluate(args.model, args.data, ref=args.ref, beta=args.beta, loss=args.loss,
                       max_length=args.max_length, max_prompt_length=args.max_prompt_length,
                       batch_size=args.batch_size, dtype=args.dtype, device=args.device,
-                      trust_remote_code=args.trust_remote_code)
+                      trust_remote_code=args.trust_remote_code, ref_cache=args.ref_cache)
     text = json.dumps(result, indent=2)
     print(text)
     if args.json:
@@ -96,6 +96,8 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate.add_argument("--batch-size", type=int, default=8)
     evaluate.add_argument("--dtype", default="auto")
     evaluate.add_argument("--device", default="auto")
+    evaluate.add_argument("--ref-cache", help="directory of precomputed reference log-probs (default: "
+                          "$TILTLM_CACHE/reference or ~/.cache/tiltlm/reference)")
     evaluate.add_argument("--json", help="also write the result to this file")
     evaluate.add_argument("--trust-remote-code", action="store_true")
     evaluate.set_defaults(run=cmd_eval)

@@ -35,7 +35,8 @@ class TrainConfig:
 
     # the reference policy
     ref: Optional[str] = None  # a different reference model; default: the policy's starting weights
-    ref_mode: str = "auto"  # auto | online | adapters-off | none
+    ref_mode: str = "auto"  # auto | online | precompute | adapters-off | none (see reference.py)
+    ref_cache: Optional[str] = None  # precompute: cache directory; default $TILTLM_CACHE/reference or ~/.cache/tiltlm/reference
 
     # the objective
     loss: str = "sigmoid"  # comma-separated names from tiltlm.losses.LOSSES, e.g. "sigmoid,nll"
@@ -51,6 +52,7 @@ class TrainConfig:
     max_prompt_length: int = 512
     layout: str = "packed"  # packed | shared (prompt once per pair) | concatenated (two rows per pair)
     pack_tokens: int = 0  # packed rows hold up to this many tokens; 0: max_length
+    group_by_length: bool = True  # micro-batches of pairs of similar length: less padding (data/order.py)
 
     # optimisation
     lr: float = 5e-7
@@ -76,7 +78,7 @@ class TrainConfig:
     # numerics and hardware
     dtype: str = "auto"  # auto (fp32 on CPU, bf16 on GPU) | float32 | bfloat16 | float16
     device: str = "auto"
-    logprob_chunk: int = 1024  # completion positions projected to the vocabulary at a time
+    logprob_chunk: int = 256  # completion positions projected to the vocabulary at a time
     trust_remote_code: bool = False
     parallel: str = "ddp"  # under torchrun: ddp (whole model per rank) | fsdp (weights and optimizer sharded)
 
@@ -145,8 +147,8 @@ def validate(config: TrainConfig) -> None:
         raise ConfigError(f"orpo_lambda = {config.orpo_lambda}: expected a weight >= 0")
     if config.scheduler not in ("linear", "cosine", "constant"):
         raise ConfigError(f"scheduler = {config.scheduler!r}: expected linear, cosine or constant")
-    if config.ref_mode not in ("auto", "online", "adapters-off", "none"):
-        raise ConfigError(f"ref_mode = {config.ref_mode!r}: expected auto, online, adapters-off or none")
+    if config.ref_mode not in ("auto", "online", "precompute", "adapters-off", "none"):
+        raise ConfigError(f"ref_mode = {config.ref_mode!r}: expected auto, online, precompute, adapters-off or none")
     if config.layout not in ("packed", "shared", "concatenated"):
         raise ConfigError(f"layout = {config.layout!r}: expected packed, shared or concatenated")
     if config.lora_r < 0:

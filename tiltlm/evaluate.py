@@ -7,6 +7,7 @@ equal what a trainer logs at step 0.
 from __future__ import annotations
 
 import sys
+from dataclasses import replace
 from functools import partial
 from pathlib import Path
 from typing import Callable
@@ -25,7 +26,7 @@ from tiltlm.data import load_pairs, tokenize_pairs
 from tiltlm.logprobs import CompletionLogps
 from tiltlm.losses import REFERENCE_FREE
 from tiltlm.models import is_adapter, load_model, load_tokenizer, parse_dtype
-from tiltlm.reference import Reference, adapters_off_reference, frozen, no_reference, online_reference
+from tiltlm.reference import Reference, frozen, no_reference, precomputed_reference
 from tiltlm.runtime import pick_device
 
 Collate = Callable[[list[TokenizedPair]], Batch]
@@ -60,14 +61,15 @@ def evaluate_pairs(policy, reference: Reference, pairs: list[TokenizedPair], col
     """Mean loss and metrics over ``pairs``; under torchrun each rank takes every world_size-th pair and
     the sums are combined, so all ranks return the same numbers."""
     rank, world = (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)
-    mine = pairs[rank::world]
+    mine, positions = pairs[rank::world], range(len(pairs))[rank::world]
     sums = MetricSums()
     was_training = getattr(policy, "training", False)
     if hasattr(policy, "eval"):
         policy.eval()
     starts = range(0, len(mine), batch_size)
     for start in tqdm(starts, desc="eval", disable=not progress or rank != 0, leave=False):
-        batch = collate(mine[start:start + batch_size]).to(device)
+        batch = replace(collate(mine[start:start + batch_size]), indices=tuple(positions[start:start + batch_size]))
+        batch = batch.to(device)
         out, policy_logps, reference_logps = score_batch(policy, reference, batch, params, losses, weights)
         sums.add(out, policy_logps, reference_logps)
     if hasattr(policy, "train"):
@@ -89,9 +91,14 @@ def default_reference(model: str) -> str | None:
 
 def evaluate(model: str, data: str, ref: str | None = None, beta: float = 0.1, loss: str = "sigmoid",
              max_length: int = 1024, max_prompt_length: int = 512, batch_size: int = 8, dtype: str = "auto",
-             device: str = "auto", trust_remote_code: bool = False, progress: bool = True) -> dict[str, float]:
+             device: str = "auto", trust_remote_code: bool = False, progress: bool = True,
+             ref_cache: str | None = None) -> dict[str, float]:
     """Loss and reward metrics of ``model`` against ``ref`` over the preference file ``data``: the
-    numbers the trainer logs at step 0 when ``model`` is the policy and ``ref`` its reference."""
+    numbers the trainer logs at step 0 when ``model`` is the policy and ``ref`` its reference.
+
+    The reference's log-probs come from the precomputed-reference cache (``ref_cache``, see
+    refcache.py) when a training run or an earlier evaluation already scored this file with the same
+    reference, tokenizer and settings; otherwise they are computed once and saved there."""
     config = TrainConfig(model=model, data=data, ref=ref, beta=beta, loss=loss, max_length=max_length,
                          max_prompt_length=max_prompt_length, dtype=dtype, device=device)
     validate(config)
@@ -103,14 +110,18 @@ def evaluate(model: str, data: str, ref: str | None = None, beta: float = 0.1, l
     if progress:
         print(f"data {data}:\n{summary.format()}", file=sys.stderr)
     policy = frozen(load_model(model, torch_dtype, trust_remote_code)).to(target)
-    if set(names) <= REFERENCE_FREE:
-        reference = no_reference
-    elif ref is None and is_adapter(model):
-        reference = adapters_off_reference(policy, 1024)
-    else:
-        ref_name = ref if ref is not None else default_reference(model)
-        reference = online_reference(load_model(ref_name, torch_dtype, trust_remote_code).to(target), 1024)
     collate = make_collate("packed", tokenizer.pad_token_id, max_length)
+    reference = no_reference
+    if not set(names) <= REFERENCE_FREE:
+        if ref is None and is_adapter(model):
+            ref_model = policy  # scored with its adapters switched off
+        else:
+            ref_name = ref if ref is not None else default_reference(model)
+            ref_model = frozen(load_model(ref_name, torch_dtype, trust_remote_code)).to(target)
+        log = (lambda message: print(message, file=sys.stderr)) if progress else (lambda message: None)
+        reference = precomputed_reference(ref_model, tokenizer, pairs, collate, 4 * batch_size, target, 256,
+                                          ref_cache, {"dtype": str(torch_dtype)}, data, log)
+        del ref_model
     metrics = evaluate_pairs(CompletionLogps(policy), reference, pairs, collate, params, names, weights,
                              batch_size, target, prefix="", progress=progress)
     return {"pairs": len(pairs), **metrics}

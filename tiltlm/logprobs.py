@@ -6,10 +6,11 @@ prompt and padding positions whose log-probs DPO never uses. So we:
 
 1. gather the hidden states at the positions whose next token is a completion token (nothing else
    is ever projected to the vocabulary);
-2. project them in chunks of ``chunk_size`` positions, log-softmax in float32, pick the target
-   token's log-prob, and
-3. wrap each chunk in activation checkpointing, so the chunk's logits are freed after the forward
-   and recomputed in the backward: the logits (and their gradient) never exist beyond one chunk.
+2. project them in chunks of ``chunk_size`` positions, log-softmax in float32 and pick the target
+   token's log-prob, keeping only each row's log-sum-exp;
+3. in the backward, recompute each chunk's logits and turn them into their gradient in place, from the
+   closed form ``d log p_t / d z = onehot(t) - softmax(z)``: neither the logits nor their gradient ever
+   exist beyond one chunk, and no vocabulary-wide pass is spent on autograd's generic path.
 
 Where positions sit is described by a :class:`~tiltlm.data.collate.Batch` (``target_rows``,
 ``target_cols``, ``target_ids``, ``target_seq``), so the same function serves every batch layout.
@@ -26,8 +27,8 @@ from tiltlm.data.collate import Batch
 
 
 def token_logps(logits: Tensor, targets: Tensor) -> Tensor:
-    """log softmax(logits)[target] in float32, one value per row: ``logit[t] - logsumexp(logits)``."""
-    logits = logits.float()
+    """log softmax(logits)[target] in float32 (float64 stays), one value per row: ``logit[t] - logsumexp(logits)``."""
+    logits = logits.to(_exact_dtype(logits))
     return logits.gather(-1, targets.unsqueeze(-1)).squeeze(-1) - torch.logsumexp(logits, dim=-1)
 
 
@@ -41,13 +42,92 @@ def _project(hidden: Tensor, weight: Tensor, bias: Tensor | None, targets: Tenso
     return token_logps(logits, targets)
 
 
-def chunked_token_logps(hidden: Tensor, head: nn.Linear, targets: Tensor, chunk_size: int = 1024,
+def _exact_dtype(weight: Tensor) -> torch.dtype:
+    """float32 for the softmax of half-precision and float32 heads; float64 stays float64 (tests)."""
+    return torch.promote_types(weight.dtype, torch.float32)
+
+
+def _logits(hidden: Tensor, weight: Tensor, bias: Tensor | None, buffer: Tensor) -> Tensor:
+    """``hidden @ weight.T + bias`` in the exact dtype, written into the first rows of ``buffer`` when the
+    dtypes allow: one chunk-sized buffer serves every chunk of a call, so the allocator does not map
+    and zero fresh pages for each chunk (on CPU that page-fault time rivalled the matmul's)."""
+    same = hidden.dtype == weight.dtype == buffer.dtype and not torch.is_autocast_enabled(hidden.device.type)
+    if not same:
+        return F.linear(hidden, weight, bias).to(buffer.dtype)
+    out = torch.matmul(hidden, weight.T, out=buffer[:hidden.shape[0]])
+    return out.add_(bias) if bias is not None else out
+
+
+class _ChunkedTokenLogps(torch.autograd.Function):
+    """``log softmax(hidden @ weight.T + bias)[target]`` per row, ``chunk`` rows at a time, in float32.
+
+    Forward: per chunk, logits z = h W^T + b, then log p_t = z_t - logsumexp(z); only the log-sum-exp
+    of each row is kept. Backward: with g the incoming gradient of log p_t, dL/dz = g (onehot(t) -
+    softmax(z)) and softmax(z) = exp(z - logsumexp(z)), so one matmul recomputes z, one in-place exp pass
+    makes dL/dz, and dL/dh = (dL/dz) W, dL/dW = (dL/dz)^T h, dL/db = sum of rows of dL/dz.
+    """
+
+    @staticmethod
+    @torch.amp.custom_fwd(device_type="cuda")
+    def forward(ctx, hidden: Tensor, weight: Tensor, bias: Tensor | None, targets: Tensor, chunk: int) -> Tensor:
+        rows, exact = hidden.shape[0], _exact_dtype(weight)
+        logps = torch.empty(rows, dtype=exact, device=hidden.device)
+        lse = torch.empty(rows, dtype=exact, device=hidden.device)
+        buffer = torch.empty(min(chunk, rows), weight.shape[0], dtype=exact, device=hidden.device)
+        for start in range(0, rows, chunk):
+            end = min(start + chunk, rows)
+            logits = _logits(hidden[start:end], weight, bias, buffer)
+            picked = logits.gather(1, targets[start:end, None]).squeeze(1)
+            # log-sum-exp in place: the logits are not needed once it is known
+            top = logits.amax(dim=1, keepdim=True)
+            lse[start:end] = top.squeeze(1) + logits.sub_(top).exp_().sum(dim=1).log()
+            logps[start:end] = picked - lse[start:end]
+        ctx.save_for_backward(hidden, weight, bias, targets, lse)
+        ctx.chunk = chunk
+        return logps
+
+    @staticmethod
+    @torch.amp.custom_bwd(device_type="cuda")
+    def backward(ctx, grad_logps: Tensor):
+        hidden, weight, bias, targets, lse = ctx.saved_tensors
+        need_hidden, need_weight, need_bias = ctx.needs_input_grad[:3]
+        exact = lse.dtype
+        grad_hidden = torch.empty_like(hidden) if need_hidden else None
+        grad_weight = torch.zeros_like(weight, dtype=exact) if need_weight else None
+        grad_bias = torch.zeros_like(bias, dtype=exact) if need_bias else None
+        buffer = torch.empty(min(ctx.chunk, hidden.shape[0]), weight.shape[0], dtype=exact, device=hidden.device)
+        for start in range(0, hidden.shape[0], ctx.chunk):
+            end = min(start + ctx.chunk, hidden.shape[0])
+            g = grad_logps[start:end, None].to(exact)
+            # dL/dz = g * (onehot(t) - softmax(z)), built in place in the recomputed logits
+            grad_z = _logits(hidden[start:end], weight, bias, buffer)
+            grad_z.sub_(lse[start:end, None]).exp_().mul_(-g)
+            grad_z.scatter_add_(1, targets[start:end, None], g)
+            if need_hidden:
+                grad_hidden[start:end] = (grad_z.to(weight.dtype) @ weight).to(hidden.dtype)
+            if need_weight:
+                grad_weight.addmm_(grad_z.T, hidden[start:end].to(exact))
+            if need_bias:
+                grad_bias.add_(grad_z.sum(dim=0))
+        if grad_weight is not None:
+            grad_weight = grad_weight.to(weight.dtype)
+        if grad_bias is not None:
+            grad_bias = grad_bias.to(bias.dtype)
+        return grad_hidden, grad_weight, grad_bias, None, None
+
+
+def chunked_token_logps(hidden: Tensor, head: nn.Linear, targets: Tensor, chunk_size: int = 256,
                         softcap: float | None = None, scale: float | None = None) -> Tensor:
     """log pi(target | prefix) for each row of ``hidden`` ([M, H]), projecting ``chunk_size`` rows at a time.
 
-    Peak memory for logits is ``chunk_size x vocab`` floats in the forward and in the backward,
-    whatever M is.
+    Memory for logits is ``chunk_size x vocab`` floats in the forward and in the backward, whatever M
+    is (256 x 49,152 x 4 bytes = 50 MB for SmolLM2). Heads with a logit scale or softcap take the
+    generic path: each chunk under activation checkpointing (same memory bound, autograd's gradient).
     """
+    if hidden.shape[0] == 0:
+        return hidden.new_zeros(0, dtype=torch.float32)
+    if softcap is None and scale is None:
+        return _ChunkedTokenLogps.apply(hidden, head.weight, head.bias, targets, chunk_size)
     pieces = []
     for start in range(0, hidden.shape[0], chunk_size):
         args = (hidden[start:start + chunk_size], head.weight, head.bias, targets[start:start + chunk_size],
@@ -56,8 +136,6 @@ def chunked_token_logps(hidden: Tensor, head: nn.Linear, targets: Tensor, chunk_
             pieces.append(checkpoint(_project, *args, use_reentrant=False))
         else:
             pieces.append(_project(*args))
-    if not pieces:
-        return hidden.new_zeros(0, dtype=torch.float32)
     return torch.cat(pieces)
 
 
@@ -84,6 +162,16 @@ def backbone_and_head(model: nn.Module) -> tuple[nn.Module, nn.Linear]:
     return base.get_decoder(), base.get_output_embeddings()
 
 
+def additive_mask(mask: Tensor, dtype: torch.dtype) -> Tensor:
+    """A boolean [rows, 1, L, L] mask (True: may attend) as an additive float mask (0 or -inf); other
+    masks as they are. Converted once per batch: given a boolean mask, CPU attention converts it in
+    every layer and keeps each copy for the backward (SmolLM2: 30 float copies of [rows, L, L]). GPU
+    kernels take boolean masks as they are (and FlexAttention block masks are another path)."""
+    if mask.dtype != torch.bool or mask.device.type != "cpu":
+        return mask
+    return torch.zeros(mask.shape, dtype=dtype, device=mask.device).masked_fill_(~mask, float("-inf"))
+
+
 class CompletionLogps(nn.Module):
     """Policy forward for DPO: a :class:`Batch` in, summed completion log-probs and counts out.
 
@@ -91,7 +179,7 @@ class CompletionLogps(nn.Module):
     what runs inside its ``forward``).
     """
 
-    def __init__(self, model: nn.Module, chunk_size: int = 1024):
+    def __init__(self, model: nn.Module, chunk_size: int = 256):
         super().__init__()
         self.model = model
         self.chunk_size = chunk_size
@@ -99,7 +187,7 @@ class CompletionLogps(nn.Module):
     def forward(self, batch: Batch) -> tuple[Tensor, Tensor]:
         backbone, head = backbone_and_head(self.model)
         hidden = backbone(
-            input_ids=batch.input_ids, attention_mask=batch.attention_mask,
+            input_ids=batch.input_ids, attention_mask=additive_mask(batch.attention_mask, head.weight.dtype),
             position_ids=batch.position_ids, use_cache=False,
         ).last_hidden_state
         selected = hidden[batch.target_rows, batch.target_cols]
@@ -118,6 +206,6 @@ def naive_sequence_logps(model: nn.Module, batch: Batch) -> tuple[Tensor, Tensor
     return per_sequence(values, batch)
 
 
-def sequence_logps(model: nn.Module, batch: Batch, chunk_size: int = 1024) -> tuple[Tensor, Tensor]:
+def sequence_logps(model: nn.Module, batch: Batch, chunk_size: int = 256) -> tuple[Tensor, Tensor]:
     """Summed log pi(completion | prompt) for every sequence of ``batch`` and its completion token count."""
     return CompletionLogps(model, chunk_size)(batch)

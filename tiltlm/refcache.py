@@ -75,14 +75,28 @@ def weights_fingerprint(model: nn.Module) -> str:
     for a 7B model, against minutes to hours for the pass it saves). The config enters too, because
     some settings change the outputs without touching a weight (rope scaling, logit softcapping)."""
     digest = hashlib.sha256()
-    for name, tensor in model.state_dict().items():
+    for name, tensor in reference_state(model):
         _update_tensor(digest, name, tensor)
     config = getattr(model, "config", None)
     if config is not None and hasattr(config, "to_dict"):
+        # dropout rates are left out: the reference scores in eval mode, where they change nothing
+        # (and the trainer zeroes them in the policy it may score the reference with)
         settings = {k: v for k, v in config.to_dict().items()
-                    if k not in ("_name_or_path", "transformers_version", "_commit_hash")}
+                    if k not in ("_name_or_path", "transformers_version", "_commit_hash")
+                    and "dropout" not in k and "pdrop" not in k}
         digest.update(json.dumps(settings, sort_keys=True, default=str).encode())
     return digest.hexdigest()
+
+
+def reference_state(model: nn.Module) -> Iterable[tuple[str, Tensor]]:
+    """The state dict of the model that scores, with peft's wrapping undone: a LoRA model's adapters
+    are left out and its ``base_layer`` names read as the plain model's, so a base model and the same
+    base under (disabled) adapters have one fingerprint, and a table computed before LoRA was added is
+    found again by an evaluation of the adapter."""
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    for name, tensor in base.state_dict().items():
+        if ".lora_" not in name:
+            yield name.replace(".base_layer.", "."), tensor
 
 
 def tokenizer_fingerprint(tokenizer) -> str:

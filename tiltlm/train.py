@@ -1,7 +1,7 @@
 """The DPO training recipe: one process or a torchrun job, one explicit loop.
 
-Supports: full fine-tuning or LoRA (peft); reference online, adapters-off (LoRA) or none
-(reference-free losses); any loss of :mod:`tiltlm.losses` and weighted sums of them; packed,
+Supports: full fine-tuning or LoRA (peft); reference precomputed (cached on disk), online,
+adapters-off (LoRA) or none (reference-free losses); any loss of :mod:`tiltlm.losses` and weighted sums of them; packed,
 prefix-shared or concatenated batches; AdamW with warmup and linear/cosine/constant decay; gradient
 accumulation and clipping; gradient checkpointing; bf16 autocast on GPU; DDP or FSDP2 under torchrun
 (gloo on CPU, NCCL on GPU; see distributed.py); metrics.jsonl, TensorBoard and a progress bar; atomic
@@ -15,6 +15,7 @@ import json
 import math
 import signal
 import time
+from dataclasses import replace
 from pathlib import Path
 
 import torch
@@ -31,7 +32,8 @@ from tiltlm.logprobs import CompletionLogps
 from tiltlm.losses import REFERENCE_FREE, displacement_warning
 from tiltlm.metrics import MetricSums, MetricsWriter, read_metrics
 from tiltlm.models import add_lora, disable_dropout, load_model, load_tokenizer, parse_dtype
-from tiltlm.reference import adapters_off_reference, choose_mode, no_reference, online_reference
+from tiltlm.reference import (adapters_off_reference, choose_mode, no_reference, online_reference,
+                              precomputed_reference)
 from tiltlm.runtime import Runtime, autocast, seed_everything, start, stop
 
 
@@ -47,25 +49,36 @@ def read_pairs(source: str, tokenizer, config: TrainConfig, log) -> list:
     return pairs
 
 
-def build_models(config: TrainConfig, runtime: Runtime, dtype: torch.dtype, reference_free: bool):
-    """(policy, reference function, reference mode)."""
+def build_models(config: TrainConfig, runtime: Runtime, dtype: torch.dtype, mode: str, tokenizer, collate,
+                 datasets: list, log):
+    """(policy, one reference function per dataset in ``datasets``). With ``precompute`` the tables are
+    filled before LoRA is added and before any checkpoint is loaded, from the policy's own starting
+    weights when they are the reference, so no second copy is ever loaded for them."""
     sharded = distributed.uses_fsdp(config, runtime)  # FSDP: float32 master shards, placed by fully_shard
     policy = load_model(config.model, torch.float32 if sharded else dtype, config.trust_remote_code)
     disable_dropout(policy)
+    references = [no_reference] * len(datasets)
+    if mode == "precompute":
+        own = config.ref is None and not sharded
+        ref_model = policy if own else load_model(config.ref or config.model, dtype, config.trust_remote_code)
+        ref_model.to(runtime.device)
+        references = [precomputed_reference(ref_model, tokenizer, pairs, collate, 4 * config.batch_size,
+                                            runtime.device, config.logprob_chunk, config.ref_cache,
+                                            {"dtype": str(dtype)}, name, log) for name, pairs in datasets]
+        del ref_model  # a separately loaded reference is freed here
     if config.gradient_checkpointing:
         policy.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     if config.lora_r > 0:
         policy = add_lora(policy, config.lora_r, config.lora_alpha, config.lora_dropout, config.lora_targets)
     policy.to("cpu" if sharded else runtime.device).train()
-    mode = choose_mode(config.ref_mode, config.lora_r > 0, config.ref, reference_free)
-    if mode == "none":
-        return policy, no_reference, mode
     if mode == "adapters-off":
-        return policy, adapters_off_reference(policy, config.logprob_chunk), mode
-    ref_model = load_model(config.ref or config.model, dtype, config.trust_remote_code)
-    if sharded:
-        return policy, distributed.sharded_reference(ref_model, config.logprob_chunk, runtime), mode
-    return policy, online_reference(ref_model.to(runtime.device), config.logprob_chunk), mode
+        references = [adapters_off_reference(policy, config.logprob_chunk)] * len(datasets)
+    elif mode == "online":
+        ref_model = load_model(config.ref or config.model, dtype, config.trust_remote_code)
+        online = (distributed.sharded_reference(ref_model, config.logprob_chunk, runtime) if sharded
+                  else online_reference(ref_model.to(runtime.device), config.logprob_chunk))
+        references = [online] * len(datasets)
+    return policy, references
 
 
 def truncate_metrics(path: Path, step: int) -> None:
@@ -98,13 +111,26 @@ def _train(config: TrainConfig, runtime: Runtime) -> Path:
     seed_everything(config.seed)
     out = rundir.check(config)
     params, loss_names, loss_weights = loss_setup(config)
+    sharded = distributed.uses_fsdp(config, runtime)  # also refuses settings FSDP cannot run, before loading
     tokenizer = load_tokenizer(config.model, config.trust_remote_code)
     train_pairs = read_pairs(config.data, tokenizer, config, log)
     eval_pairs = read_pairs(config.eval_data, tokenizer, config, log) if config.eval_data else None
     collate = make_collate(config.layout, tokenizer.pad_token_id, config.pack_tokens or config.max_length)
 
+    lengths = tuple(len(p.prompt_ids) + len(p.chosen_ids) + len(p.rejected_ids) for p in train_pairs)
+    order = DataOrder(len(train_pairs), config.batch_size, config.grad_accum, runtime.world_size, config.seed,
+                      lengths=lengths if config.group_by_length else ())
+    if order.steps_per_epoch == 0:
+        raise ConfigError(f"data {config.data}: {len(train_pairs)} pairs are fewer than one optimizer step "
+                          f"(batch_size x grad_accum x processes = {order.pairs_per_step}); lower batch_size or grad_accum")
+    total_steps = config.max_steps if config.max_steps > 0 else order.steps_per_epoch * config.epochs
+
     dtype = parse_dtype(config.dtype, runtime.device)
-    policy, reference, ref_mode = build_models(config, runtime, dtype, set(loss_names) <= REFERENCE_FREE)
+    ref_mode = choose_mode(config.ref_mode, config.lora_r > 0, config.ref, set(loss_names) <= REFERENCE_FREE,
+                           covers_data=total_steps >= order.steps_per_epoch and not sharded)
+    datasets = [(config.data, train_pairs)] + ([(config.eval_data, eval_pairs)] if eval_pairs else [])
+    policy, references = build_models(config, runtime, dtype, ref_mode, tokenizer, collate, datasets, log)
+    reference, eval_reference = references[0], references[-1]
     log(f"policy {config.model} ({dtype}, {'LoRA r=%d' % config.lora_r if config.lora_r else 'full'}), "
         f"reference: {ref_mode}, loss: {config.loss}, layout: {config.layout}, processes: {runtime.world_size}")
     if runtime.is_main:
@@ -113,11 +139,6 @@ def _train(config: TrainConfig, runtime: Runtime) -> Path:
     forward = distributed.wrap(scorer, config.parallel, runtime, dtype)
     trainable = [p for p in policy.parameters() if p.requires_grad]
 
-    order = DataOrder(len(train_pairs), config.batch_size, config.grad_accum, runtime.world_size, config.seed)
-    if order.steps_per_epoch == 0:
-        raise ConfigError(f"data {config.data}: {len(train_pairs)} pairs are fewer than one optimizer step "
-                          f"(batch_size x grad_accum x processes = {order.pairs_per_step}); lower batch_size or grad_accum")
-    total_steps = config.max_steps if config.max_steps > 0 else order.steps_per_epoch * config.epochs
     optimizer = torch.optim.AdamW(trainable, lr=config.lr, weight_decay=config.weight_decay,
                                   fused=runtime.device.type in ("cpu", "cuda"))
     scheduler = get_scheduler("constant_with_warmup" if config.scheduler == "constant" else config.scheduler,
@@ -145,7 +166,7 @@ def _train(config: TrainConfig, runtime: Runtime) -> Path:
         started, sums, tokens = time.perf_counter(), MetricSums(), 0
         micro_batches = order.micro_batches(step, runtime.rank)
         for i, indices in enumerate(micro_batches):
-            batch = collate([train_pairs[j] for j in indices]).to(runtime.device)
+            batch = replace(collate([train_pairs[j] for j in indices]), indices=tuple(indices)).to(runtime.device)
             last = i == len(micro_batches) - 1
             with distributed.accumulating(forward, not last):  # ranks synchronise once, after the last
                 with autocast(runtime.device, dtype):
@@ -186,7 +207,7 @@ def _train(config: TrainConfig, runtime: Runtime) -> Path:
             log(f"\nwarning (step {done}): {message}")
         if eval_pairs is not None and (done % config.eval_every == 0 or done == total_steps):
             eval_row = {"step": done, "epoch": done / order.steps_per_epoch,
-                        **evaluate_pairs(scorer, reference, eval_pairs, collate, params, loss_names, loss_weights,
+                        **evaluate_pairs(scorer, eval_reference, eval_pairs, collate, params, loss_names, loss_weights,
                                    config.batch_size, runtime.device, progress=config.progress)}
             if writer is not None:
                 writer.write(eval_row)

@@ -37,6 +37,7 @@ class Batch:
     num_pairs: int
     real_tokens: int  # tokens a step must compute: no padding, each prompt counted once
     sources: tuple[str, ...] = ()  # where each pair came from, for diagnostics
+    indices: tuple[int, ...] = ()  # each pair's position in its dataset: a precomputed reference's row
 
     def to(self, device: torch.device) -> "Batch":
         moved = {f.name: getattr(self, f.name) for f in fields(self)}
