@@ -8,8 +8,8 @@ step, float32 on 2 threads, and writes per-step wall times, per-step losses and 
 RSS as JSON.
 
 Configurations (:data:`CONFIGS`) switch on tiltlm's fast paths one at a time and all together (``all``
-is what ``tiltlm train`` does by default); ``all+gc`` adds gradient checkpointing, tiltlm's option for
-memory.
+is what ``tiltlm train`` does by default); ``all+gc`` adds gradient checkpointing and ``all+gc+release``
+also ``--release-memory``, tiltlm's options for memory.
 """
 
 from __future__ import annotations
@@ -42,6 +42,7 @@ class Config:
     reference: str  # online | precompute
     pack_tokens: int = 512  # packed rows: tiltlm's default, max_length
     gradient_checkpointing: bool = False  # tiltlm's option: recompute each block's activations in the backward
+    release_memory: bool = False  # tiltlm's option: glibc returns freed tensors to the system at once
 
 
 CONFIGS = {
@@ -52,6 +53,7 @@ CONFIGS = {
     "precompute": Config("concatenated", "full", "precompute"),
     "all": Config("packed", "chunked", "precompute"),
     "all+gc": Config("packed", "chunked", "precompute", gradient_checkpointing=True),
+    "all+gc+release": Config("packed", "chunked", "precompute", gradient_checkpointing=True, release_memory=True),
 }
 
 
@@ -101,7 +103,8 @@ def run(model_name: str, name: str, warmup: int, steps: int, profile: str | None
     from tiltlm.runtime import return_freed_memory
 
     config = CONFIGS[name]
-    return_freed_memory()  # what tiltlm's trainer does at start-up, whatever the configuration
+    if config.release_memory:  # what tiltlm's trainer does first with --release-memory
+        return_freed_memory()
     peak = matmul_peak()  # contemporaneous with this configuration's steps (the machine is shared)
     pairs, policy, reference_model, collate, policy_fn, ref_scorer = build(model_name, config)
     shape = Shape.of(policy.config, blocks_params(policy))

@@ -42,11 +42,10 @@ NOTES = """\
 * **Peak**: the best `torch.mm` of two 2048x2048 float32 matrices on 2 threads, measured in every
   configuration's process right before its steps; the machine's peak is the best over the run.
 * **CPU-time columns**: the process's CPU seconds per step (all threads, `time.process_time`) / 2
-  threads: what the step takes on 2 dedicated cores when other processes only time-slice ours. The
-  cores are shared with other engineers' jobs during the run, which stretches wall times by 1.5-5x at
-  random moments; CPU time is far less sensitive to that (threads spin-waiting for a descheduled partner
-  still count, so it stays an upper bound). Wall-clock figures are the primary ones; where the two
-  disagree, the machine was busy.
+  threads: what the step takes on 2 dedicated cores when other processes only time-slice ours. When
+  other jobs share the cores, wall times stretch by 1.5-5x at random moments while CPU time is far less
+  sensitive (threads spin-waiting for a descheduled partner still count, so it stays an upper bound).
+  Wall-clock figures are the primary ones; where the two disagree, the machine was busy.
 * **Peak RSS**: VmHWM of the configuration's own process (imports, both models, optimizer state, the
   precompute pass, all steps).
 """
@@ -81,26 +80,29 @@ def table(model: str, results: dict, peak: float) -> tuple[str, dict]:
 
 
 def equivalence(results: dict) -> str:
-    """Per-step losses and policy log-probs of every configuration against the naive one: the first step
-    is the same weights for all; later steps follow each configuration's own updates."""
-    base = results.get("naive")
-    if base is None:
-        return "(no naive run)\n"
-    lines = ["| configuration | max abs loss diff | max rel. diff of summed policy log-probs |", "|---|---:|---:|"]
+    """Per-step losses and policy log-probs of every configuration against the naive one (or, where the
+    naive one was not run, TRL's completion-only one): the first step is the same weights for all; later
+    steps follow each configuration's own updates."""
+    base_name = next((n for n in ("naive", "trl-completion-only") if n in results), None)
+    if base_name is None:
+        return "(no naive or TRL run to compare with)\n"
+    base = results[base_name]
+    lines = [f"Against `{base_name}`:\n",
+             "| configuration | max abs loss diff | max rel. diff of summed policy log-probs |", "|---|---:|---:|"]
     if "trl-shipped" in results and "trl-completion-only" in results:  # the patch changes no number
         patched, shipped = results["trl-completion-only"], results["trl-shipped"]
         diff = max(abs(a - b) for a, b in zip(patched["losses"], shipped["losses"]))
         lines.append(f"| trl-completion-only vs trl-shipped | {diff:.1e} | - |")
+    sums = lambda name: 8 if name.startswith("trl-") else 1  # noqa: E731  TRL logs batch means, tiltlm sums
     for name, r in results.items():
-        if name == "naive":
+        if name == base_name:
             continue
-        trl = name.startswith("trl-")
         steps = min(len(r["losses"]), len(base["losses"]))
         loss = max(abs(a - b) for a, b in zip(r["losses"][:steps], base["losses"][:steps]))
         rel = 0.0
         for mine, theirs in zip(r["logps"][:steps], base["logps"][:steps]):
             for a, b in zip(mine, theirs):
-                a = a * 8 if trl else a  # TRL logs the batch mean; tiltlm's numbers are batch sums
+                a, b = a * sums(name), b * sums(base_name)
                 rel = max(rel, abs(a - b) / abs(b))
         lines.append(f"| {name} | {loss:.1e} | {rel:.1e} |")
     return "\n".join(lines) + "\n"
@@ -120,8 +122,8 @@ def write(path: Path, info: dict, results: dict, profiles: dict) -> None:
         f"{len(peaks)} measurements): **{peak / 1e9:.0f} GFLOP/s**; the measurements ranged "
         f"{min(peaks) / 1e9:.0f}-{peak / 1e9:.0f} GFLOP/s",
         f"* load average before / after: {', '.join(f'{x:.1f}' for x in info['load_before'])} / "
-        f"{', '.join(f'{x:.1f}' for x in info.get('load_after', []))} (the 2 cores are shared with other "
-        f"work: figures are noisy, compare configurations within a run); run time "
+        f"{', '.join(f'{x:.1f}' for x in info.get('load_after', []))} (the benchmark itself keeps it near 1-2; "
+        f"more means other work shared the 2 cores: compare configurations within a run); run time "
         f"{info.get('minutes', 0):.0f} min\n",
     ]
     tests = OUT / "tests.txt"

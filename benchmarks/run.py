@@ -23,7 +23,7 @@ sys.path.insert(0, str(HERE))
 
 from flops import Shape, step_flops  # noqa: E402
 
-TILTLM_CONFIGS = ["naive", "shared", "packed", "chunked", "precompute", "all", "all+gc"]
+TILTLM_CONFIGS = ["naive", "shared", "packed", "chunked", "precompute", "all", "all+gc", "all+gc+release"]
 TRL_CONFIGS = ["trl-shipped", "trl-completion-only"]
 PLAN = {  # model: (configurations, warm-up steps, measured steps)
     "tiny20m": (TILTLM_CONFIGS + TRL_CONFIGS, 1, 5),
@@ -39,6 +39,7 @@ DESCRIPTIONS = {
     "precompute": "naive + precomputed reference",
     "all": "packing + completion-only projection + precomputed reference: `tiltlm train`'s defaults",
     "all+gc": "all + gradient checkpointing of the blocks (`--gradient-checkpointing`)",
+    "all+gc+release": "all+gc + freed memory returned to the system at once (`--release-memory`)",
     "trl-shipped": "TRL DPOTrainer as shipped (fp32, no grad. ckpt)",
     "trl-completion-only": "TRL with its log-prob head on completion positions (`_use_triton` patched)",
 }

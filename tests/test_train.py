@@ -130,3 +130,14 @@ def test_lora_reference_is_the_base_model(tiny_model_dir, pairs_file, tmp_path):
         merged, _ = naive_sequence_logps(load_model(str(out / "merged")), batch)
     assert not torch.allclose(on, base)
     torch.testing.assert_close(merged, on, rtol=1e-5, atol=1e-5)
+
+
+def test_release_memory_option_trains(tiny_model_dir, pairs_file, tmp_path):
+    from tiltlm.runtime import return_freed_memory
+
+    out = train(config(tiny_model_dir, pairs_file, tmp_path / "run", max_steps=1, release_memory=True))
+    assert read_metrics(out / "metrics.jsonl")[0]["loss"] == pytest.approx(math.log(2), abs=1e-6)
+    import platform
+
+    if platform.system() == "Linux" and platform.libc_ver()[0] == "glibc":
+        assert return_freed_memory()  # glibc accepted the setting

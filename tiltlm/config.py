@@ -36,7 +36,8 @@ class TrainConfig:
     # the reference policy
     ref: Optional[str] = None  # a different reference model; default: the policy's starting weights
     ref_mode: str = "auto"  # auto | online | precompute | adapters-off | none (see reference.py)
-    ref_cache: Optional[str] = None  # precompute: cache directory; default $TILTLM_CACHE/reference or ~/.cache/tiltlm/reference
+    ref_cache: Optional[str] = None  # precompute's table directory; default $TILTLM_CACHE/reference
+                                     # or ~/.cache/tiltlm/reference
 
     # the objective
     loss: str = "sigmoid"  # comma-separated names from tiltlm.losses.LOSSES, e.g. "sigmoid,nll"
@@ -65,6 +66,7 @@ class TrainConfig:
     weight_decay: float = 0.0
     max_grad_norm: float = 1.0
     gradient_checkpointing: bool = False
+    release_memory: bool = False  # CPU: freed tensors go back to the system at once (lower RSS, slower steps)
     seed: int = 42
     max_bad_steps: int = 10  # optimizer steps with non-finite gradients skipped before the run stops
 

@@ -8,7 +8,8 @@ Strategies (``--ref-mode``):
                   batch then reads its pairs' rows of the table. The reference forward is paid once per
                   dataset instead of once per step and epoch, and no second model stays in memory.
 ``adapters-off``  with LoRA, the policy itself with its adapters disabled: the same base weights, no
-                  second copy in memory. Chosen by ``auto`` whenever LoRA is on and no ``--ref`` is given.
+                  second copy in memory. Chosen by ``auto`` under LoRA with no ``--ref`` when the run is
+                  shorter than an epoch (else ``precompute``).
 ``none``          reference-free losses (SimPO, ORPO): nothing is loaded or run.
 """
 

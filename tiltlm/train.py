@@ -1,9 +1,9 @@
 """The DPO training recipe: one process or a torchrun job, one explicit loop.
 
 Supports: full fine-tuning or LoRA (peft); reference precomputed (cached on disk), online,
-adapters-off (LoRA) or none (reference-free losses); any loss of :mod:`tiltlm.losses` and weighted sums of them; packed,
-prefix-shared or concatenated batches; AdamW with warmup and linear/cosine/constant decay; gradient
-accumulation and clipping; gradient checkpointing; bf16 autocast on GPU; DDP or FSDP2 under torchrun
+adapters-off (LoRA) or none (reference-free losses); any loss of :mod:`tiltlm.losses` and weighted
+sums of them; packed, prefix-shared or concatenated batches, length-grouped steps; AdamW with warmup and linear/cosine/constant decay; gradient
+accumulation and clipping; gradient checkpointing and a low-RSS allocator setting; bf16 autocast on GPU; DDP or FSDP2 under torchrun
 (gloo on CPU, NCCL on GPU; see distributed.py); metrics.jsonl, TensorBoard and a progress bar; atomic
 checkpoints and exact resume; SIGTERM (preemption) saves a checkpoint and exits cleanly; non-finite
 steps are skipped and counted.
@@ -34,7 +34,7 @@ from tiltlm.metrics import MetricSums, MetricsWriter, read_metrics
 from tiltlm.models import add_lora, disable_dropout, load_model, load_tokenizer, parse_dtype
 from tiltlm.reference import (adapters_off_reference, choose_mode, no_reference, online_reference,
                               precomputed_reference)
-from tiltlm.runtime import Runtime, autocast, seed_everything, start, stop
+from tiltlm.runtime import Runtime, autocast, return_freed_memory, seed_everything, start, stop
 
 
 class TrainingError(RuntimeError):
@@ -108,6 +108,8 @@ def train(config: TrainConfig) -> Path:
 
 def _train(config: TrainConfig, runtime: Runtime) -> Path:
     log = print if runtime.is_main else (lambda *args, **kwargs: None)
+    if config.release_memory:
+        return_freed_memory()
     seed_everything(config.seed)
     out = rundir.check(config)
     params, loss_names, loss_weights = loss_setup(config)
