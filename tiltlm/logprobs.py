@@ -27,7 +27,8 @@ from tiltlm.data.collate import Batch
 
 
 def token_logps(logits: Tensor, targets: Tensor) -> Tensor:
-    """log softmax(logits)[target] in float32 (float64 stays), one value per row: ``logit[t] - logsumexp(logits)``."""
+    """log softmax(logits)[target], one value per row: ``logit[t] - logsumexp(logits)``, in float32
+    (float64 stays float64)."""
     logits = logits.to(_exact_dtype(logits))
     return logits.gather(-1, targets.unsqueeze(-1)).squeeze(-1) - torch.logsumexp(logits, dim=-1)
 
