@@ -97,9 +97,8 @@ def precomputed_reference(model: nn.Module, tokenizer, pairs: Sequence[Tokenized
     """The reference's log-probs of every pair of ``pairs``, from the cache or one pass, behind the
     reference interface (batches must carry ``Batch.indices``). ``model`` is the reference itself, or a
     peft model whose adapters are switched off for the pass."""
-    scorer = CompletionLogps(model, chunk_size)
-    if hasattr(model, "disable_adapter"):
-        scorer = adapters_off_reference(model, chunk_size)
+    peft = hasattr(model, "disable_adapter")
+    scorer = adapters_off_reference(model, chunk_size) if peft else CompletionLogps(model, chunk_size)
     started = time.perf_counter()
     table, path, hit = cached_reference_table(model, tokenizer, pairs, collate, batch_size, device, chunk_size,
                                               cache_dir, name=name, extra=extra, scorer=scorer)
