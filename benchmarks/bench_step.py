@@ -72,17 +72,16 @@ def build(model_name: str, config: Config):
     from transformers import AutoModelForCausalLM
 
     from tiltlm.data.types import TokenizedPair
-    from tiltlm.evaluate import make_collate
+    from tiltlm.objectives import make_collate
     from tiltlm.logprobs import CompletionLogps, naive_sequence_logps
-    from tiltlm.models import disable_dropout
-    from tiltlm.reference import frozen
+    from tiltlm.models import disable_dropout, frozen
 
     data = load_workload(model_name)
     pairs = [TokenizedPair(p["prompt_ids"], p["chosen_ids"], p["rejected_ids"]) for p in data["pairs"]]
     policy = AutoModelForCausalLM.from_pretrained(model_dir(model_name), dtype=torch.float32, attn_implementation="sdpa")
     disable_dropout(policy)
     reference_model = frozen(copy.deepcopy(policy))  # the policy's starting weights, like tiltlm's online mode
-    if config.gradient_checkpointing:  # as tiltlm.train.build_models does it
+    if config.gradient_checkpointing:  # as tiltlm.train.build_policy does it
         policy.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     policy.train()
     collate = make_collate(config.layout, data["pad_id"], config.pack_tokens)
@@ -96,8 +95,8 @@ def build(model_name: str, config: Config):
 
 
 def run(model_name: str, name: str, warmup: int, steps: int, profile: str | None) -> dict:
-    from tiltlm.evaluate import score_batch
     from tiltlm.losses import LossParams
+    from tiltlm.objectives import PairObjective
     from tiltlm.refcache import cached_reference_table, lookup_reference
 
     from tiltlm.runtime import return_freed_memory
@@ -140,7 +139,7 @@ def run(model_name: str, name: str, warmup: int, steps: int, profile: str | None
 
     trainable = [p for p in policy.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(trainable, lr=LR, weight_decay=0.0, fused=True)
-    params = LossParams(beta=0.1)
+    objective = PairObjective(collate, LossParams(beta=0.1))
     times, cpu_times, losses, logps, tokens, lengths = [], [], [], [], [], []
     total = warmup + steps
     profiler = None
@@ -155,8 +154,8 @@ def run(model_name: str, name: str, warmup: int, steps: int, profile: str | None
         indices = [(step * PAIRS_PER_STEP + k) % len(pairs) for k in range(PAIRS_PER_STEP)]
         batch = collate([pairs[i] for i in indices])
         batch.indices = tuple(indices)  # what the precomputed reference looks up
-        out, policy_logps, _ = score_batch(policy_fn, reference, batch, params, ("sigmoid",), (1.0,))
-        loss = out.losses.mean()
+        scored = objective(policy_fn(batch), reference(batch), batch)
+        loss = scored.losses.mean()
         loss.backward()
         torch.nn.utils.clip_grad_norm_(trainable, 1.0)
         optimizer.step()
@@ -166,7 +165,7 @@ def run(model_name: str, name: str, warmup: int, steps: int, profile: str | None
         cpu_times.append(now_cpu - last_cpu)  # all threads: robust to time-slicing by other processes
         last, last_cpu = now, now_cpu
         losses.append(loss.item())
-        logps.append([policy_logps.chosen.sum().item(), policy_logps.rejected.sum().item()])
+        logps.append([scored.metrics["logps/chosen"].sum().item(), scored.metrics["logps/rejected"].sum().item()])
         tokens.append(batch.real_tokens)
         lengths.append([(len(pairs[i].prompt_ids), len(pairs[i].chosen_ids), len(pairs[i].rejected_ids))
                         for i in indices])

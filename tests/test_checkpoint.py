@@ -13,7 +13,7 @@ def make(tmp_path, steps, keep=10):
     directory = tmp_path / "checkpoints"
     for step in steps:
         model.weight.data.fill_(float(step))
-        ckpt.save_checkpoint(directory, model, optimizer, scheduler, ckpt.TrainingState(step, {}), keep)
+        ckpt.save_checkpoint(directory, model, optimizer, scheduler, ckpt.TrainingState(step), keep)
     return directory, model, optimizer, scheduler
 
 
@@ -61,6 +61,6 @@ def test_a_failed_save_leaves_the_previous_checkpoint(tmp_path, monkeypatch):
 
     monkeypatch.setattr(ckpt.torch, "save", disk_full)
     with pytest.raises(OSError, match="No space left"):
-        ckpt.save_checkpoint(directory, model, optimizer, scheduler, ckpt.TrainingState(2, {}), 10)
+        ckpt.save_checkpoint(directory, model, optimizer, scheduler, ckpt.TrainingState(2), 10)
     assert [p.name for p in directory.iterdir()] == ["step-1"]  # no debris, step-1 intact
     ckpt.verify(directory / "step-1")

@@ -338,18 +338,18 @@ def sigterm_after_step(step: int) -> None:
     reaching one rank only would arrive (for one run: the patch undoes itself)."""
     import importlib
 
-    trainer = importlib.import_module("tiltlm.train")
-    real = trainer.any_rank
+    collectives = importlib.import_module("tiltlm.collectives")
+    real = collectives.any_rank
     calls = []
 
-    def any_rank(flag, runtime):  # the loop asks once per step whether any rank was told to stop
+    def any_rank(flag):  # the loop asks once per step whether any rank was told to stop
         calls.append(flag)
         if len(calls) == step:
             os.kill(os.getpid(), signal.SIGTERM)  # its handler runs now; the loop sees it next step
-            trainer.any_rank = real
-        return real(flag, runtime)
+            collectives.any_rank = real
+        return real(flag)
 
-    trainer.any_rank = any_rank
+    collectives.any_rank = any_rank
 
 
 def driver(plan_file: str) -> int:

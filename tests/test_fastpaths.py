@@ -25,9 +25,10 @@ from tiltlm.data import load_pairs, tokenize_pairs
 from tiltlm.data.collate import collate_concatenated, collate_shared
 from tiltlm.logprobs import CompletionLogps, naive_sequence_logps
 from tiltlm.losses import LossParams, PairLogps, preference_loss
-from tiltlm.models import load_model, load_tokenizer
+from tiltlm.models import frozen, load_model, load_tokenizer
 from tiltlm.refcache import lookup_reference, precompute_reference
-from tiltlm.reference import frozen, online_reference
+from tiltlm.reference import OnlineReference
+from tiltlm.runtime import Precision
 
 from conftest import PAIRS  # pytest puts tests/ on sys.path
 
@@ -39,6 +40,13 @@ CHAT_TEMPLATE = (
     "{% for m in messages %}<s>{{ m['role'] }}: {{ m['content'] }}</s>\n{% endfor %}"
     "{% if add_generation_prompt %}<s>assistant:{% endif %}"
 )
+
+
+def online_reference(model, chunk_size):
+    """The online reference strategy of ``model`` as a plain scorer ``batch -> (logps, counts)``."""
+    reference = OnlineReference(lambda: model, Precision(torch.device("cpu")), chunk_size)
+    reference.prepare(model, {}, None)
+    return lambda batch: reference(batch, "data")
 
 
 def user(text: str) -> dict:

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import ast
 import importlib
+from dataclasses import replace
 import json
 import os
 import random
@@ -284,16 +285,17 @@ POISONED = ":3"  # the third pair of the file: its loss becomes NaN
 @pytest.fixture
 def poisoned(monkeypatch):
     """The trainer's loss made NaN for every batch holding the poisoned pair (and its gradients NaN)."""
-    trainer = importlib.import_module("tiltlm.train")  # the module (the package exports a function `train`)
-    real = trainer.score_batch
+    step = importlib.import_module("tiltlm.step")
+    real = step.score
 
-    def score_batch(policy, reference, batch, *args):
-        out, policy_logps, reference_logps = real(policy, reference, batch, *args)
+    def score(policy, reference, objective, batch, *args):
+        scored = real(policy, reference, objective, batch, *args)
         if any(source.endswith(POISONED) for source in batch.sources):
-            out.losses = out.losses * torch.nan
-        return out, policy_logps, reference_logps
+            metrics = {**scored.metrics, "loss": scored.metrics["loss"] * torch.nan}
+            return replace(scored, losses=scored.losses * torch.nan, metrics=metrics)
+        return scored
 
-    monkeypatch.setattr(trainer, "score_batch", score_batch)
+    monkeypatch.setattr(step, "score", score)
 
 
 def test_non_finite_steps_are_skipped_and_counted(tmp_path, inputs, poisoned, capsys):
@@ -413,7 +415,7 @@ def test_a_checkpoint_with_a_code_running_pickle_is_refused(tmp_path):
     optimizer = torch.optim.AdamW(model.parameters(), lr=0.1)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 1.0)
     checkpoint = ckpt.save_checkpoint(tmp_path / "checkpoints", model, optimizer, scheduler,
-                                      ckpt.TrainingState(1, {}), keep=2)
+                                      ckpt.TrainingState(1), keep=2)
     marker = tmp_path / "pwned"
     torch.save({"state": {}, "param_groups": [], "payload": RunsCode(marker)}, checkpoint / "optimizer.pt")
     # an attacker who can write the files can rewrite the manifest too: the checksums will pass

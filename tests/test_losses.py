@@ -16,12 +16,12 @@ from tiltlm.losses import (
     REFERENCE_FREE,
     LossParams,
     PairLogps,
-    displacement_warning,
     dpo_loss,
     log1mexp,
     needs_reference,
     preference_loss,
 )
+from tiltlm.metrics import displacement_warning
 
 # (policy chosen, policy rejected, reference chosen, reference rejected, chosen tokens, rejected tokens):
 # summed completion log-probs, as tiltlm.logprobs produces them.
@@ -364,7 +364,7 @@ def test_exo_is_a_kl_so_never_negative(h, eps):
 
 
 def test_displacement_warning_fires_only_when_chosen_falls_and_margin_rises():
-    message = displacement_warning(chosen_logps_change=-12.5, margin_change=3.0, threshold=5.0)
+    message = displacement_warning(chosen_logps_change=-12.5, margin=3.0, threshold=5.0)
     assert message is not None and "\n" not in message
     assert "--loss sigmoid,nll" in message and "12.50" in message
     assert displacement_warning(-4.0, 3.0, 5.0) is None  # fell, but less than the threshold

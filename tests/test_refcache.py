@@ -18,7 +18,15 @@ from tiltlm.logprobs import naive_sequence_logps
 from tiltlm.models import load_model, load_tokenizer
 from tiltlm.refcache import (cached_reference_table, default_cache_dir, lookup_reference,
                              precompute_reference)
-from tiltlm.reference import online_reference
+from tiltlm.reference import OnlineReference
+from tiltlm.runtime import Precision
+
+
+def online_reference(model, chunk_size):
+    """The online reference strategy of ``model`` as a plain scorer ``batch -> (logps, counts)``."""
+    reference = OnlineReference(lambda: model, Precision(torch.device("cpu")), chunk_size)
+    reference.prepare(model, {}, None)
+    return lambda batch: reference(batch, "data")
 
 
 def packed(tokenizer):

@@ -115,14 +115,19 @@ def test_lora_reference_is_the_base_model(tiny_model_dir, pairs_file, tmp_path):
     adapter = json.loads((out / "final" / "adapter_config.json").read_text())
     assert adapter["r"] == 4 and adapter["base_model_name_or_path"] == str(tiny_model_dir)
     # the policy with adapters disabled scores exactly like the base model loaded on its own
-    from tiltlm.reference import adapters_off_reference, online_reference
+    from tiltlm.reference import AdaptersOffReference, OnlineReference
+    from tiltlm.runtime import Precision
 
     tokenizer = load_tokenizer(str(tiny_model_dir))
     pairs, _ = tokenize_pairs(load_pairs(str(pairs_file)), tokenizer, 64, 32)
     batch = collate_concatenated(pairs, tokenizer.pad_token_id)
     policy = load_model(str(out / "final"))
-    off, _ = adapters_off_reference(policy, 16)(batch)
-    base, _ = online_reference(load_model(str(tiny_model_dir)), 16)(batch)
+    cpu = Precision(torch.device("cpu"))
+    adapters_off, online = AdaptersOffReference(cpu, 16), OnlineReference(lambda: load_model(str(tiny_model_dir)), cpu, 16)
+    adapters_off.attach(policy)
+    online.prepare(policy, {}, None)
+    off, _ = adapters_off(batch, "data")
+    base, _ = online(batch, "data")
     assert torch.equal(off, base)
     # the adapters did change the policy, and merged/ equals base + adapters
     with torch.no_grad():

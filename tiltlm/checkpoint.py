@@ -42,8 +42,6 @@ WRITE_ERRORS = (OSError, RuntimeError, SafetensorError)
 @dataclass
 class TrainingState:
     step: int
-    # mean chosen log-prob change at the first logged step, for the likelihood-displacement warning
-    extra: dict
 
 
 def sha256(path: Path) -> str:
@@ -59,9 +57,11 @@ def trainable_state(model: nn.Module) -> dict[str, torch.Tensor]:
 
 
 def rng_state() -> dict:
+    """This process's random states: the CPU's, Python's, and its own GPU's only (a rank's device is
+    the current one), so a resume that sees a different number of GPUs still restores."""
     state = {"torch": torch.get_rng_state(), "python": random.getstate()}
-    if torch.cuda.is_available():
-        state["cuda"] = torch.cuda.get_rng_state_all()
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        state["cuda"] = torch.cuda.get_rng_state()
     return state
 
 
@@ -69,7 +69,8 @@ def set_rng_state(state: dict) -> None:
     torch.set_rng_state(state["torch"])
     random.setstate(state["python"])
     if "cuda" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])
+        cuda = state["cuda"]
+        torch.cuda.set_rng_state(cuda if cuda.dim() == 1 else cuda[0])  # [devices, n]: an older checkpoint
 
 
 def _fsync_directory(path: Path) -> None:
@@ -135,7 +136,7 @@ def save_checkpoint(directory: Path, model: nn.Module, optimizer, scheduler, sta
         torch.save(optimizer.state_dict(), tmp / "optimizer.pt")
         torch.save(scheduler.state_dict(), tmp / "scheduler.pt")
         torch.save(rng_state(), tmp / "rng.pt")
-        (tmp / "state.json").write_text(json.dumps({"step": state.step, "extra": state.extra}))
+        (tmp / "state.json").write_text(json.dumps({"step": state.step}))
 
     directory.mkdir(parents=True, exist_ok=True)
     write_atomically(final, write)
@@ -210,4 +211,46 @@ def load_checkpoint(checkpoint: Path, model: nn.Module, optimizer, scheduler) ->
     scheduler.load_state_dict(read_tensors(checkpoint / "scheduler.pt"))
     set_rng_state(read_tensors(checkpoint / "rng.pt"))
     state = json.loads((checkpoint / "state.json").read_text())
-    return TrainingState(step=state["step"], extra=state.get("extra", {}))
+    return TrainingState(step=state["step"])
+
+
+# --- model directories ---------------------------------------------------------------------------------
+
+
+def save_pretrained_atomically(directory: Path, model, tokenizer, weights: dict | None = None,
+                               dtype: torch.dtype | None = None) -> None:
+    """``model.save_pretrained`` (safetensors) and the tokenizer into ``directory``, atomically.
+    ``weights``: the state dict to save instead of the model's own (gathered or cast); ``dtype``: what
+    config.json then says they are (transformers writes the dtype of the model in memory)."""
+    def write(tmp: Path) -> None:
+        model.save_pretrained(tmp, safe_serialization=True, state_dict=weights)
+        tokenizer.save_pretrained(tmp)
+        if dtype is not None:
+            config = json.loads((tmp / "config.json").read_text())
+            config["dtype"] = str(dtype).removeprefix("torch.")
+            (tmp / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
+
+    write_atomically(directory, write)
+
+
+def save_final(out: Path, policy, tokenizer, base_model: str, dtype: torch.dtype, merge_lora: bool = False,
+               weights: dict | None = None) -> None:
+    """``final/``: a transformers model directory in ``dtype`` (the dtype of the checkpoint the run
+    started from: float32 master weights are a training device, not a format change), or with LoRA a peft
+    adapter directory (and with ``merge_lora`` also ``merged/``, the adapters folded into the base
+    weights, in ``dtype``). ``weights``: the full state dict of a sharded policy."""
+    for adapter in getattr(policy, "peft_config", {}).values():
+        adapter.base_model_name_or_path = base_model  # as the user named it: an alias stays loadable
+    adapter = hasattr(policy, "peft_config")
+    if not adapter:
+        weights = cast(weights if weights is not None else policy.state_dict(), dtype)
+    save_pretrained_atomically(out / "final", policy, tokenizer, weights, None if adapter else dtype)
+    if merge_lora and adapter:
+        merged = policy.merge_and_unload()
+        save_pretrained_atomically(out / "merged", merged, tokenizer, cast(merged.state_dict(), dtype), dtype)
+
+
+def cast(state: dict[str, torch.Tensor], dtype: torch.dtype) -> dict[str, torch.Tensor]:
+    """Floating-point tensors of ``state`` in ``dtype`` (tensors already in it stay the same objects, so
+    tied weights stay tied)."""
+    return {k: v.to(dtype) if v.is_floating_point() else v for k, v in state.items()}

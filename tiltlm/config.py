@@ -78,7 +78,10 @@ class TrainConfig:
     merge_lora: bool = False  # also save final/merged, a plain transformers model
 
     # numerics and hardware
-    dtype: str = "auto"  # auto (fp32 on CPU, bf16 on GPU) | float32 | bfloat16 | float16
+    dtype: str = "auto"  # compute: auto (float32 on CPU, bf16 on GPUs with native bf16) | float32 | bf16;
+                         # bf16 trains float32 master weights under bf16 autocast
+    bf16_weights: bool = False  # keep the weights themselves in bf16 (half the memory; small updates are lost)
+    deterministic: bool = False  # PyTorch's deterministic algorithms (GPU runs repeat bit for bit, slower)
     device: str = "auto"
     logprob_chunk: int = 256  # completion positions projected to the vocabulary at a time
     trust_remote_code: bool = False
@@ -155,6 +158,11 @@ def validate(config: TrainConfig) -> None:
         raise ConfigError(f"layout = {config.layout!r}: expected packed, shared or concatenated")
     if config.lora_r < 0:
         raise ConfigError(f"lora_r = {config.lora_r}: expected 0 (no LoRA) or a positive rank")
+    if config.dtype in ("float16", "fp16"):
+        raise ConfigError("dtype = float16: training in fp16 needs loss scaling, which tiltlm does not do; "
+                          "use dtype = bf16 (GPUs with native bf16) or float32")
+    if config.bf16_weights and config.dtype not in ("bf16", "bfloat16", "auto"):
+        raise ConfigError(f"bf16_weights with dtype = {config.dtype}: expected dtype = bf16")
     if config.ref_mode == "adapters-off" and config.lora_r == 0:
         raise ConfigError("ref_mode = adapters-off needs LoRA (lora_r > 0)")
 

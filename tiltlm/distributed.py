@@ -7,7 +7,8 @@
           device. Each decoder layer is a unit of its own (all-gathered just before it runs, freed
           after); the embeddings, final norm and LM head belong to the root unit, the
           :class:`~tiltlm.logprobs.CompletionLogps` around the model, whose ``forward`` is what the loop
-          calls. The online reference is sharded the same way. With a reduced ``dtype`` the policy's
+          calls. The online reference is sharded the same way (frozen, in the master weights' dtype, resharded
+          after every call; see reference.py). With a reduced ``dtype`` the policy's
           shards stay float32 (master weights) and layers compute in ``dtype``, gradients reduced in
           float32 (``MixedPrecisionPolicy``).
 
@@ -40,9 +41,9 @@ from torch.distributed.fsdp import FSDPModule
 from torch.nn.parallel import DistributedDataParallel
 
 from tiltlm import checkpoint as ckpt
+from tiltlm import collectives
 from tiltlm.config import ConfigError, TrainConfig
 from tiltlm.logprobs import CompletionLogps, backbone_and_head
-from tiltlm.reference import Reference, frozen
 from tiltlm.runtime import Runtime
 
 PARALLEL = ("ddp", "fsdp")
@@ -104,21 +105,6 @@ def wrap(scorer: CompletionLogps, parallel: str, runtime: Runtime, compute_dtype
     return DistributedDataParallel(scorer)
 
 
-def sharded_reference(model: nn.Module, chunk_size: int, runtime: Runtime) -> Reference:
-    """The online reference under FSDP: frozen, sharded like the policy (in its loaded dtype: a frozen
-    model needs no float32 master copy), and resharded after every call so that between calls each
-    rank keeps only its shard."""
-    scorer = shard(CompletionLogps(frozen(model), chunk_size), runtime)
-
-    @torch.no_grad()
-    def reference(batch):
-        out = scorer(batch)
-        scorer.reshard()  # the root unit otherwise stays gathered, expecting a backward that never comes
-        return out
-
-    return reference
-
-
 @contextlib.contextmanager
 def accumulating(model: nn.Module, active: bool) -> Iterator[None]:
     """While ``active``, backward passes accumulate gradients locally without synchronising ranks; the
@@ -162,7 +148,7 @@ def save_checkpoint(directory: Path, model: nn.Module, optimizer, scheduler, sta
     elif runtime.is_main:
         ckpt.save_checkpoint(directory, model, optimizer, scheduler, state, keep)
     if runtime.distributed:
-        dist.barrier()
+        collectives.barrier()
 
 
 def _save_sharded(directory: Path, model: nn.Module, optimizer, scheduler, state: ckpt.TrainingState,
@@ -173,7 +159,7 @@ def _save_sharded(directory: Path, model: nn.Module, optimizer, scheduler, state
         directory.mkdir(parents=True, exist_ok=True)
         shutil.rmtree(staging, ignore_errors=True)  # left by a run killed while saving this step
         staging.mkdir()
-    dist.barrier()
+    collectives.barrier()
     rank = runtime.rank
     try:
         save_file({name: p.detach().to_local().cpu().contiguous() for name, p in trainable(model)},
@@ -183,12 +169,12 @@ def _save_sharded(directory: Path, model: nn.Module, optimizer, scheduler, state
         raise ckpt.save_error(final, error) from error
     # A rank that failed to write raises above and never arrives here: torchrun then stops the job and
     # the staging directory stays hidden, never a checkpoint.
-    dist.barrier()
+    collectives.barrier()
     if runtime.is_main:
         try:
             torch.save(scheduler.state_dict(), staging / "scheduler.pt")
             torch.save(ckpt.rng_state(), staging / "rng.pt")
-            layout = {"step": state.step, "extra": state.extra, "world_size": runtime.world_size}
+            layout = {"step": state.step, "world_size": runtime.world_size}
             (staging / "state.json").write_text(json.dumps(layout))
             ckpt.seal(staging, final)
         except ckpt.WRITE_ERRORS as error:
@@ -240,7 +226,7 @@ def load_checkpoint(checkpoint: Path, model: nn.Module, optimizer, scheduler) ->
                                                       optimizer))
     scheduler.load_state_dict(ckpt.read_tensors(checkpoint / "scheduler.pt"))
     ckpt.set_rng_state(ckpt.read_tensors(checkpoint / "rng.pt"))
-    return ckpt.TrainingState(step=state["step"], extra=state.get("extra", {}))
+    return ckpt.TrainingState(step=state["step"])
 
 
 def _global_optimizer_state(saved: dict, optimizer) -> dict:

@@ -54,7 +54,8 @@ from tiltlm.models import ALIASES, ModelError, load_model, load_tokenizer, parse
 from tiltlm.prompts import PROMPTS
 from tiltlm.rewards import RewardError, load_reward
 from tiltlm.runtime import pick_device
-from tiltlm.train import save_pretrained_atomically, train
+from tiltlm.checkpoint import save_pretrained_atomically
+from tiltlm.train import train
 
 
 @dataclass

@@ -69,7 +69,6 @@ class _ChunkedTokenLogps(torch.autograd.Function):
     """
 
     @staticmethod
-    @torch.amp.custom_fwd(device_type="cuda")
     def forward(ctx, hidden: Tensor, weight: Tensor, bias: Tensor | None, targets: Tensor, chunk: int) -> Tensor:
         rows, exact = hidden.shape[0], _exact_dtype(weight)
         logps = torch.empty(rows, dtype=exact, device=hidden.device)
@@ -85,11 +84,19 @@ class _ChunkedTokenLogps(torch.autograd.Function):
             logps[start:end] = picked - lse[start:end]
         ctx.save_for_backward(hidden, weight, bias, targets, lse)
         ctx.chunk = chunk
+        # the backward recomputes the logits, and must do so exactly as here: under the same autocast
+        device = hidden.device.type
+        ctx.autocast = torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else None
         return logps
 
     @staticmethod
-    @torch.amp.custom_bwd(device_type="cuda")
     def backward(ctx, grad_logps: Tensor):
+        device = grad_logps.device.type
+        with torch.autocast(device, dtype=ctx.autocast, enabled=ctx.autocast is not None):
+            return _ChunkedTokenLogps._backward(ctx, grad_logps)
+
+    @staticmethod
+    def _backward(ctx, grad_logps: Tensor):
         hidden, weight, bias, targets, lse = ctx.saved_tensors
         need_hidden, need_weight, need_bias = ctx.needs_input_grad[:3]
         exact = lse.dtype

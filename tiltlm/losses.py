@@ -330,28 +330,43 @@ def exo(policy: PairLogps, reference: PairLogps | None, params: LossParams) -> L
 
 LossFn = Callable[[PairLogps, "PairLogps | None", LossParams], LossOutput]
 
-# name -> loss function; the CLI's --loss chooses from these.
-LOSSES: dict[str, LossFn] = {
-    "sigmoid": sigmoid,
-    "robust": robust,
-    "ipo": ipo,
-    "hinge": hinge,
-    "simpo": simpo,
-    "orpo": orpo,
-    "nll": nll,
-    "apo_zero": apo_zero,
-    "apo_down": apo_down,
-    "exo": exo,
+
+@dataclass(frozen=True)
+class Loss:
+    """A loss of the family with the properties a trainer needs to know, carried by the loss itself:
+    whether it needs reference log-probs (if none of a run's losses does, no reference is loaded), and
+    whether it acts on per-token mean log-probs (by default) rather than sums."""
+
+    fn: LossFn
+    needs_reference: bool = True
+    per_token: bool = False
+    uses_label_smoothing: bool = False
+
+    def __call__(self, policy: PairLogps, reference: PairLogps | None, params: LossParams) -> LossOutput:
+        return self.fn(policy, reference, params)
+
+
+# name -> loss; the CLI's --loss chooses from these. "sigmoid" is DPO, under the name TRL gave it.
+LOSSES: dict[str, Loss] = {
+    "sigmoid": Loss(sigmoid, uses_label_smoothing=True),
+    "robust": Loss(robust, uses_label_smoothing=True),
+    "ipo": Loss(ipo, per_token=True),
+    "hinge": Loss(hinge),
+    "simpo": Loss(simpo, needs_reference=False, per_token=True),
+    "orpo": Loss(orpo, needs_reference=False, per_token=True),
+    # nll uses a reference only, when given, for the rewards it reports
+    "nll": Loss(nll, needs_reference=False, per_token=True),
+    "apo_zero": Loss(apo_zero),
+    "apo_down": Loss(apo_down),
+    "exo": Loss(exo, uses_label_smoothing=True),
 }
 
-# Losses that never need a reference model (nll only uses one, when given, for the rewards it
-# reports): with only these, no reference is loaded.
-REFERENCE_FREE: set[str] = {"simpo", "orpo", "nll"}
+REFERENCE_FREE: frozenset[str] = frozenset(name for name, loss in LOSSES.items() if not loss.needs_reference)
 
 
 def needs_reference(names: tuple[str, ...]) -> bool:
     """Whether any of the named losses needs reference log-probs."""
-    return any(name not in REFERENCE_FREE for name in names)
+    return any(LOSSES[name].needs_reference for name in names)
 
 
 def preference_loss(
@@ -373,29 +388,9 @@ def preference_loss(
     if len(weights) != len(names):
         raise ValueError(f"{len(names)} losses ({','.join(names)}) but {len(weights)} weights")
     if reference is None and needs_reference(names):
-        missing = [name for name in names if name not in REFERENCE_FREE]
+        missing = [name for name in names if LOSSES[name].needs_reference]
         raise ValueError(f"loss {', '.join(missing)} needs a reference model, but no reference "
                          f"log-probs were given (reference-free: {', '.join(sorted(REFERENCE_FREE))})")
     outputs = [LOSSES[name](policy, reference, params) for name in names]
     total = sum(w * out.losses for w, out in zip(weights, outputs))
     return LossOutput(total, outputs[0].chosen_rewards, outputs[0].rejected_rewards)
-
-
-# --- diagnostics ---------------------------------------------------------------------------------------
-
-
-def displacement_warning(chosen_logps_change: float, margin_change: float, threshold: float) -> str | None:
-    """A one-line warning when training shows likelihood displacement, else ``None``.
-
-    DPO-style losses only constrain the chosen-minus-rejected margin, so they can widen it while
-    lowering the chosen completions' likelihood too (Razin et al. 2024, "Unintentional Unalignment:
-    Likelihood Displacement in Direct Preference Optimization"; Pal et al. 2024, "Smaug"). The
-    symptom is the mean chosen log-prob falling by more than ``threshold`` nats since step 0
-    (``chosen_logps_change < -threshold``) while the margin rose (``margin_change > 0``). The usual
-    remedy is an NLL anchor on the chosen completions, RPO's ``--loss sigmoid,nll``.
-    """
-    if chosen_logps_change < -threshold and margin_change > 0:
-        return (f"likelihood displacement: the mean chosen log-prob fell {-chosen_logps_change:.2f} nats "
-                f"since step 0 while the margin rose {margin_change:.2f}; the policy is widening the "
-                f"margin by lowering the chosen completions too - consider --loss sigmoid,nll (RPO)")
-    return None

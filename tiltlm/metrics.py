@@ -1,10 +1,13 @@
-"""What users watch: per-pair metrics averaged over an optimizer step (all micro-batches, all ranks),
+"""What users watch: per-example metrics averaged over an optimizer step (all micro-batches, all ranks),
 written as one JSON line per logging step to ``metrics.jsonl`` and to TensorBoard where installed.
 
-Rewards are the implicit rewards ``beta * (log pi - log pi_ref)`` (Rafailov et al. 2023, eq. 5 without
-the partition term); ``rewards/accuracies`` is the fraction of pairs whose chosen reward exceeds the
-rejected one; ``logps/chosen_change`` is ``log pi(y_w|x) - log pi_ref(y_w|x)`` averaged over pairs: how
-far the chosen completions' log-probability has moved since the reference, on the same pairs.
+For preference pairs (see :mod:`tiltlm.objectives`) rewards are the implicit rewards
+``beta * (log pi - log pi_ref)`` (Rafailov et al. 2023, eq. 5 without the partition term);
+``rewards/accuracies`` is the fraction of pairs whose chosen reward exceeds the rejected one (ties count
+half); ``logps/chosen_change`` is ``log pi(y_w|x) - log pi_ref(y_w|x)`` averaged over pairs: how far the
+chosen completions' log-probability lies above the reference's. When the reference is the policy's
+starting weights (the default) that is the change since step 0; with ``--ref`` naming another model it
+is the distance to that model.
 """
 
 from __future__ import annotations
@@ -13,43 +16,57 @@ import json
 from pathlib import Path
 
 import torch
-import torch.distributed as dist
+from torch import Tensor
 
-from tiltlm.losses import LossOutput, PairLogps
-
-PAIR_KEYS = ("loss", "rewards/chosen", "rewards/rejected", "rewards/margins", "rewards/accuracies",
-             "logps/chosen", "logps/rejected", "logps/chosen_change")
+DISPLACEMENT_NATS = 1.0  # the fall of the mean chosen log-prob that triggers the warning below
 
 
 class MetricSums:
-    """Running sums of per-pair metrics; ``mean()`` sums across ranks first, so every rank agrees."""
+    """Running sums of per-example metrics, kept on the device they are computed on: adding one
+    micro-batch's values never waits for the device. ``totals()`` is the step's one read-back."""
 
     def __init__(self) -> None:
-        self.sums = torch.zeros(len(PAIR_KEYS) + 1, dtype=torch.float64)  # last slot: pair count
-        self.has_reference = False
+        self.keys: tuple[str, ...] = ()
+        self.sums: Tensor | None = None
 
-    def add(self, out: LossOutput, policy: PairLogps, reference: PairLogps | None) -> None:
-        margins = out.chosen_rewards - out.rejected_rewards
-        change = (policy.chosen - reference.chosen) if reference is not None else torch.zeros_like(policy.chosen)
-        self.has_reference = reference is not None
-        values = [out.losses, out.chosen_rewards, out.rejected_rewards, margins, (margins > 0).float(),
-                  policy.chosen, policy.rejected, change]
-        row = torch.stack([v.detach().double().sum().cpu() for v in values])
-        self.sums[:-1] += row
-        self.sums[-1] += out.losses.numel()
+    def add(self, metrics: dict[str, Tensor]) -> None:
+        """``metrics``: key -> per-example values [n] (detached), the same keys at every call."""
+        values = torch.stack([v.detach().double().sum() for v in metrics.values()])
+        count = next(iter(metrics.values())).numel()
+        row = torch.cat([values, values.new_tensor([count])])
+        if self.sums is None:
+            self.keys, self.sums = tuple(metrics), torch.zeros_like(row)
+        self.sums += row
 
-    def mean(self, prefix: str = "") -> dict[str, float]:
-        sums = self.sums.clone()
-        if dist.is_available() and dist.is_initialized():
-            device = "cuda" if dist.get_backend() == "nccl" else "cpu"
-            sums = sums.to(device)
-            dist.all_reduce(sums)
-            sums = sums.cpu()
-        count = max(sums[-1].item(), 1.0)
-        means = {prefix + key: (sums[i] / count).item() for i, key in enumerate(PAIR_KEYS)}
-        if not self.has_reference:
-            means.pop(prefix + "logps/chosen_change")
-        return means
+    def totals(self) -> Tensor:
+        """The sums and, last, the example count: the tensor to all-reduce across ranks."""
+        if self.sums is None:
+            return torch.zeros(1, dtype=torch.float64)
+        return self.sums
+
+    def means(self, totals: Tensor, prefix: str = "") -> dict[str, float]:
+        """Means from ``totals`` (``totals()`` or its sum over ranks), read back to the host at once."""
+        values = totals.tolist()
+        count = max(values[-1], 1.0)
+        return {prefix + key: value / count for key, value in zip(self.keys, values)}
+
+
+def displacement_warning(chosen_logps_change: float, margin: float,
+                         threshold: float = DISPLACEMENT_NATS) -> str | None:
+    """A one-line warning when training shows likelihood displacement, else ``None``.
+
+    DPO-style losses only constrain the chosen-minus-rejected margin, so they can widen it while
+    lowering the chosen completions' likelihood too (Razin et al. 2024, "Unintentional Unalignment:
+    Likelihood Displacement in Direct Preference Optimization"; Pal et al. 2024, "Smaug"). The
+    symptom is the mean chosen log-prob lying more than ``threshold`` nats below the reference's
+    (``chosen_logps_change < -threshold``) while the reward margin is positive. The usual remedy is
+    an NLL anchor on the chosen completions, RPO's ``--loss sigmoid,nll``.
+    """
+    if chosen_logps_change < -threshold and margin > 0:
+        return (f"likelihood displacement: the mean chosen log-prob is {-chosen_logps_change:.2f} nats "
+                f"below the reference's while the margin is {margin:.2f}; the policy is widening the "
+                f"margin by lowering the chosen completions too - consider --loss sigmoid,nll (RPO)")
+    return None
 
 
 class MetricsWriter:
@@ -89,3 +106,10 @@ def read_metrics(path: Path) -> list[dict]:
         except json.JSONDecodeError:
             continue
     return rows
+
+
+def truncate_metrics(path: Path, step: int) -> None:
+    """Drop rows logged after ``step``: a resumed run logs those steps again."""
+    if path.is_file():
+        kept = [row for row in read_metrics(path) if row["step"] <= step]
+        path.write_text("".join(json.dumps(row) + "\n" for row in kept))

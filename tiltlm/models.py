@@ -10,8 +10,10 @@ from __future__ import annotations
 
 import importlib.util
 import os
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Iterator
 
 import torch
 
@@ -51,8 +53,10 @@ def resolve(name: str) -> tuple[str, dict]:
 
 
 def default_dtype(device: torch.device) -> torch.dtype:
-    """float32 on CPU (bf16 matmuls are slow there), bfloat16 on GPUs that support it."""
-    if device.type == "cuda" and torch.cuda.is_bf16_supported():
+    """float32 on CPU (bf16 matmuls are slow there); bfloat16 on GPUs that compute it natively (Ampere
+    and newer: A100, H100, RTX 30xx/40xx, L4...). Pre-Ampere GPUs (V100, T4) get float32: they only
+    emulate bf16, with slow kernels, which ``is_bf16_supported()`` counts unless told not to."""
+    if device.type == "cuda" and torch.cuda.is_bf16_supported(including_emulation=False):
         return torch.bfloat16
     return torch.float32
 
@@ -99,6 +103,25 @@ def adapter_base(name: str) -> str:
 
     with open(os.path.join(name, "adapter_config.json"), encoding="utf-8") as handle:
         return json.load(handle)["base_model_name_or_path"]
+
+
+def saved_dtype(name: str) -> torch.dtype:
+    """The dtype a model's checkpoint stores (its config's ``dtype``), which ``final/`` is saved in; float32
+    where the config does not say or is not at hand (GGUF aliases are de-quantized to float32)."""
+    from transformers import AutoConfig
+
+    if is_adapter(name):
+        name = adapter_base(name)
+    path, extra = resolve(name)
+    if "gguf_file" in extra:
+        return torch.float32
+    try:
+        stored = getattr(AutoConfig.from_pretrained(path), "dtype", None)
+    except (OSError, ValueError):
+        return torch.float32
+    if isinstance(stored, str):
+        stored = DTYPES.get(stored.replace("torch.", ""))
+    return stored if isinstance(stored, torch.dtype) and stored.is_floating_point else torch.float32
 
 
 def load_model(name: str, dtype: torch.dtype = torch.float32, trust_remote_code: bool = False,
@@ -181,3 +204,22 @@ def disable_dropout(model) -> None:
     for key in ("attention_dropout", "hidden_dropout", "resid_pdrop", "embd_pdrop", "attn_pdrop", "dropout"):
         if isinstance(getattr(model.config, key, None), float):
             setattr(model.config, key, 0.0)
+
+
+def frozen(model):
+    """``model`` in eval mode with no parameter requiring grad."""
+    model.eval()
+    for parameter in model.parameters():
+        parameter.requires_grad_(False)
+    return model
+
+
+@contextmanager
+def eval_mode(model) -> Iterator[None]:
+    """Temporarily put ``model`` in eval mode (no LoRA dropout), restoring its mode afterwards."""
+    was_training = model.training
+    model.eval()
+    try:
+        yield
+    finally:
+        model.train(was_training)

@@ -35,13 +35,15 @@ from pathlib import Path
 from typing import Any, Callable, Iterable, Optional, Sequence
 
 import torch
-import torch.distributed as dist
 from safetensors.torch import load_file, save_file
 from torch import Tensor, nn
 from tqdm.auto import tqdm
 
+from tiltlm import collectives
 from tiltlm.data.collate import Batch
 from tiltlm.data.types import TokenizedPair
+from tiltlm.logprobs import CompletionLogps
+from tiltlm.models import eval_mode
 
 FORMAT = "tiltlm-reference-v1"  # bump when the table's meaning changes: old files are then never read
 TABLE = "reference"  # the tensor's name inside the safetensors file
@@ -149,10 +151,6 @@ def default_cache_dir() -> Path:
 # --- computing the table -----------------------------------------------------------------------------
 
 
-def _world() -> tuple[int, int]:
-    return (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)
-
-
 @torch.no_grad()
 def precompute_reference(scorer: Scorer, pairs: Sequence[TokenizedPair], collate: Collate, batch_size: int,
                          device: torch.device | str = "cpu", progress: bool = True) -> Tensor:
@@ -164,7 +162,7 @@ def precompute_reference(scorer: Scorer, pairs: Sequence[TokenizedPair], collate
     to each pair's own row. Under torchrun each rank scores every ``world_size``-th pair of that order
     (the ranks get similar work) and the shards are all-gathered: each pair is scored once.
     """
-    rank, world = _world()
+    rank, world = collectives.world()
     order = sorted(range(len(pairs)), key=lambda i: len(pairs[i].prompt_ids) + len(pairs[i].chosen_ids)
                    + len(pairs[i].rejected_ids))
     mine = order[rank::world]
@@ -177,19 +175,10 @@ def precompute_reference(scorer: Scorer, pairs: Sequence[TokenizedPair], collate
         rows[start:start + n] = torch.stack(
             [logps[:n], logps[n:], counts[:n].to(logps.dtype), counts[n:].to(logps.dtype)], dim=1).float().cpu()
     table = torch.zeros(len(pairs), 4, dtype=torch.float32)
-    if world == 1:
-        table[mine] = rows
-        return table
-    # gloo's all_gather wants equal shapes: pad every shard to the largest one (ranks differ by <= 1 row)
-    width = -(-len(pairs) // world)
-    padded = torch.zeros(width, 4, dtype=torch.float32)
-    padded[:len(rows)] = rows
-    backend_device = torch.device("cuda", torch.cuda.current_device()) if dist.get_backend() == "nccl" else "cpu"
-    shards = [torch.zeros_like(padded, device=backend_device) for _ in range(world)]
-    dist.all_gather(shards, padded.to(backend_device))
+    shards = collectives.gather_rows(rows, width=-(-len(pairs) // world))  # ranks differ by <= 1 row
     for r, shard in enumerate(shards):
         theirs = order[r::world]
-        table[theirs] = shard[:len(theirs)].cpu()
+        table[theirs] = shard[:len(theirs)]
     return table
 
 
@@ -221,16 +210,6 @@ def load_table(path: Path, num_pairs: int) -> Tensor | None:
     return table
 
 
-def _all_ranks_agree(flag: bool) -> bool:
-    """True when ``flag`` is true on every rank (one process: ``flag``)."""
-    if not dist.is_initialized():
-        return flag
-    device = torch.device("cuda", torch.cuda.current_device()) if dist.get_backend() == "nccl" else "cpu"
-    value = torch.tensor([float(flag)], device=device)
-    dist.all_reduce(value, op=dist.ReduceOp.MIN)
-    return bool(value.item())
-
-
 def cached_reference_table(model: nn.Module, tokenizer, pairs: Sequence[TokenizedPair], collate: Collate,
                            batch_size: int, device: torch.device | str = "cpu", chunk_size: int = 1024,
                            cache_dir: str | Path | None = None, name: str = "",
@@ -244,27 +223,19 @@ def cached_reference_table(model: nn.Module, tokenizer, pairs: Sequence[Tokenize
     metadata, to make a cache directory readable. Under torchrun every rank calls this: they agree on
     hit or miss, so either all read the file or all take part in computing it.
     """
-    from tiltlm.logprobs import CompletionLogps
-
     key = reference_fingerprint(model, tokenizer, pairs, extra)
     path = Path(cache_dir).expanduser() if cache_dir is not None else default_cache_dir()
     path = path / f"{key}.safetensors"
     table = load_table(path, len(pairs))
-    if _all_ranks_agree(table is not None):
+    if collectives.every_rank(table is not None):  # all read the file, or all take part in computing it
         return table, path, True
     if scorer is None:
         scorer = CompletionLogps(model, chunk_size)
-    was_training = model.training
-    model.eval()
-    try:
+    with eval_mode(model):
         table = precompute_reference(scorer, pairs, collate, batch_size, device, progress)
-    finally:
-        model.train(was_training)
-    rank, _ = _world()
-    if rank == 0:
+    if collectives.world()[0] == 0:
         save_table(path, table, {"model": name, "pairs": str(len(pairs))})
-    if dist.is_initialized():
-        dist.barrier()  # the file exists before any rank goes on (a later run may read it at once)
+    collectives.barrier()  # the file exists before any rank goes on (a later run may read it at once)
     return table, path, False
 
 

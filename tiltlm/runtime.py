@@ -83,9 +83,53 @@ def seed_everything(seed: int) -> None:
         torch.cuda.manual_seed_all(seed)
 
 
-def autocast(device: torch.device, dtype: torch.dtype):
-    """bf16/fp16 autocast on GPUs when the model runs in reduced precision; nothing on CPU, where the
-    model's own dtype decides. Log-probs and losses are computed in float32 regardless."""
-    if device.type == "cuda" and dtype in (torch.bfloat16, torch.float16):
-        return torch.autocast("cuda", dtype=dtype)
-    return contextlib.nullcontext()
+def set_deterministic(on: bool) -> None:
+    """PyTorch's deterministic algorithms (``--deterministic``): on GPUs, index_add_ and the attention
+    backward otherwise use atomics whose order varies, so two runs differ in the last bits. CUDA's
+    cuBLAS also needs ``CUBLAS_WORKSPACE_CONFIG`` set before its first call."""
+    if on:
+        os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
+    torch.use_deterministic_algorithms(on, warn_only=False)
+
+
+@dataclass(frozen=True)
+class Precision:
+    """How a run computes: master weights (and optimizer state) in ``weights``, matmuls under autocast in
+    ``compute``. ``bf16`` on a GPU means float32 weights and bf16 compute: at DPO's learning rates most
+    Adam updates are below what a bf16 weight can resolve, so bf16 weights would silently drop them.
+    Log-probs, losses and metrics are float32 whatever the compute dtype (see logprobs.py)."""
+
+    device: torch.device
+    compute: torch.dtype = torch.float32
+    weights: torch.dtype = torch.float32
+
+    def autocast(self):
+        """Autocast to ``compute`` on this device (CPU autocast too: slow, but the same mixed path, so
+        tests exercise it); nothing when computing in the weights' own dtype."""
+        if self.compute == self.weights:
+            return contextlib.nullcontext()
+        return torch.autocast(self.device.type, dtype=self.compute)
+
+
+def training_precision(dtype: str, bf16_weights: bool, device: torch.device) -> Precision:
+    """The run's :class:`Precision` from ``--dtype`` and ``--bf16-weights``: float32 master weights unless
+    bf16 weights are asked for explicitly."""
+    from tiltlm.models import parse_dtype
+
+    compute = parse_dtype(dtype, device)
+    return Precision(device, compute, compute if bf16_weights else torch.float32)
+
+
+def lost_update_fraction(parameters, lr: float) -> float:
+    """The fraction of the bf16 weights in ``parameters`` that an update of size ``lr`` cannot change.
+
+    Adam's normalised update moves a weight by about ``lr`` per step. A bf16 number keeps 8 significant
+    bits, so next to ``w`` representable values are ``2**(floor(log2|w|) - 7)`` apart, and round-to-
+    nearest drops any change below half of that: ``lr < 2**(floor(log2|w|) - 8)``."""
+    lost, total = 0, 0
+    for p in parameters:
+        w = p.detach().float().abs()
+        exponent = torch.floor(torch.log2(w.clamp(min=torch.finfo(torch.float32).tiny)))
+        lost += int((lr < torch.exp2(exponent - 8)).sum())
+        total += w.numel()
+    return lost / max(total, 1)

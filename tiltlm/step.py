@@ -1,0 +1,63 @@
+"""One batch through policy, reference and objective, and the same over a whole dataset without grad:
+the kernel shared by the training loop and ``tiltlm eval``, so for the same models an evaluation's
+numbers equal what the trainer logs at step 0.
+"""
+
+from __future__ import annotations
+
+from dataclasses import replace
+from typing import Callable, Sequence
+
+import torch
+from tqdm.auto import tqdm
+
+from tiltlm import collectives
+from tiltlm.config import ConfigError, TrainConfig
+from tiltlm.data import load_pairs, tokenize_pairs
+from tiltlm.data.collate import Batch
+from tiltlm.metrics import MetricSums
+from tiltlm.models import eval_mode
+from tiltlm.objectives import Scored
+from tiltlm.reference import Reference
+from tiltlm.runtime import Precision
+
+
+def make_batch(objective, examples: Sequence, indices: Sequence[int], device: torch.device) -> Batch:
+    """The batch of ``examples[i] for i in indices``, on ``device``, carrying ``indices`` (a precomputed
+    reference reads its rows by them)."""
+    batch = objective.collate([examples[i] for i in indices])
+    return replace(batch, indices=tuple(indices)).to(device)
+
+
+def score(policy: Callable[[Batch], tuple], reference: Reference, objective, batch: Batch, dataset: str,
+          precision: Precision) -> Scored:
+    """Policy scores (with grad when enabled) and reference scores (never grad) of ``batch``, both under
+    the run's autocast, through the objective."""
+    with precision.autocast():
+        policy_scores = policy(batch)
+    return objective(policy_scores, reference(batch, dataset), batch)
+
+
+def read_examples(source: str, tokenizer, config: TrainConfig, log) -> list:
+    """Tokenized pairs of ``source`` with the data summary logged; an error when none is usable."""
+    pairs, summary = tokenize_pairs(load_pairs(source), tokenizer, config.max_length, config.max_prompt_length)
+    log(f"data {source}:\n{summary.format()}")
+    if not pairs:
+        raise ConfigError(f"data {source}: no usable pair left after tokenisation (see the summary above)")
+    return pairs
+
+
+@torch.no_grad()
+def evaluate(policy: torch.nn.Module, reference: Reference, objective, examples: Sequence, dataset: str,
+             batch_size: int, precision: Precision, prefix: str = "eval/", progress: bool = True) -> dict[str, float]:
+    """Mean loss and metrics over ``examples``, in eval mode. Under torchrun each rank takes every
+    world_size-th example and the sums are added over ranks, so all ranks return the same numbers."""
+    rank, world = collectives.world()
+    mine = range(len(examples))[rank::world]
+    sums = MetricSums()
+    with eval_mode(policy):
+        for start in tqdm(range(0, len(mine), batch_size), desc="eval", disable=not progress or rank != 0,
+                          leave=False):
+            batch = make_batch(objective, examples, mine[start:start + batch_size], precision.device)
+            sums.add(score(policy, reference, objective, batch, dataset, precision).metrics)
+    return sums.means(collectives.sum_over_ranks(sums.totals()), prefix)
