@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from tiltlm.losses import (bradley_terry_reward_loss, dpo_loss, kto, kto_reference_point, list_rewards,
-                           plackett_luce, weighted_mean)
+                           plackett_luce, stack_lists, weighted_mean)
 
 D = torch.float64
 
@@ -91,6 +91,17 @@ def test_plackett_luce_padding_changes_nothing_and_has_finite_gradients():
     losses.sum().backward()
     assert torch.isfinite(padded.grad).all()
     assert (padded.grad[0, 2:] == 0).all()
+
+
+def test_stack_lists_pads_lists_of_different_lengths():
+    values = t([1.0, 2.0, 3.0, 4.0, 5.0]).requires_grad_(True)
+    padded, mask = stack_lists(values, [2, 3])
+    assert padded.tolist() == [[1.0, 2.0, 0.0], [3.0, 4.0, 5.0]]
+    assert mask.tolist() == [[True, True, False], [True, True, True]]
+    ranks, _ = stack_lists(torch.tensor([1, 0, 2, 0, 1]), [2, 3])
+    assert ranks.tolist() == [[1, 0, 0], [2, 0, 1]]
+    plackett_luce(padded, mask, ranks).sum().backward()  # gradients reach the flat values
+    assert values.grad.abs().min() > 0
 
 
 def test_list_rewards_scale_log_ratios():

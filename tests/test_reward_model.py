@@ -119,3 +119,17 @@ def test_pad_equal_to_eos_warns_and_no_pad_is_an_error():
         prepare_reward_model(model, SimpleNamespace(pad_token_id=None, eos_token_id=2))
     with pytest.raises(ModelError, match="cannot load a sequence-classification"):
         load_reward_model("/nonexistent/dir/x", SimpleNamespace(pad_token_id=0, eos_token_id=2))
+
+
+def test_scores_through_a_peft_wrapped_reward_model():
+    from peft import LoraConfig, get_peft_model
+
+    model = tiny_reward_model(seed=5)
+    wrapped = get_peft_model(model, LoraConfig(task_type="SEQ_CLS", r=4, target_modules=["q_proj", "v_proj"],
+                                               init_lora_weights=False)).eval()
+    pairs = random_pairs(4, seed=6)
+    with torch.no_grad():
+        got = score_sequences(wrapped, collate_shared(pairs, PAD))
+    torch.testing.assert_close(got, naive_scores(wrapped, pairs), rtol=1e-5, atol=1e-5)
+    # the adapters (random, not zero-initialised) change the scores: the wrapped path really ran them
+    assert not torch.allclose(got, naive_scores(tiny_reward_model(seed=5), pairs), atol=1e-4)

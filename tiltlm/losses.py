@@ -429,6 +429,17 @@ def list_rewards(policy_logps: Tensor, reference_logps: Tensor, beta: float) -> 
     return beta * (policy_logps - reference_logps)
 
 
+def stack_lists(values: Tensor, counts: list[int]) -> tuple[Tensor, Tensor]:
+    """Per-sequence values laid list after list (``counts[i]`` values for list ``i``, in order) as a
+    padded [lists, K_max] tensor (padding 0) and its bool mask: the input form of
+    :func:`plackett_luce`, for rewards and, from a flat tensor of ranks, for ranks too."""
+    k_max = max(counts)
+    counts_t = torch.tensor(counts, device=values.device)
+    mask = torch.arange(k_max, device=values.device)[None, :] < counts_t[:, None]
+    padded = values.new_zeros(len(counts), k_max).masked_scatter(mask, values)
+    return padded, mask
+
+
 def plackett_luce(rewards: Tensor, mask: Tensor, ranks: Tensor) -> Tensor:
     """Negative log-likelihood of each row's ranking of its completions under Plackett-Luce (DPO paper,
     Rafailov et al. 2023, Appendix A.3: the model is eq. 18, the DPO objective over rankings eq. 20).

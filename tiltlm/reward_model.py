@@ -80,11 +80,12 @@ def _branch_single_tokens(batch: Batch, ends: Tensor) -> dict[int, int]:
     return fixed
 
 
-def body_and_score_head(model: nn.Module) -> tuple[nn.Module, nn.Linear]:
-    """The transformer body and the score head of a sequence-classification model (also under peft)."""
+def body_and_score_head(model: nn.Module) -> tuple[nn.Module, nn.Module]:
+    """The transformer body and the score head of a sequence-classification model, also under peft
+    (which wraps a trained head in a ``ModulesToSaveWrapper``: called, it runs the trained copy)."""
     base = model.get_base_model() if hasattr(model, "get_base_model") else model
     head = getattr(base, "score", None)
-    if not isinstance(head, nn.Linear):
+    if not isinstance(head, nn.Module) or not isinstance(getattr(head, "weight", None), Tensor):
         raise ModelError(f"{type(base).__name__} has no linear 'score' head; a reward model must be an "
                          f"AutoModelForSequenceClassification of a decoder architecture (Llama, Qwen, ...)")
     return base.base_model, head
