@@ -7,6 +7,8 @@ from __future__ import annotations
 import json
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from tiltlm.data import (DataError, Pair, RankedList, TokenizedList, TokenizedPair, TokenizedUnpaired, Unpaired,
                          expand_ranking_to_pairs, load_examples, tokenize_examples, tokenize_pair, tokenize_pairs)
@@ -237,3 +239,22 @@ def test_mismatched_unpaired_pairs_each_prompt_with_the_next_completion():
     assert all(m.weight == 0.0 for m in got) and got[0].source == "a x b"
     with pytest.raises(ValueError, match="at least 2"):
         mismatched_unpaired(rows[:1], 4)
+
+
+JSON = st.recursive(st.none() | st.booleans() | st.integers(-3, 5) | st.floats(allow_nan=True) | st.text(max_size=5),
+                    lambda children: st.lists(children, max_size=4) | st.dictionaries(
+                        st.sampled_from(["role", "content", "x"]), children, max_size=3), max_leaves=8)
+FIELDS = ["prompt", "completions", "completion", "ranking", "scores", "label", "weight", "chosen", "rejected"]
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.dictionaries(st.sampled_from(FIELDS), JSON, max_size=6))
+def test_any_row_is_an_example_or_a_one_line_data_error(row):
+    try:
+        example = example_from_row(row, SRC)
+    except DataError as error:
+        assert str(error).startswith(f"{SRC}: ") and "\n" not in str(error)
+        return
+    assert isinstance(example, (Pair, RankedList, Unpaired)) and example.weight >= 0
+    if isinstance(example, RankedList):
+        assert sorted(example.ranks())[0] == 0 and len(example.ranks()) == len(example.completions) >= 2

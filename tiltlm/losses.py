@@ -442,7 +442,8 @@ def stack_lists(values: Tensor, counts: list[int]) -> tuple[Tensor, Tensor]:
 
 def plackett_luce(rewards: Tensor, mask: Tensor, ranks: Tensor) -> Tensor:
     """Negative log-likelihood of each row's ranking of its completions under Plackett-Luce (DPO paper,
-    Rafailov et al. 2023, Appendix A.3: the model is eq. 18, the DPO objective over rankings eq. 20).
+    Rafailov et al. 2023, Appendix A.3: the model is eq. 18; substituting the implicit reward of eq. 5
+    into it gives the DPO objective over rankings that closes that appendix).
 
     ``rewards`` [rows, K_max]: the implicit rewards ``beta log pi/pi_ref`` of the completions (see
     :func:`list_rewards`); ``mask`` [rows, K_max] bool: which completions exist (rows have K_i <= K_max
@@ -450,7 +451,7 @@ def plackett_luce(rewards: Tensor, mask: Tensor, ranks: Tensor) -> Tensor:
     rank, 0 the best, larger worse. For a strict ranking ``tau`` (completion ``tau(k)`` at place ``k``)::
 
         P(tau) = prod_{k=1..K} exp(r_tau(k)) / sum_{j=k..K} exp(r_tau(j))                     (eq. 18)
-        loss   = -sum_{k=1..K} [ r_tau(k) - log sum_{j>=k} exp(r_tau(j)) ]                    (eq. 20)
+        loss   = -sum_{k=1..K} [ r_tau(k) - log sum_{j>=k} exp(r_tau(j)) ]         (A.3's objective)
 
     Written per completion ``i``: ``-(r_i - logsumexp{r_j : rank_j >= rank_i})``; the worst term is 0.
     For K = 2 this is ``-log sigma(r_w - r_l)``, DPO's eq. 7.
@@ -459,9 +460,9 @@ def plackett_luce(rewards: Tensor, mask: Tensor, ranks: Tensor) -> Tensor:
     Cox's partial likelihood (Breslow 1974, "Covariance analysis of censored survival data"): every
     member of a tied group gets the same denominator, the log-sum-exp over the group and everything
     ranked below it, and no order among the tied completions is asserted. So a tie says "these beat
-    everything below" and nothing about each other; with no ties it is exactly eq. 20. (Its only
-    pull between tied completions is mild and symmetric: a group's terms are smallest when its members'
-    rewards are equal.)
+    everything below" and nothing about each other; with no ties it is exactly the objective above.
+    (Its only pull between tied completions is symmetric: for a fixed sum of their rewards, a group's
+    terms are smallest when its members' rewards are equal, ``logsumexp`` being convex.)
     """
     valid_j = mask[:, None, :]
     # eligible[n, i, j]: completion j is still "in the urn" when completion i is drawn. The diagonal is

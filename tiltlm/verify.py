@@ -285,9 +285,9 @@ def expected_plackett_luce_loss(theta: Tensor, table: Table) -> Tensor:
 
 def check_plackett_luce_optimum(table: Table) -> Check:
     """Minimising the exact expected Plackett-Luce loss over rankings of K = 3 responses (DPO paper,
-    Appendix A.3, eq. 18-20) reaches ``pi*``: the ranking likelihood, like Bradley-Terry's, is
-    maximised by the true reward up to a per-prompt constant, and is convex in ``theta`` (log-sum-exps
-    of linear functions), so Newton's method solves it to float64's limit."""
+    Appendix A.3: eq. 18 and the objective derived from it) reaches ``pi*``: the ranking likelihood,
+    like Bradley-Terry's, is maximised by the true reward up to a per-prompt constant, and is convex in
+    ``theta`` (log-sum-exps of linear functions), so Newton's method solves it to float64's limit."""
     best = optimal_logps(table.ref_logps, table.rewards, table.beta)
     theta = minimise(lambda t: expected_plackett_luce_loss(t, table), table.ref_logps)
     worst_kl = kl(best, torch.log_softmax(theta, dim=-1)).max().item()
