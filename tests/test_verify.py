@@ -15,7 +15,7 @@ from tiltlm.losses import LOSSES, LossParams, PairLogps
 EXPECTED_CHECKS = {
     "J(pi*) = beta log Z", "pi* beats perturbations", "DPO reaches pi*", "implicit reward = r + c(x)",
     "KL falls with data", "Z(x) cancels", "gradient = DPO paper's", "KL(pi*||ref) falls with beta",
-    "small beta -> argmax r", "DPO margin unbounded (p=1)", "IPO margin -> 1/(2 tau)",
+    "small beta -> argmax r", "DPO margin unbounded (p=1)", "IPO margin -> 1/(2 tau)", "Plackett-Luce reaches pi*",
 }
 
 
@@ -34,6 +34,7 @@ def test_measured_figures_are_consistent_with_their_verdicts(checks):
     # The verdict must follow from the figure: a check that passes whatever it measured proves nothing.
     by_name = {c.name: c for c in checks}
     assert by_name["DPO reaches pi*"].measured < 1e-12
+    assert by_name["Plackett-Luce reaches pi*"].measured < 1e-12
     assert by_name["implicit reward = r + c(x)"].measured < 1e-9
     assert by_name["pi* beats perturbations"].measured > 0
     assert by_name["small beta -> argmax r"].measured > 0.99
@@ -176,3 +177,38 @@ def test_main_prints_the_table_and_returns_the_verdict(monkeypatch, capsys):
     monkeypatch.setattr(verify, "run_checks", lambda seed=0: passing + [verify.Check("b", 1.0, "< 0.5", False)])
     assert verify.main(["--seed", "3"]) == 1
     assert "FAILED: b" in capsys.readouterr().out
+
+
+# --- Plackett-Luce over rankings of three -----------------------------------------------------------------
+
+
+def test_expected_plackett_luce_loss_equals_a_plain_loop():
+    table = verify.make_table(seed=5, prompts=2, responses=4)
+    theta = torch.randn(2, 4, generator=torch.Generator().manual_seed(6), dtype=torch.float64)
+    logp = torch.log_softmax(theta, dim=-1).tolist()
+    ref, r, beta = table.ref_logps.tolist(), table.rewards.tolist(), table.beta
+    total = 0.0
+    for x in range(2):
+        triples = [(a, b, c) for a in range(4) for b in range(4) for c in range(4) if len({a, b, c}) == 3]
+        norm = sum(math.exp(ref[x][a] + ref[x][b] + ref[x][c]) for a, b, c in triples)
+        for a, b, c in triples:
+            # P(set) = 6 ordered draws of it; P(a > b > c) from Plackett-Luce on the true reward
+            p_set = 6 * math.exp(ref[x][a] + ref[x][b] + ref[x][c]) / norm / 2
+            e = [math.exp(r[x][k]) for k in (a, b, c)]
+            p_rank = e[0] / sum(e) * e[1] / (e[1] + e[2])
+            h = [beta * (logp[x][k] - ref[x][k]) for k in (a, b, c)]
+            nll = -(h[0] - math.log(sum(math.exp(v) for v in h))) - (h[1] - math.log(math.exp(h[1]) + math.exp(h[2])))
+            total += p_set * p_rank * nll
+    assert verify.expected_plackett_luce_loss(theta, table).item() == pytest.approx(total, rel=1e-12)
+    assert verify.ranking_probabilities(table).sum().item() == pytest.approx(1.0, rel=1e-14)
+
+
+def test_plackett_luce_check_fails_when_rankings_follow_another_reward():
+    # rankings drawn from a different reward must not recover pi* of the true one: the check can fail
+    table = verify.make_table(seed=0)
+    other = verify.Table(table.rewards + 0.5 * torch.randn(table.rewards.shape, dtype=torch.float64,
+                                                           generator=torch.Generator().manual_seed(1)),
+                         table.ref_logps, table.beta)
+    theta = verify.minimise(lambda t: verify.expected_plackett_luce_loss(t, other), table.ref_logps)
+    best = verify.optimal_logps(table.ref_logps, table.rewards, table.beta)
+    assert verify.kl(best, torch.log_softmax(theta, dim=-1)).max().item() > 1e-3

@@ -394,3 +394,137 @@ def preference_loss(
     outputs = [LOSSES[name](policy, reference, params) for name in names]
     total = sum(w * out.losses for w, out in zip(weights, outputs))
     return LossOutput(total, outputs[0].chosen_rewards, outputs[0].rejected_rewards)
+
+
+# --- beyond pairs: ranked lists, unpaired labels, reward models, per-row weights -------------------------
+#
+# These take plain tensors rather than PairLogps: a ranked list has K completions, an unpaired row one,
+# a reward model scores instead of log-probs. Each returns one loss per row; :func:`weighted_mean`
+# turns per-row losses and per-row weights into the step's loss.
+
+
+def weighted_mean(losses: Tensor, weights: Tensor | None = None) -> Tensor:
+    """The step loss from per-row losses and per-row weights: ``sum_i w_i * loss_i / n``.
+
+    The divisor is the number of rows ``n``, not ``sum_i w_i``: with every weight 1 this is today's mean,
+    and a row's weight multiplies its contribution to the gradient exactly (weight 2 counts as two copies
+    of the row, weight 0 removes it) instead of being renormalised against the other rows of its step.
+    Normalising by ``sum w`` would make one row's weight change how much every other row in the step
+    counts, so the same example would pull differently depending on its batch mates. ``weights`` of
+    ``None`` means every weight is 1.
+    """
+    if weights is None:
+        return losses.mean()
+    return (losses * weights.to(losses.dtype)).sum() / losses.numel()
+
+
+def list_rewards(policy_logps: Tensor, reference_logps: Tensor, beta: float) -> Tensor:
+    """The implicit rewards ``beta * (log pi(y|x) - log pi_ref(y|x))`` (DPO paper, eq. 5 without its
+    ``beta log Z(x)``, which cancels from every ranking likelihood) of any shape, e.g. [rows, K]."""
+    return beta * (policy_logps - reference_logps)
+
+
+def stack_lists(values: Tensor, counts: list[int]) -> tuple[Tensor, Tensor]:
+    """Per-sequence values laid list after list (``counts[i]`` values for list ``i``, in order) as a
+    padded [lists, K_max] tensor (padding 0) and its bool mask: the input form of
+    :func:`plackett_luce`, for rewards and, from a flat tensor of ranks, for ranks too."""
+    k_max = max(counts)
+    counts_t = torch.tensor(counts, device=values.device)
+    mask = torch.arange(k_max, device=values.device)[None, :] < counts_t[:, None]
+    padded = values.new_zeros(len(counts), k_max).masked_scatter(mask, values)
+    return padded, mask
+
+
+def plackett_luce(rewards: Tensor, mask: Tensor, ranks: Tensor) -> Tensor:
+    """Negative log-likelihood of each row's ranking of its completions under Plackett-Luce (DPO paper,
+    Rafailov et al. 2023, Appendix A.3: the model is eq. 18; substituting the implicit reward of eq. 5
+    into it gives the DPO objective over rankings that closes that appendix).
+
+    ``rewards`` [rows, K_max]: the implicit rewards ``beta log pi/pi_ref`` of the completions (see
+    :func:`list_rewards`); ``mask`` [rows, K_max] bool: which completions exist (rows have K_i <= K_max
+    completions, the rest padding with any finite reward); ``ranks`` [rows, K_max] int: each completion's
+    rank, 0 the best, larger worse. For a strict ranking ``tau`` (completion ``tau(k)`` at place ``k``)::
+
+        P(tau) = prod_{k=1..K} exp(r_tau(k)) / sum_{j=k..K} exp(r_tau(j))                     (eq. 18)
+        loss   = -sum_{k=1..K} [ r_tau(k) - log sum_{j>=k} exp(r_tau(j)) ]         (A.3's objective)
+
+    Written per completion ``i``: ``-(r_i - logsumexp{r_j : rank_j >= rank_i})``; the worst term is 0.
+    For K = 2 this is ``-log sigma(r_w - r_l)``, DPO's eq. 7.
+
+    Ties (equal ranks, from equal scores) are handled by Breslow's approximation for tied events in
+    Cox's partial likelihood (Breslow 1974, "Covariance analysis of censored survival data"): every
+    member of a tied group gets the same denominator, the log-sum-exp over the group and everything
+    ranked below it, and no order among the tied completions is asserted. So a tie says "these beat
+    everything below" and nothing about each other; with no ties it is exactly the objective above.
+    (Its only pull between tied completions is symmetric: for a fixed sum of their rewards, a group's
+    terms are smallest when its members' rewards are equal, ``logsumexp`` being convex.)
+    """
+    valid_j = mask[:, None, :]
+    # eligible[n, i, j]: completion j is still "in the urn" when completion i is drawn. The diagonal is
+    # always eligible so that padded i have a finite log-sum-exp (their term is masked out afterwards;
+    # an all -inf log-sum-exp would back-propagate NaN even through a masked term).
+    eligible = (valid_j & (ranks[:, None, :] >= ranks[:, :, None])) | torch.eye(
+        rewards.shape[1], dtype=torch.bool, device=rewards.device)
+    pool = rewards[:, None, :].expand(-1, rewards.shape[1], -1).masked_fill(~eligible, float("-inf"))
+    terms = rewards - torch.logsumexp(pool, dim=-1)
+    return -(terms * mask.to(rewards.dtype)).sum(dim=-1)
+
+
+def kto_reference_point(kl_policy_logps: Tensor, kl_reference_logps: Tensor) -> Tensor:
+    """KTO's reference point ``z_0`` (Ethayarajh et al. 2024, "KTO: Model Alignment as Prospect
+    Theoretic Optimization", Section 4): ``z_0 = KL(pi(y'|x) || pi_ref(y'|x))``, estimated as::
+
+        z_0_hat = max(0, mean_j [log pi(y'_j|x_j) - log pi_ref(y'_j|x_j)])
+
+    over *mismatched* prompt/completion pairs of the batch (prompt ``x_j`` with the completion of
+    another row; see :func:`tiltlm.data.tokenize.mismatched_unpaired`), clamped at 0 (a KL is not
+    negative; the estimate can be), and detached: the paper does not back-propagate through it. Under
+    data parallelism the mean belongs over the whole global batch: all-reduce the sum and count first,
+    then pass the two tensors of the gathered values or call this on them.
+    """
+    return (kl_policy_logps - kl_reference_logps).detach().mean().clamp(min=0.0)
+
+
+def kto(policy_logps: Tensor, reference_logps: Tensor, desirable: Tensor, z0: Tensor | float, beta: float = 0.1,
+        lambda_d: float = 1.0, lambda_u: float = 1.0) -> Tensor:
+    """The KTO loss (Ethayarajh et al. 2024, eq. 8), one value per unpaired row::
+
+        r(x, y) = log pi(y|x) - log pi_ref(y|x)
+        v(x, y) = lambda_D sigma(beta (r(x, y) - z_0))    if y is desirable
+                  lambda_U sigma(beta (z_0 - r(x, y)))    if y is undesirable
+        loss    = lambda_y - v(x, y)
+
+    ``desirable`` [rows] bool: the row's label; ``z0``: the reference point from
+    :func:`kto_reference_point` (no gradient). ``lambda_d``, ``lambda_u``: the paper recommends
+    ``lambda_D n_D / (lambda_U n_U)`` in [1, 4/3] when the classes are imbalanced. Each loss lies in
+    ``[0, lambda_y]``, so the KTO loss, unlike DPO's, is bounded.
+    """
+    ratio = policy_logps - reference_logps
+    lam_d = torch.full_like(ratio, lambda_d)
+    lam_u = torch.full_like(ratio, lambda_u)
+    value = torch.where(desirable, lam_d * torch.sigmoid(beta * (ratio - z0)),
+                        lam_u * torch.sigmoid(beta * (z0 - ratio)))
+    return torch.where(desirable, lam_d, lam_u) - value
+
+
+def bradley_terry_reward_loss(r_chosen: Tensor, r_rejected: Tensor, margin: Tensor | None = None,
+                              centering: float = 0.0) -> Tensor:
+    """Reward-model loss, one value per pair: Bradley-Terry's negative log-likelihood (Ouyang et al.
+    2022, "Training language models to follow instructions with human feedback", eq. 1), with the
+    optional per-pair margin of Llama 2 (Touvron et al. 2023, Section 3.2.2, eq. 2) and the optional
+    reward-centring term of Eisenstein et al. 2023 ("Helping or Herding? Reward Model Ensembles
+    Mitigate but do not Eliminate Reward Hacking", Section 3)::
+
+        loss = -log sigma(r_w - r_l - m(r)) + centering * (r_w + r_l)^2
+
+    ``margin`` [pairs] (``m(r)``, e.g. larger for "significantly better" labels) defaults to 0. The
+    centring term pushes each pair's rewards to sum to zero, so rewards are on a comparable scale
+    across prompts (a Bradley-Terry reward is otherwise only defined up to a per-prompt constant).
+    """
+    difference = r_chosen - r_rejected
+    if margin is not None:
+        difference = difference - margin.to(difference.dtype)
+    losses = -F.logsigmoid(difference)
+    if centering:
+        losses = losses + centering * (r_chosen + r_rejected) ** 2
+    return losses

@@ -14,7 +14,9 @@ a Reward Model") can be computed exactly and compared with what minimising the l
 * autograd's gradient is the paper's (Section 4);
 * ``beta`` trades reward for closeness to the reference;
 * on a deterministic preference DPO's margin grows without bound while IPO's settles at
-  ``1/(2 tau)``, the weakness of DPO's regularisation that motivates IPO (Azar et al. 2023).
+  ``1/(2 tau)``, the weakness of DPO's regularisation that motivates IPO (Azar et al. 2023);
+* beyond pairs: minimising the expected Plackett-Luce loss over rankings of K = 3 responses (DPO paper,
+  Appendix A.3) recovers ``pi*`` too.
 """
 
 from __future__ import annotations
@@ -28,7 +30,7 @@ from typing import Callable
 import torch
 from torch import Tensor
 
-from tiltlm.losses import LOSSES, LossParams, PairLogps
+from tiltlm.losses import LOSSES, LossParams, PairLogps, list_rewards, plackett_luce
 
 DTYPE = torch.float64
 
@@ -248,6 +250,52 @@ def check_dpo_optimum(table: Table, gen: torch.Generator,
     ]
 
 
+def ordered_triples(prompts: int, responses: int) -> tuple[Tensor, Tensor]:
+    """Every ``(x, (a, b, c))`` with distinct ``a, b, c``: prompt indices [T] and responses [T, 3]."""
+    grids = torch.meshgrid(*(torch.arange(n) for n in (prompts, responses, responses, responses)), indexing="ij")
+    x, a, b, c = (g.flatten() for g in grids)
+    keep = (a != b) & (a != c) & (b != c)
+    return x[keep], torch.stack([a[keep], b[keep], c[keep]], dim=1)
+
+
+def ranking_probabilities(table: Table) -> Tensor:
+    """``P(x, ranking a > b > c)`` for every ordered triple of :func:`ordered_triples`: prompt uniform,
+    the set ``{a, b, c}`` drawn from ``pi_ref(.|x)`` without repeats, its ranking from Plackett-Luce
+    on the true reward (DPO paper, eq. 18). The set's probability is the sum over its 6 orders of the
+    ordered draw ``pi_ref(a) pi_ref(b) pi_ref(c)``, normalised over distinct triples per prompt."""
+    x, idx = ordered_triples(*table.rewards.shape)
+    draw = table.ref_logps.exp()[x[:, None], idx].prod(dim=1)
+    per_prompt = torch.zeros(table.rewards.shape[0], dtype=DTYPE).index_add(0, x, draw)
+    set_probability = 6.0 * draw / per_prompt[x] / table.rewards.shape[0]
+    r = table.rewards[x[:, None], idx]
+    ranked = (r[:, 0] - torch.logsumexp(r, dim=1)) + (r[:, 1] - torch.logsumexp(r[:, 1:], dim=1))
+    return set_probability * ranked.exp()
+
+
+def expected_plackett_luce_loss(theta: Tensor, table: Table) -> Tensor:
+    """The library's Plackett-Luce loss in expectation over rankings of three responses drawn as in
+    :func:`ranking_probabilities`, for the policy ``softmax(theta)``."""
+    x, idx = ordered_triples(*table.rewards.shape)
+    logps = torch.log_softmax(theta, dim=-1)
+    rewards = list_rewards(logps[x[:, None], idx], table.ref_logps[x[:, None], idx], table.beta)
+    ranks = torch.arange(3).expand(len(x), 3)  # the triple is listed best first
+    losses = plackett_luce(rewards, torch.ones(len(x), 3, dtype=torch.bool), ranks)
+    return (ranking_probabilities(table) * losses).sum()
+
+
+def check_plackett_luce_optimum(table: Table) -> Check:
+    """Minimising the exact expected Plackett-Luce loss over rankings of K = 3 responses (DPO paper,
+    Appendix A.3: eq. 18 and the objective derived from it) reaches ``pi*``: the ranking likelihood,
+    like Bradley-Terry's, is maximised by the true reward up to a per-prompt constant, and is convex in
+    ``theta`` (log-sum-exps of linear functions), so Newton's method solves it to float64's limit."""
+    best = optimal_logps(table.ref_logps, table.rewards, table.beta)
+    theta = minimise(lambda t: expected_plackett_luce_loss(t, table), table.ref_logps)
+    worst_kl = kl(best, torch.log_softmax(theta, dim=-1)).max().item()
+    return Check("Plackett-Luce reaches pi*", worst_kl, "< 1e-12", worst_kl < 1e-12,
+                 "max over prompts of KL(pi* || pi_theta) after minimising the exact expected Plackett-Luce "
+                 "loss over rankings of 3 responses")
+
+
 def check_partition_cancels(table: Table, gen: torch.Generator, draws: int = 200) -> Check:
     """Adding any ``c(x)`` to the rewards changes neither the Bradley-Terry probabilities, nor ``pi*``,
     nor the expected DPO loss at the optimum: ``beta log Z(x)`` cancels (eq. 5-7)."""
@@ -391,6 +439,7 @@ def run_checks(seed: int = 0) -> list[Check]:
             check_gradient(table, gen),
             *check_beta(table),
             *check_deterministic_preference(table),
+            check_plackett_luce_optimum(table),
         ]
     finally:
         torch.set_num_threads(threads)

@@ -6,10 +6,11 @@
 
 from __future__ import annotations
 
-from tiltlm.data.formats import pair_from_row
+from tiltlm.data.formats import example_from_row, pair_from_row
 from tiltlm.data.io import read_rows
-from tiltlm.data.tokenize import tokenize_pair, tokenize_pairs
-from tiltlm.data.types import DataError, DataSummary, Pair, TokenizedPair
+from tiltlm.data.tokenize import expand_ranking_to_pairs, tokenize_examples, tokenize_pair, tokenize_pairs
+from tiltlm.data.types import (DataError, DataSummary, Example, Pair, RankedList, TokenizedExample, TokenizedList,
+                               TokenizedPair, TokenizedUnpaired, Unpaired)
 
 
 def load_pairs(source: str, split: str | None = None, limit: int | None = None) -> list[Pair]:
@@ -19,4 +20,13 @@ def load_pairs(source: str, split: str | None = None, limit: int | None = None) 
     return [pair_from_row(row, where) for where, row in read_rows(source, split, limit)]
 
 
-__all__ = ["DataError", "DataSummary", "Pair", "TokenizedPair", "load_pairs", "tokenize_pair", "tokenize_pairs"]
+def load_examples(source: str, split: str | None = None, limit: int | None = None) -> list[Example]:
+    """Like :func:`load_pairs`, for files that may also hold ranked lists (``completions`` with
+    ``ranking`` or ``scores``) and unpaired rows (``completion`` with ``label``); see
+    :mod:`tiltlm.data.formats`."""
+    return [example_from_row(row, where) for where, row in read_rows(source, split, limit)]
+
+
+__all__ = ["DataError", "DataSummary", "Example", "Pair", "RankedList", "TokenizedExample", "TokenizedList",
+           "TokenizedPair", "TokenizedUnpaired", "Unpaired", "expand_ranking_to_pairs", "load_examples", "load_pairs",
+           "tokenize_examples", "tokenize_pair", "tokenize_pairs"]

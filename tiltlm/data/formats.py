@@ -17,14 +17,23 @@ ignored):
   (the completions then start with the assistant turn where the two differ).
 
 Empty completions and identical completions are valid here; tokenisation skips and counts them.
+
+Beyond pairs (:func:`example_from_row` decides the kind from the fields):
+
+* ranked list: ``prompt``, ``completions`` (a list of K >= 2 texts) and either ``ranking`` (completion
+  indices, best first, a permutation of 0..K-1) or ``scores`` (K numbers, higher is better, ties
+  allowed). Texts are strings or message lists, normalised as for explicit pairs.
+* unpaired: ``prompt``, ``completion`` and ``label`` (true: desirable, false: undesirable).
+* any row, pairs included, may carry ``weight``: a finite number >= 0 (default 1) multiplying its loss.
 """
 
 from __future__ import annotations
 
 import os
+import math
 from typing import Any
 
-from tiltlm.data.types import DataError, Messages, Pair, Text
+from tiltlm.data.types import DataError, Messages, Pair, RankedList, Text, Unpaired
 
 ASSISTANT_MARKER = "\n\nAssistant:"
 
@@ -38,9 +47,102 @@ def pair_from_row(row: dict[str, Any], source: str) -> Pair:
     missing = [name for name in ("chosen", "rejected") if name not in row]
     if missing:
         raise DataError(f"{source}: missing field {missing[0]!r}; found columns {sorted(row)}; {LAYOUTS}")
-    if "prompt" in row:
-        return _explicit(row, source)
-    return _implicit(row, source)
+    pair = _explicit(row, source) if "prompt" in row else _implicit(row, source)
+    pair.weight = checked_weight(row, source)
+    return pair
+
+
+def example_from_row(row: dict[str, Any], source: str) -> Pair | RankedList | Unpaired:
+    """The example a row describes: a :class:`RankedList` when it has ``completions``, an
+    :class:`Unpaired` one when it has ``completion``, else a :class:`Pair` (:func:`pair_from_row`)."""
+    if "completions" in row:
+        return ranked_from_row(row, source)
+    if "completion" in row:
+        return unpaired_from_row(row, source)
+    return pair_from_row(row, source)
+
+
+def checked_weight(row: dict[str, Any], source: str) -> float:
+    """The row's ``weight``: absent or null means 1; else a finite number >= 0."""
+    weight = row.get("weight")
+    if weight is None:
+        return 1.0
+    if isinstance(weight, bool) or not isinstance(weight, (int, float)) or not math.isfinite(weight) or weight < 0:
+        raise DataError(f"{source}: field 'weight': expected a finite number >= 0, got {weight!r}")
+    return float(weight)
+
+
+def ranked_from_row(row: dict[str, Any], source: str) -> RankedList:
+    """A :class:`RankedList` from ``prompt``, ``completions`` and ``ranking`` or ``scores``."""
+    if "prompt" not in row:
+        raise DataError(f"{source}: missing field 'prompt' (a row with 'completions' is a ranked list: "
+                        f"'prompt', 'completions', and 'ranking' or 'scores')")
+    completions = row["completions"]
+    if not isinstance(completions, list) or len(completions) < 2:
+        got = f"{len(completions)} item(s)" if isinstance(completions, list) else _kind_name(completions)
+        raise DataError(f"{source}: field 'completions': expected a list of at least 2 completions, got {got}")
+    prompt = checked_text(row["prompt"], "prompt", source)
+    texts = [checked_text(c, f"completions[{k}]", source) for k, c in enumerate(completions)]
+    prompt, texts = _same_kind(prompt, texts, [f"completions[{k}]" for k in range(len(texts))], source)
+    ranking, scores = _ranking_or_scores(row, len(texts), source)
+    return RankedList(prompt, texts, ranking, scores, source, checked_weight(row, source))
+
+
+def _ranking_or_scores(row: dict[str, Any], count: int, source: str) -> tuple[list[int] | None, list[float] | None]:
+    has_ranking, has_scores = row.get("ranking") is not None, row.get("scores") is not None
+    if has_ranking == has_scores:
+        raise DataError(f"{source}: a ranked list needs exactly one of 'ranking' (indices, best first) and "
+                        f"'scores' (one number per completion), got {'both' if has_ranking else 'neither'}")
+    if has_ranking:
+        ranking = row["ranking"]
+        if (not isinstance(ranking, list) or any(isinstance(i, bool) or not isinstance(i, int) for i in ranking)
+                or sorted(ranking) != list(range(count))):
+            raise DataError(f"{source}: field 'ranking': expected a permutation of 0..{count - 1} (completion "
+                            f"indices, best first), got {ranking!r}")
+        return list(ranking), None
+    scores = row["scores"]
+    if not isinstance(scores, list) or len(scores) != count:
+        got = f"{len(scores)} scores" if isinstance(scores, list) else _kind_name(scores)
+        raise DataError(f"{source}: field 'scores': expected {count} numbers (one per completion), got {got}")
+    for k, score in enumerate(scores):
+        if isinstance(score, bool) or not isinstance(score, (int, float)) or not math.isfinite(score):
+            raise DataError(f"{source}: field 'scores', item {k}: expected a finite number, got {score!r}")
+    return None, [float(score) for score in scores]
+
+
+def unpaired_from_row(row: dict[str, Any], source: str) -> Unpaired:
+    """An :class:`Unpaired` example from ``prompt``, ``completion`` and a boolean ``label``."""
+    for name in ("prompt", "label"):
+        if name not in row:
+            raise DataError(f"{source}: missing field {name!r} (a row with 'completion' is unpaired: "
+                            f"'prompt', 'completion', 'label')")
+    label = row["label"]
+    if not isinstance(label, bool):
+        raise DataError(f"{source}: field 'label': expected true (desirable) or false (undesirable), "
+                        f"got {label!r}")
+    prompt = checked_text(row["prompt"], "prompt", source)
+    completion = checked_text(row["completion"], "completion", source)
+    prompt, (completion,) = _same_kind(prompt, [completion], ["completion"], source)
+    return Unpaired(prompt, completion, label, source, checked_weight(row, source))
+
+
+def _same_kind(prompt: Text, completions: list[Text], names: list[str], source: str) -> tuple[Text, list[Text]]:
+    """All strings as they are; else all conversational, normalised as in :func:`_explicit`."""
+    if isinstance(prompt, str) and all(isinstance(c, str) for c in completions):
+        return prompt, completions
+    if isinstance(prompt, str):
+        prompt = [{"role": "user", "content": prompt}]
+    return prompt, [_as_reply(prompt, c, name, source) for c, name in zip(completions, names)]
+
+
+def _as_reply(prompt: Messages, completion: Text, name: str, source: str) -> Messages:
+    """A completion as the assistant message(s) that follow ``prompt``: a string becomes one assistant
+    message; a whole conversation that repeats the prompt's turns has them removed."""
+    if isinstance(completion, str):
+        return [{"role": "assistant", "content": completion}]
+    if completion[:len(prompt)] == prompt:
+        completion = completion[len(prompt):]
+    return _starting_with_assistant(completion, name, source)
 
 
 def _explicit(row: dict[str, Any], source: str) -> Pair:
@@ -50,15 +152,8 @@ def _explicit(row: dict[str, Any], source: str) -> Pair:
     prompt = values["prompt"]
     if isinstance(prompt, str):
         prompt = [{"role": "user", "content": prompt}]
-    completions = {}
-    for name in ("chosen", "rejected"):
-        completion = values[name]
-        if isinstance(completion, str):
-            completion = [{"role": "assistant", "content": completion}]
-        elif completion[:len(prompt)] == prompt:
-            completion = completion[len(prompt):]
-        completions[name] = _starting_with_assistant(completion, name, source)
-    return Pair(prompt, completions["chosen"], completions["rejected"], source)
+    chosen, rejected = (_as_reply(prompt, values[name], name, source) for name in ("chosen", "rejected"))
+    return Pair(prompt, chosen, rejected, source)
 
 
 def _implicit(row: dict[str, Any], source: str) -> Pair:

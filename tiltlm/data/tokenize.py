@@ -29,12 +29,15 @@ from dataclasses import dataclass
 
 from jinja2 import TemplateError
 
-from tiltlm.data.types import DataError, DataSummary, Messages, Pair, Text, TokenizedPair
+from tiltlm.data.types import (DataError, DataSummary, Example, Messages, Pair, RankedList, Text, TokenizedExample,
+                               TokenizedList, TokenizedPair, TokenizedUnpaired, Unpaired)
 
 EMPTY = "empty completion"
 IDENTICAL = "chosen identical to rejected"
 NO_ROOM = "no completion token left"
 IDENTICAL_AFTER_TRUNCATION = "identical after truncation"
+DUPLICATE = "duplicate completions in a list"
+DUPLICATE_AFTER_TRUNCATION = "duplicate completions in a list after truncation"
 
 
 @dataclass(frozen=True)
@@ -56,7 +59,7 @@ def tokenize_pair(pair: Pair, tokenizer, max_length: int, max_prompt_length: int
     texts = render(pair, tokenizer)
     prompt, chosen, rejected = (_encode(tokenizer, [text])[0] for text in (texts.prompt, texts.chosen, texts.rejected))
     return _assemble(texts.chat, prompt, chosen, rejected, tokenizer, adds_bos(tokenizer),
-                     max_length, max_prompt_length, pair.source)
+                     max_length, max_prompt_length, pair.source, pair.weight)
 
 
 def tokenize_pairs(pairs: list[Pair], tokenizer, max_length: int,
@@ -74,7 +77,8 @@ def tokenize_pairs(pairs: list[Pair], tokenizer, max_length: int,
     bos = adds_bos(tokenizer)
     for k, (index, texts) in enumerate(rendered):
         results[index] = _assemble(texts.chat, prompts[k], completions[2 * k], completions[2 * k + 1],
-                                   tokenizer, bos, max_length, max_prompt_length, pairs[index].source)
+                                   tokenizer, bos, max_length, max_prompt_length, pairs[index].source,
+                                   pairs[index].weight)
     return [r for r in results if isinstance(r, TokenizedPair)], summarize(results)
 
 
@@ -98,11 +102,17 @@ def render(pair: Pair, tokenizer) -> Rendered:
     kinds = {isinstance(text, str) for text in (pair.prompt, pair.chosen, pair.rejected)}
     if len(kinds) != 1:
         raise DataError(f"{pair.source}: prompt, chosen and rejected must be all strings or all message lists")
-    if isinstance(pair.prompt, str):
-        return Rendered(pair.prompt, pair.chosen, pair.rejected, chat=False)
-    prompt = _apply_template(tokenizer, pair.prompt, True, pair.source)
-    return Rendered(prompt, completion_text(tokenizer, pair.prompt, pair.chosen, prompt, pair.source),
-                    completion_text(tokenizer, pair.prompt, pair.rejected, prompt, pair.source), chat=True)
+    prompt, (chosen, rejected), chat = render_texts(pair.prompt, [pair.chosen, pair.rejected], tokenizer, pair.source)
+    return Rendered(prompt, chosen, rejected, chat)
+
+
+def render_texts(prompt: Text, completions: list[Text], tokenizer, source: str) -> tuple[str, list[str], bool]:
+    """``(prompt text, completion texts, chat)`` for a prompt and any number of completions: strings as
+    they are, message lists through the chat template (see the module docstring)."""
+    if isinstance(prompt, str):
+        return prompt, list(completions), False
+    prompt_text = _apply_template(tokenizer, prompt, True, source)
+    return prompt_text, [completion_text(tokenizer, prompt, c, prompt_text, source) for c in completions], True
 
 
 def completion_text(tokenizer, prompt: Messages, completion: Messages, prompt_text: str, source: str) -> str:
@@ -145,12 +155,22 @@ def _encode(tokenizer, texts: list[str]) -> list[list[int]]:
 
 
 def _assemble(chat: bool, prompt: list[int], chosen: list[int], rejected: list[int], tokenizer, bos: bool,
-              max_length: int, max_prompt_length: int, source: str) -> TokenizedPair | str:
+              max_length: int, max_prompt_length: int, source: str, weight: float = 1.0) -> TokenizedPair | str:
+    eos = _eos(tokenizer)
+    return fit(_head(tokenizer, bos, chat), prompt, with_eos(chosen, eos), with_eos(rejected, eos), max_length,
+               max_prompt_length, source, weight)
+
+
+def _eos(tokenizer) -> int:
     eos = tokenizer.eos_token_id
     if eos is None:
         raise DataError("the tokenizer has no EOS token: completions must end with one; set tokenizer.eos_token")
-    head = [tokenizer.bos_token_id] if bos and not chat else []
-    return fit(head, prompt, with_eos(chosen, eos), with_eos(rejected, eos), max_length, max_prompt_length, source)
+    return eos
+
+
+def _head(tokenizer, bos: bool, chat: bool) -> list[int]:
+    """BOS before a text prompt when the tokenizer's default encoding adds one; none after a chat template."""
+    return [tokenizer.bos_token_id] if bos and not chat else []
 
 
 def with_eos(ids: list[int], eos: int) -> list[int]:
@@ -159,40 +179,187 @@ def with_eos(ids: list[int], eos: int) -> list[int]:
 
 
 def fit(head: list[int], prompt: list[int], chosen: list[int], rejected: list[int], max_length: int,
-        max_prompt_length: int, source: str = "") -> TokenizedPair | str:
+        max_prompt_length: int, source: str = "", weight: float = 1.0) -> TokenizedPair | str:
     """Truncate to the limits: ``head + prompt`` (``head``, e.g. BOS, is kept) down to
     ``max_prompt_length`` keeping the end of ``prompt``, then each completion keeping its start so that
     prompt + completion fits ``max_length``. A skip reason when nothing useful is left."""
-    full_prompt = head + prompt
-    prompt_cut = len(full_prompt) > max_prompt_length
-    if prompt_cut:
-        keep = max(max_prompt_length - len(head), 0)
-        full_prompt = head[:max_prompt_length] + prompt[len(prompt) - keep:]
-    room = max_length - len(full_prompt)
-    if room <= 0:
-        return NO_ROOM
-    completion_cut = len(chosen) > room or len(rejected) > room
-    chosen, rejected = chosen[:room], rejected[:room]
+    full_prompt, prompt_cut = fit_prompt(head, prompt, max_prompt_length)
+    fitted = fit_completions(len(full_prompt), [chosen, rejected], max_length)
+    if isinstance(fitted, str):
+        return fitted
+    (chosen, rejected), completion_cut = fitted
     if chosen == rejected:
         return IDENTICAL_AFTER_TRUNCATION if completion_cut else IDENTICAL
-    return TokenizedPair(full_prompt, chosen, rejected, truncated=prompt_cut or completion_cut, source=source)
+    return TokenizedPair(full_prompt, chosen, rejected, truncated=prompt_cut or completion_cut, source=source,
+                         weight=weight)
 
 
-def summarize(results: list[TokenizedPair | str]) -> DataSummary:
-    """Counts and lengths of a list of tokenisation results (kept pairs and skip reasons)."""
+def fit_completions(prompt_length: int, completions: list[list[int]],
+                    max_length: int) -> tuple[list[list[int]], bool] | str:
+    """Each completion cut, keeping its start, so that prompt + completion fits ``max_length``, and
+    whether any was cut; :data:`NO_ROOM` when the prompt leaves no room."""
+    room = max_length - prompt_length
+    if room <= 0:
+        return NO_ROOM
+    return [c[:room] for c in completions], any(len(c) > room for c in completions)
+
+
+def fit_prompt(head: list[int], prompt: list[int], max_prompt_length: int) -> tuple[list[int], bool]:
+    """``head + prompt`` cut to ``max_prompt_length`` keeping ``head`` and the end of ``prompt``, and
+    whether it was cut."""
+    full_prompt = head + prompt
+    if len(full_prompt) <= max_prompt_length:
+        return full_prompt, False
+    keep = max(max_prompt_length - len(head), 0)
+    return head[:max_prompt_length] + prompt[len(prompt) - keep:], True
+
+
+KIND_NAMES = {TokenizedPair: "pairs", TokenizedList: "ranked lists", TokenizedUnpaired: "unpaired"}
+
+
+def summarize(results: list[TokenizedExample | str]) -> DataSummary:
+    """Counts and lengths of a list of tokenisation results (kept rows and skip reasons). Kept rows are
+    also counted by kind, unless all are pairs (then ``kinds`` stays empty and the summary reads as
+    it always has)."""
     summary = DataSummary(rows=len(results))
     for result in results:
         if isinstance(result, str):
             summary.skipped[result] = summary.skipped.get(result, 0) + 1
             continue
+        kind = KIND_NAMES[type(result)]
+        summary.kinds[kind] = summary.kinds.get(kind, 0) + 1
         summary.kept += 1
         summary.truncated += result.truncated
         summary.prompt_lengths.append(len(result.prompt_ids))
-        summary.completion_lengths += [len(result.chosen_ids), len(result.rejected_ids)]
+        summary.completion_lengths += [len(ids) for ids in completion_ids(result)]
+    if set(summary.kinds) <= {"pairs"}:
+        summary.kinds = {}
     return summary
+
+
+def completion_ids(result: TokenizedExample) -> list[list[int]]:
+    """The completions of a tokenised row, in order (chosen then rejected for a pair)."""
+    if isinstance(result, TokenizedPair):
+        return [result.chosen_ids, result.rejected_ids]
+    if isinstance(result, TokenizedList):
+        return result.completions
+    return [result.completion_ids]
 
 
 def _check_lengths(max_length: int, max_prompt_length: int) -> None:
     if max_prompt_length < 1 or max_length < 2:
         raise ValueError(f"max_length = {max_length}, max_prompt_length = {max_prompt_length}: expected "
                          f"max_prompt_length >= 1 and max_length >= 2")
+
+
+# --- beyond pairs: ranked lists and unpaired rows ----------------------------------------------------------
+#
+# The same rules as pairs: the prompt rendered and tokenised once, each completion separately, ending
+# with EOS; the same truncation (fit_prompt, fit_completions). A ranked list with an empty completion or
+# two identical completions is skipped whole: dropping one completion would change what its ranking says.
+
+
+def tokenize_examples(examples: list[Example], tokenizer, max_length: int,
+                      max_prompt_length: int) -> tuple[list[TokenizedExample], DataSummary]:
+    """Pairs, ranked lists and unpaired rows, tokenised in two tokenizer calls (all prompts, all
+    completions); the survivors in order and a :class:`DataSummary` that counts each kind. Pairs come
+    out exactly as from :func:`tokenize_pairs`."""
+    _check_lengths(max_length, max_prompt_length)
+    results: list[TokenizedExample | str | None] = []
+    rendered: list[tuple[int, str, list[str], bool]] = []
+    for index, example in enumerate(examples):
+        reason = example_skip_reason(example)
+        results.append(reason)
+        if reason is None:
+            rendered.append((index, *render_example(example, tokenizer)))
+    prompts = _encode(tokenizer, [prompt for _, prompt, _, _ in rendered])
+    completions = iter(_encode(tokenizer, [text for _, _, texts, _ in rendered for text in texts]))
+    bos, eos = adds_bos(tokenizer), _eos(tokenizer)
+    for k, (index, _, texts, chat) in enumerate(rendered):
+        ids = [with_eos(next(completions), eos) for _ in texts]
+        results[index] = fit_example(examples[index], _head(tokenizer, bos, chat), prompts[k], ids,
+                                     max_length, max_prompt_length)
+    return [r for r in results if not isinstance(r, str)], summarize(results)
+
+
+def example_completions(example: Example) -> list[Text]:
+    """The completions of an example, in order (chosen then rejected for a pair)."""
+    if isinstance(example, Pair):
+        return [example.chosen, example.rejected]
+    if isinstance(example, RankedList):
+        return list(example.completions)
+    return [example.completion]
+
+
+def example_skip_reason(example: Example) -> str | None:
+    """Why an example is useless before tokenising it (see :func:`skip_reason` for pairs)."""
+    if isinstance(example, Pair):
+        return skip_reason(example)
+    completions = example_completions(example)
+    if any(_is_empty(c) for c in completions):
+        return EMPTY
+    if _has_duplicates(completions):
+        return DUPLICATE
+    return None
+
+
+def _has_duplicates(items: list) -> bool:
+    return any(a == b for i, a in enumerate(items) for b in items[i + 1:])
+
+
+def render_example(example: Example, tokenizer) -> tuple[str, list[str], bool]:
+    """``(prompt text, completion texts, chat)``; pairs through :func:`render` as always."""
+    if isinstance(example, Pair):
+        texts = render(example, tokenizer)
+        return texts.prompt, [texts.chosen, texts.rejected], texts.chat
+    return render_texts(example.prompt, example_completions(example), tokenizer, example.source)
+
+
+def fit_example(example: Example, head: list[int], prompt: list[int], completions: list[list[int]],
+                max_length: int, max_prompt_length: int) -> TokenizedExample | str:
+    """Truncate an example's ids (completions already ending with EOS) and build its tokenised row, or
+    the reason it is skipped."""
+    if isinstance(example, Pair):
+        return fit(head, prompt, *completions, max_length, max_prompt_length, example.source, example.weight)
+    full_prompt, prompt_cut = fit_prompt(head, prompt, max_prompt_length)
+    fitted = fit_completions(len(full_prompt), completions, max_length)
+    if isinstance(fitted, str):
+        return fitted
+    cut, completion_cut = fitted
+    truncated = prompt_cut or completion_cut
+    if isinstance(example, Unpaired):
+        return TokenizedUnpaired(full_prompt, cut[0], example.label, truncated, example.source, example.weight)
+    if _has_duplicates(cut):
+        return DUPLICATE_AFTER_TRUNCATION
+    return TokenizedList(full_prompt, cut, example.ranking, example.scores, truncated, example.source,
+                         example.weight)
+
+
+def expand_ranking_to_pairs(ranked: TokenizedList) -> list[TokenizedPair]:
+    """Every pair a ranked list implies (``--pairs all``): ``(a, b)`` for each two completions with
+    ``a`` ranked strictly better than ``b``; tied completions make no pair. A strict ranking of K gives
+    K (K - 1) / 2 pairs, best first. Each pair keeps the list's prompt, source and weight (a weight
+    per pair, so a list of K counts as its K (K - 1) / 2 pairs in the step's mean)."""
+    ranks = ranked.ranks()
+    order = sorted(range(len(ranks)), key=lambda k: (ranks[k], k))
+    return [TokenizedPair(ranked.prompt_ids, ranked.completions[a], ranked.completions[b], ranked.truncated,
+                          ranked.source, ranked.weight)
+            for i, a in enumerate(order) for b in order[i + 1:] if ranks[a] < ranks[b]]
+
+
+def mismatched_unpaired(rows: list[TokenizedUnpaired], max_length: int) -> list[TokenizedUnpaired]:
+    """The mismatched prompt/completion pairs KTO estimates its reference point from (Ethayarajh et al.
+    2024, Section 4; see :func:`tiltlm.losses.kto_reference_point`): row ``i``'s prompt with row
+    ``i + 1``'s completion (cyclically), the completion cut to fit ``max_length``. Their weights are 0:
+    they are scored, never trained on."""
+    if len(rows) < 2:
+        raise ValueError(f"KTO's reference point needs at least 2 rows in a batch to mismatch, got {len(rows)}")
+    mismatched = []
+    for i, row in enumerate(rows):
+        other = rows[(i + 1) % len(rows)]
+        fitted = fit_completions(len(row.prompt_ids), [other.completion_ids], max_length)
+        assert not isinstance(fitted, str), "a kept row's prompt always leaves room for a completion"
+        (completion,), cut = fitted
+        mismatched.append(TokenizedUnpaired(row.prompt_ids, completion, other.label, row.truncated or cut,
+                                            f"{row.source} x {other.source}", weight=0.0))
+    return mismatched

@@ -1,4 +1,8 @@
-"""The records data takes on its way to a batch: a Pair as read, a TokenizedPair as the model sees it."""
+"""The records data takes on its way to a batch: a Pair as read, a TokenizedPair as the model sees it.
+
+Beyond pairs: a :class:`RankedList` (K completions of one prompt, ranked or scored) and an
+:class:`Unpaired` completion (labelled desirable or not), with their tokenised forms. Every row may
+carry a non-negative ``weight`` (default 1) that multiplies its loss."""
 
 from __future__ import annotations
 
@@ -28,6 +32,7 @@ class Pair:
     chosen: Text
     rejected: Text
     source: str = ""
+    weight: float = 1.0
 
 
 @dataclass
@@ -40,6 +45,85 @@ class TokenizedPair:
     rejected_ids: list[int]
     truncated: bool = False
     source: str = ""
+    weight: float = 1.0
+
+
+@dataclass
+class RankedList:
+    """K >= 2 completions of one prompt, ordered by ``ranking`` (completion indices, best first: a strict
+    order) or by ``scores`` (one per completion, higher is better, ties allowed); exactly one is set.
+    Texts are all strings or all message lists, as in :class:`Pair`."""
+
+    prompt: Text
+    completions: list[Text]
+    ranking: list[int] | None = None
+    scores: list[float] | None = None
+    source: str = ""
+    weight: float = 1.0
+
+    def ranks(self) -> list[int]:
+        """Each completion's rank, see :func:`ranks_of`."""
+        return ranks_of(len(self.completions), self.ranking, self.scores)
+
+
+@dataclass
+class Unpaired:
+    """One completion of a prompt, labelled desirable (``label`` True) or undesirable: KTO's data."""
+
+    prompt: Text
+    completion: Text
+    label: bool
+    source: str = ""
+    weight: float = 1.0
+
+
+@dataclass
+class TokenizedList:
+    """Token ids of a :class:`RankedList`: the prompt once, each completion separately (ending with EOS
+    unless truncation cut it); ``prompt_ids + completions[k]`` is what the model scores."""
+
+    prompt_ids: list[int]
+    completions: list[list[int]]
+    ranking: list[int] | None = None
+    scores: list[float] | None = None
+    truncated: bool = False
+    source: str = ""
+    weight: float = 1.0
+
+    def ranks(self) -> list[int]:
+        """Each completion's rank, see :func:`ranks_of`."""
+        return ranks_of(len(self.completions), self.ranking, self.scores)
+
+
+@dataclass
+class TokenizedUnpaired:
+    """Token ids of an :class:`Unpaired` row."""
+
+    prompt_ids: list[int]
+    completion_ids: list[int]
+    label: bool
+    truncated: bool = False
+    source: str = ""
+    weight: float = 1.0
+
+
+Example = Union[Pair, RankedList, Unpaired]
+TokenizedExample = Union[TokenizedPair, TokenizedList, TokenizedUnpaired]
+
+
+def ranks_of(count: int, ranking: list[int] | None, scores: list[float] | None) -> list[int]:
+    """Each of ``count`` completions' rank: 0 for the best, larger for worse, equal for ties (dense:
+    scores 3, 7, 7, 1 give ranks 2, 0, 0, 1). From a ``ranking`` (best first) completion
+    ``ranking[k]`` has rank ``k``. This is the form :func:`tiltlm.losses.plackett_luce` takes."""
+    if ranking is not None:
+        ranks = [0] * count
+        for place, index in enumerate(ranking):
+            ranks[index] = place
+        return ranks
+    if scores is None:
+        raise ValueError("a ranked list needs a ranking or scores")
+    distinct = sorted(set(scores), reverse=True)
+    return [distinct.index(score) for score in scores]
 
 
 @dataclass
@@ -56,17 +140,26 @@ class DataSummary:
     truncated: int = 0
     prompt_lengths: list[int] = field(default_factory=list)
     completion_lengths: list[int] = field(default_factory=list)
+    kinds: dict[str, int] = field(default_factory=dict)  # kept rows by kind; empty when all are pairs
 
     def format(self) -> str:
         """A few lines for the log: rows read, kept, skipped by reason, truncations, and the p50/p90/max of
         prompt and completion lengths, so a bad max_length or a mostly skipped file shows before training."""
         reasons = ", ".join(f"{reason}: {count}" for reason, count in sorted(self.skipped.items()))
         skipped = f"skipped {sum(self.skipped.values())}" + (f" ({reasons})" if reasons else "")
+        if not self.kinds:
+            return "\n".join([
+                f"rows read {self.rows}, kept {self.kept}, {skipped}",
+                f"truncated {self.truncated} of {self.kept} kept pairs",
+                f"prompt tokens: {spread(self.prompt_lengths)}",
+                f"completion tokens (chosen and rejected): {spread(self.completion_lengths)}",
+            ])
+        kinds = ", ".join(f"{kind} {count}" for kind, count in sorted(self.kinds.items()))
         return "\n".join([
-            f"rows read {self.rows}, kept {self.kept}, {skipped}",
-            f"truncated {self.truncated} of {self.kept} kept pairs",
+            f"rows read {self.rows}, kept {self.kept} ({kinds}), {skipped}",
+            f"truncated {self.truncated} of {self.kept} kept rows",
             f"prompt tokens: {spread(self.prompt_lengths)}",
-            f"completion tokens (chosen and rejected): {spread(self.completion_lengths)}",
+            f"completion tokens (every completion): {spread(self.completion_lengths)}",
         ])
 
 

@@ -1,0 +1,141 @@
+"""Bradley-Terry reward models: scoring a :class:`~tiltlm.data.collate.Batch`'s completions, loading and
+preparing the model.
+
+A reward model here is a Hugging Face ``AutoModelForSequenceClassification`` with ``num_labels = 1``: a
+transformer body and a linear "score" head from the last hidden state to one number. Trained with
+:func:`tiltlm.losses.bradley_terry_reward_loss`, its scalar output for prompt + completion is the
+reward ``r(x, y)`` (Ouyang et al. 2022, Section 3.5).
+
+Scoring reads the hidden state at each sequence's *last* completion token, which the batch already
+locates: the last scored token of sequence ``s`` is predicted at column ``c`` (its ``target_cols``
+entry), so it sits at column ``c + 1`` of that row. Because the batch's attention mask lets that
+position see exactly its own prompt and completion, both collate layouts (``concatenated`` and the
+prefix-``shared`` one, packed or not) give the score of the sequence run alone, with the body run once.
+
+Compatibility with Hugging Face's own forward (what a user of the saved ``final/`` model calls): it
+reads the score at the rightmost token that is not ``config.pad_token_id``. Completions end with EOS,
+so when the pad token *is* EOS (tiltlm's default for tokenizers without one) the saved model, run on
+text ending with EOS, reads the token before it, not the one it was trained at:
+:func:`prepare_reward_model` returns a warning for that case.
+"""
+
+from __future__ import annotations
+
+import os
+
+import torch
+from torch import Tensor, nn
+
+from tiltlm.data.collate import Batch
+from tiltlm.logprobs import additive_mask
+from tiltlm.models import ModelError, plain_after_gguf, resolve
+
+
+def last_token_positions(batch: Batch, sequences: int | None = None) -> tuple[Tensor, Tensor]:
+    """``(rows, cols)``, shape [sequences] each: where each sequence's last completion token sits.
+
+    Sequence ids are ``batch.target_seq`` (``0 .. sequences - 1``, every one present). A sequence's
+    tokens lie left to right in one row and each is predicted from the column before it, so its last
+    token sits one column after its last predictor column. One exception: a completion's *first* token
+    is predicted from the prompt's last column, which in the prefix-shared layout is shared by every
+    completion of that prompt (a branch point). For a one-token completion there, "one column after"
+    is the first token of the completion laid out before it; its token sits instead right after the
+    end of the sibling before it, the siblings laid out one after another in the order of their targets
+    (how :func:`tiltlm.data.collate.collate_shared` lays them out). See :func:`_branch_single_tokens`.
+    """
+    count = sequences if sequences is not None else int(batch.target_seq.max()) + 1
+    seq, tcols = batch.target_seq, batch.target_cols
+    last = torch.full((count,), -1, dtype=torch.long, device=tcols.device).scatter_reduce(0, seq, tcols, reduce="amax")
+    if bool((last < 0).any()):
+        raise ValueError(f"sequence(s) {(last < 0).nonzero().flatten().tolist()} have no completion token")
+    rows = torch.zeros(count, dtype=torch.long, device=tcols.device).scatter(0, seq, batch.target_rows)
+    cols = last + 1
+    for s, col in _branch_single_tokens(batch, cols).items():
+        cols[s] = col
+    return rows, cols
+
+
+def _branch_single_tokens(batch: Batch, ends: Tensor) -> dict[int, int]:
+    """Column of each one-token sequence whose only predictor column is shared with other sequences:
+    walking the siblings at that column in target order, each starts right after the previous one's
+    last token (``ends``: each sequence's last column, correct for all but these)."""
+    rows, cols, seqs = batch.target_rows.tolist(), batch.target_cols.tolist(), batch.target_seq.tolist()
+    siblings: dict[tuple[int, int], list[int]] = {}
+    targets = [0] * len(ends)
+    for row, col, s in zip(rows, cols, seqs):
+        targets[s] += 1
+        at = siblings.setdefault((row, col), [])
+        if s not in at:
+            at.append(s)
+    fixed: dict[int, int] = {}
+    for (_, col), group in siblings.items():
+        if len(group) < 2 or all(targets[s] > 1 for s in group):
+            continue
+        start = col + 1
+        for s in group:
+            end = start if targets[s] == 1 else int(ends[s])
+            if targets[s] == 1:
+                fixed[s] = start
+            start = end + 1
+    return fixed
+
+
+def body_and_score_head(model: nn.Module) -> tuple[nn.Module, nn.Module]:
+    """The transformer body and the score head of a sequence-classification model, also under peft
+    (which wraps a trained head in a ``ModulesToSaveWrapper``: called, it runs the trained copy)."""
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    head = getattr(base, "score", None)
+    if not isinstance(head, nn.Module) or not isinstance(getattr(head, "weight", None), Tensor):
+        raise ModelError(f"{type(base).__name__} has no linear 'score' head; a reward model must be an "
+                         f"AutoModelForSequenceClassification of a decoder architecture (Llama, Qwen, ...)")
+    return base.base_model, head
+
+
+def score_sequences(model: nn.Module, batch: Batch, sequences: int | None = None) -> Tensor:
+    """One reward per sequence of ``batch`` (shape [sequences], float32 or wider): the score head
+    applied to the hidden state at the sequence's last completion token, the body run once."""
+    body, head = body_and_score_head(model)
+    hidden = body(
+        input_ids=batch.input_ids, attention_mask=additive_mask(batch.attention_mask, head.weight.dtype),
+        position_ids=batch.position_ids, use_cache=False,
+    ).last_hidden_state
+    rows, cols = last_token_positions(batch, sequences)
+    scores = head(hidden[rows, cols]).squeeze(-1)
+    return scores.to(torch.promote_types(scores.dtype, torch.float32))
+
+
+def prepare_reward_model(model: nn.Module, tokenizer) -> str | None:
+    """Set ``config.pad_token_id`` from the tokenizer (Hugging Face's forward needs it to find each
+    sequence's last token in a padded batch, and saves it with the model). A warning when pad is EOS
+    (see the module docstring), else ``None``."""
+    pad, eos = tokenizer.pad_token_id, tokenizer.eos_token_id
+    if pad is None:
+        raise ModelError("the tokenizer has no pad token: a reward model needs one in its config; "
+                         "set tokenizer.pad_token")
+    model.config.pad_token_id = pad
+    if pad == eos:
+        return ("the tokenizer's pad token is its EOS token: the reward is trained at each completion's final "
+                "EOS, but Hugging Face's own forward of the saved model reads the last non-pad token, the "
+                "one before EOS; score texts without their final EOS there, or use a tokenizer with its own "
+                "pad token")
+    return None
+
+
+def load_reward_model(name: str, tokenizer, dtype: torch.dtype = torch.float32, trust_remote_code: bool = False):
+    """An ``AutoModelForSequenceClassification`` with one label from a model directory, hub id or alias:
+    a saved reward model as it is, or a causal LM with a new, randomly initialised score head (the
+    standard start of reward-model training). ``config.pad_token_id`` is set from ``tokenizer``."""
+    from transformers import AutoModelForSequenceClassification
+
+    path, extra = resolve(name)
+    if not os.path.isdir(path) and os.path.exists(path):
+        raise ModelError(f"model {name!r} is a file; expected a model directory, a hub id or an alias")
+    try:
+        model = AutoModelForSequenceClassification.from_pretrained(
+            path, num_labels=1, dtype=dtype, trust_remote_code=trust_remote_code, **extra)
+    except (OSError, ValueError) as error:
+        raise ModelError(f"cannot load a sequence-classification (reward) model from {name!r}: {error}") from error
+    if "gguf_file" in extra:
+        plain_after_gguf(model)
+    prepare_reward_model(model, tokenizer)
+    return model
