@@ -13,7 +13,6 @@ from omegaconf import OmegaConf
 
 from tiltlm import step
 from tiltlm.config import ConfigError, TrainConfig, validate
-from tiltlm.logprobs import CompletionLogps
 from tiltlm.models import frozen, is_adapter, load_model, load_tokenizer
 from tiltlm.objectives import make_objective
 from tiltlm.reference import PrecomputedReference, Reference
@@ -62,6 +61,6 @@ def evaluate(model: str, data: str, ref: str | None = None, beta: float = TrainC
             load=None if own else lambda: frozen(load_model(ref or default_reference(model), precision.weights,
                                                             trust_remote_code)))
         reference.prepare(policy, {data: pairs}, objective.collate)
-    metrics = step.evaluate(CompletionLogps(policy, config.logprob_chunk), reference, objective, pairs, data,
+    metrics = step.evaluate(objective.scorer(policy), reference, objective, pairs, data,
                             batch_size, precision, prefix="", progress=progress)
     return {"pairs": len(pairs), **metrics}

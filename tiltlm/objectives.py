@@ -4,12 +4,15 @@ reference is needed, and how policy and reference scores become per-example loss
 An objective has one interface::
 
     objective.collate(examples) -> Batch
+    objective.length(example)   -> int         tokens the example occupies (length-grouped steps)
+    objective.scorer(model)     -> nn.Module   batch -> scores; the module DDP/FSDP wrap
     objective.needs_reference   -> bool
+    objective.progress_keys     -> metrics shown beside the loss on the progress bar
     objective(policy_scores, reference_scores | None, batch) -> Scored
 
-where scores are ``(summed completion log-probs, completion token counts)`` per sequence of the batch, as
-:class:`~tiltlm.logprobs.CompletionLogps` returns them. Today: preference pairs under any loss of
-:mod:`tiltlm.losses` or a weighted sum of them.
+For preference pairs (:class:`PairObjective`, any loss of :mod:`tiltlm.losses` or a weighted sum of them)
+scores are ``(summed completion log-probs, completion token counts)`` per sequence of the batch, as
+:class:`~tiltlm.logprobs.CompletionLogps` returns them.
 """
 
 from __future__ import annotations
@@ -19,10 +22,11 @@ from functools import partial
 from typing import Callable, Optional
 
 import torch
-from torch import Tensor
+from torch import Tensor, nn
 
 from tiltlm.config import TrainConfig, loss_setup
 from tiltlm.data.collate import Batch, collate_concatenated, collate_shared
+from tiltlm.logprobs import CompletionLogps
 from tiltlm.losses import LossOutput, LossParams, PairLogps, needs_reference, preference_loss
 
 Scores = tuple[Tensor, Tensor]
@@ -87,10 +91,19 @@ class PairObjective:
     params: LossParams
     names: tuple[str, ...] = ("sigmoid",)
     weights: tuple[float, ...] = (1.0,)
+    chunk_size: int = 256  # completion positions projected to the vocabulary at a time
+    progress_keys = ("rewards/accuracies", "rewards/margins")
 
     @property
     def needs_reference(self) -> bool:
         return needs_reference(self.names)
+
+    def scorer(self, model: nn.Module) -> nn.Module:
+        return CompletionLogps(model, self.chunk_size)
+
+    @staticmethod
+    def length(pair) -> int:
+        return len(pair.prompt_ids) + len(pair.chosen_ids) + len(pair.rejected_ids)
 
     def __call__(self, policy: Scores, reference: Optional[Scores], batch: Batch) -> Scored:
         policy_logps = split_pairs(*policy, batch.num_pairs)
@@ -103,4 +116,4 @@ def make_objective(config: TrainConfig, tokenizer) -> PairObjective:
     """The objective ``config`` asks for: its losses and batch layout."""
     params, names, weights = loss_setup(config)
     collate = make_collate(config.layout, tokenizer.pad_token_id, config.pack_tokens or config.max_length)
-    return PairObjective(collate, params, names, weights)
+    return PairObjective(collate, params, names, weights, config.logprob_chunk)

@@ -26,7 +26,6 @@ from tiltlm import checkpoint as ckpt
 from tiltlm import collectives, distributed, rundir, step
 from tiltlm.config import ConfigError, TrainConfig
 from tiltlm.data.order import DataOrder
-from tiltlm.logprobs import CompletionLogps
 from tiltlm.metrics import MetricSums, MetricsWriter, displacement_warning, truncate_metrics
 from tiltlm.models import add_lora, disable_dropout, load_model, load_tokenizer, saved_dtype
 from tiltlm.objectives import PairObjective, make_objective
@@ -104,7 +103,7 @@ def setup(config: TrainConfig, runtime: Runtime) -> Run:
     objective = make_objective(config, tokenizer)
     datasets = {role: step.read_examples(source, tokenizer, config, log)
                 for role, source in (("train", config.data), ("eval", config.eval_data)) if source}
-    order, total_steps = data_order(config, datasets["train"], runtime)
+    order, total_steps = data_order(config, datasets["train"], objective, runtime)
     reference = make_reference(config, runtime, precision, objective, tokenizer, sharded, log,
                                covers_data=total_steps >= order.steps_per_epoch and not sharded)
     model = build_policy(config, precision, reference, datasets, objective, sharded)
@@ -112,8 +111,7 @@ def setup(config: TrainConfig, runtime: Runtime) -> Run:
         lost = lost_update_fraction((p for p in model.parameters() if p.requires_grad), config.lr)
         log(f"warning: bf16 weights: at lr {config.lr:g}, {lost:.0%} of the trained weights are too large for an "
             f"update of that size to change them; without --bf16-weights they train in float32")
-    forward = distributed.wrap(CompletionLogps(model, config.logprob_chunk), config.parallel, runtime,
-                               precision.compute)
+    forward = distributed.wrap(objective.scorer(model), config.parallel, runtime, precision.compute)
     optimizer = torch.optim.AdamW(param_groups(model, config.weight_decay), lr=config.lr,
                                   fused=runtime.device.type in ("cpu", "cuda"))
     scheduler = get_scheduler("constant_with_warmup" if config.scheduler == "constant" else config.scheduler,
@@ -129,9 +127,9 @@ def setup(config: TrainConfig, runtime: Runtime) -> Run:
                reference, optimizer, scheduler, start_step, log)
 
 
-def data_order(config: TrainConfig, examples: list, runtime: Runtime) -> tuple[DataOrder, int]:
+def data_order(config: TrainConfig, examples: list, objective, runtime: Runtime) -> tuple[DataOrder, int]:
     """Which examples each rank sees at each step, and the number of optimizer steps."""
-    lengths = tuple(len(p.prompt_ids) + len(p.chosen_ids) + len(p.rejected_ids) for p in examples)
+    lengths = tuple(objective.length(example) for example in examples)
     order = DataOrder(len(examples), config.batch_size, config.grad_accum, runtime.world_size, config.seed,
                       lengths=lengths if config.group_by_length else ())
     if order.steps_per_epoch == 0:
@@ -220,8 +218,8 @@ def loop(run: Run) -> Outcome:
             done = index + 1
             if writer is not None and (done % config.log_every == 0 or done == run.total_steps):
                 writer.write(row)
-                bar.set_postfix(loss=f"{row['loss']:.4f}", acc=f"{row['rewards/accuracies']:.2f}",
-                                margin=f"{row['rewards/margins']:.3f}")
+                bar.set_postfix({"loss": f"{row['loss']:.4f}",
+                                 **{key.split("/")[-1]: f"{row[key]:.3f}" for key in run.objective.progress_keys}})
             if "eval" in run.datasets and (done % config.eval_every == 0 or done == run.total_steps):
                 eval_row = evaluate(run)
                 if writer is not None:
@@ -300,7 +298,7 @@ def step_sources(run: Run, index: int) -> list[str]:
 
 def evaluate(run: Run) -> dict[str, float]:
     """The eval set's metrics (``eval/...``) with the policy as it is now."""
-    return step.evaluate(CompletionLogps(run.model, run.config.logprob_chunk), run.reference, run.objective,
+    return step.evaluate(run.objective.scorer(run.model), run.reference, run.objective,
                          run.datasets["eval"], "eval", run.config.batch_size, run.precision, progress=run.config.progress)
 
 
