@@ -273,3 +273,11 @@ def test_compiled_flex_equals_dense_mask():
     dense = segment_mask(segments.segment_ids, segments.part_ids)
     expected = torch.nn.functional.scaled_dot_product_attention(q, k, v, attn_mask=dense, scale=0.3, enable_gqa=True)
     torch.testing.assert_close(got, expected.transpose(1, 2), rtol=1e-5, atol=1e-5)
+
+
+def test_config_names_the_attention_option():
+    from tiltlm.config import ConfigError, TrainConfig, validate
+
+    validate(TrainConfig(data="x.jsonl", attention="blocks"))
+    with pytest.raises(ConfigError, match="attention = 'flash'"):
+        validate(TrainConfig(data="x.jsonl", attention="flash"))
