@@ -8,7 +8,8 @@ step, float32 on 2 threads, and writes per-step wall times, per-step losses and 
 RSS as JSON.
 
 Configurations (:data:`CONFIGS`) switch on tiltlm's fast paths one at a time and all together (``all``
-is what ``tiltlm train`` does by default); ``all+gc`` adds gradient checkpointing and ``all+gc+release``
+is what ``tiltlm train`` does by default: on CPU, attention by blocks from the rows' segment metadata;
+``all-dense`` is the same with the former dense-mask SDPA attention); ``all+gc`` adds gradient checkpointing and ``all+gc+release``
 also ``--release-memory``, tiltlm's options for memory.
 """
 
@@ -43,6 +44,7 @@ class Config:
     pack_tokens: int = 512  # packed rows: tiltlm's default, max_length
     gradient_checkpointing: bool = False  # tiltlm's option: recompute each block's activations in the backward
     release_memory: bool = False  # tiltlm's option: glibc returns freed tensors to the system at once
+    attention: str = "auto"  # tiltlm's kernel choice (blocks on CPU); "sdpa": the dense [rows, 1, L, L] mask
 
 
 CONFIGS = {
@@ -52,6 +54,7 @@ CONFIGS = {
     "chunked": Config("concatenated", "chunked", "online"),
     "precompute": Config("concatenated", "full", "precompute"),
     "all": Config("packed", "chunked", "precompute"),
+    "all-dense": Config("packed", "chunked", "precompute", attention="sdpa"),
     "all+gc": Config("packed", "chunked", "precompute", gradient_checkpointing=True),
     "all+gc+release": Config("packed", "chunked", "precompute", gradient_checkpointing=True, release_memory=True),
 }
@@ -74,12 +77,13 @@ def build(model_name: str, config: Config):
     from tiltlm.data.types import TokenizedPair
     from tiltlm.objectives import make_collate
     from tiltlm.logprobs import CompletionLogps, naive_sequence_logps
-    from tiltlm.models import disable_dropout, frozen
+    from tiltlm.models import choose_attention, disable_dropout, frozen, set_attention
 
     data = load_workload(model_name)
     pairs = [TokenizedPair(p["prompt_ids"], p["chosen_ids"], p["rejected_ids"]) for p in data["pairs"]]
     policy = AutoModelForCausalLM.from_pretrained(model_dir(model_name), dtype=torch.float32, attn_implementation="sdpa")
     disable_dropout(policy)
+    set_attention(policy, choose_attention(policy, config.attention, "cpu"))
     reference_model = frozen(copy.deepcopy(policy))  # the policy's starting weights, like tiltlm's online mode
     if config.gradient_checkpointing:  # as tiltlm.train.build_policy does it
         policy.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})

@@ -23,13 +23,14 @@ sys.path.insert(0, str(HERE))
 
 from flops import Shape, step_flops  # noqa: E402
 
-TILTLM_CONFIGS = ["naive", "shared", "packed", "chunked", "precompute", "all", "all+gc", "all+gc+release"]
+TILTLM_CONFIGS = ["naive", "shared", "packed", "chunked", "precompute", "all", "all-dense", "all+gc",
+                  "all+gc+release"]
 TRL_CONFIGS = ["trl-shipped", "trl-completion-only"]
 PLAN = {  # model: (configurations, warm-up steps, measured steps)
     "tiny20m": (TILTLM_CONFIGS + TRL_CONFIGS, 1, 5),
     # SmolLM2 steps cost ~7x the 20M model's: only the all-on configurations and TRL's faster one fit the
     # time budget on 2 shared cores (add more with --configs)
-    "smollm2": (["all", "all+gc", "trl-completion-only"], 1, 5),
+    "smollm2": (["all", "all-dense", "all+gc", "trl-completion-only"], 1, 5),
 }
 DESCRIPTIONS = {
     "naive": "concatenated rows, full logits, online reference",
@@ -37,7 +38,9 @@ DESCRIPTIONS = {
     "packed": "naive + prefix sharing + packing (512-token rows)",
     "chunked": "naive + completion-only chunked projection",
     "precompute": "naive + precomputed reference",
-    "all": "packing + completion-only projection + precomputed reference: `tiltlm train`'s defaults",
+    "all": "packing + completion-only projection + precomputed reference + attention by blocks from segment "
+           "metadata: `tiltlm train`'s defaults",
+    "all-dense": "all with the former attention: SDPA under a dense [rows, 1, L, L] mask (`attention: sdpa`)",
     "all+gc": "all + gradient checkpointing of the blocks (`--gradient-checkpointing`)",
     "all+gc+release": "all+gc + freed memory returned to the system at once (`--release-memory`)",
     "trl-shipped": "TRL DPOTrainer as shipped (fp32, no grad. ckpt)",

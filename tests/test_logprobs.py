@@ -6,7 +6,7 @@ from types import SimpleNamespace
 import pytest
 import torch
 
-from tiltlm.data.collate import collate_concatenated, collate_shared, pack_rows
+from tiltlm.data.collate import collate_concatenated, collate_shared, pack_rows, shared_prefix_mask
 from tiltlm.data.types import TokenizedPair
 from tiltlm.logprobs import additive_mask, chunked_token_logps, naive_sequence_logps, sequence_logps
 from tiltlm.models import tiny_llama
@@ -92,7 +92,7 @@ def test_packed_rows_hold_no_more_than_budget():
 def test_shared_mask_hides_chosen_from_rejected():
     pair = TokenizedPair([5, 6], [7, 8, 9], [10, 11])
     batch = collate_shared([pair], pad_id=0)
-    mask = batch.attention_mask[0, 0]
+    mask = shared_prefix_mask(batch.segment_ids, batch.part_ids)[0, 0]
     # positions: prompt 0-1, chosen 2-4, rejected 5-6
     assert mask[5, :2].all() and not mask[5, 2:5].any() and mask[6, 5]
     assert batch.position_ids[0].tolist() == [0, 1, 2, 3, 4, 2, 3]
@@ -127,7 +127,7 @@ def test_closed_form_head_gradient_passes_gradcheck():
 def test_additive_mask_gives_the_boolean_mask_results(model):
     pairs = random_pairs(4, seed=5)
     batch = collate_shared(pairs, pad_id=0, row_tokens=40)
-    mask = batch.attention_mask
+    mask = shared_prefix_mask(batch.segment_ids, batch.part_ids)
     additive = additive_mask(mask, torch.float32)
     assert additive.dtype == torch.float32 and torch.equal(additive == 0, mask)
     assert torch.isneginf(additive[~mask]).all()

@@ -84,6 +84,7 @@ class TrainConfig:
     deterministic: bool = False  # PyTorch's deterministic algorithms (GPU runs repeat bit for bit, slower)
     device: str = "auto"
     logprob_chunk: int = 256  # completion positions projected to the vocabulary at a time
+    attention: str = "auto"  # auto | flex (GPU) | blocks (CPU) | sdpa | eager: see tiltlm.attention
     trust_remote_code: bool = False
     parallel: str = "ddp"  # under torchrun: ddp (whole model per rank) | fsdp (weights and optimizer sharded)
 
@@ -156,6 +157,8 @@ def validate(config: TrainConfig) -> None:
         raise ConfigError(f"ref_mode = {config.ref_mode!r}: expected auto, online, precompute, adapters-off or none")
     if config.layout not in ("packed", "shared", "concatenated"):
         raise ConfigError(f"layout = {config.layout!r}: expected packed, shared or concatenated")
+    if config.attention not in ("auto", "flex", "blocks", "sdpa", "eager"):
+        raise ConfigError(f"attention = {config.attention!r}: expected auto, flex, blocks, sdpa or eager")
     if config.lora_r < 0:
         raise ConfigError(f"lora_r = {config.lora_r}: expected 0 (no LoRA) or a positive rank")
     if config.dtype in ("float16", "fp16"):

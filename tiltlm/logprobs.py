@@ -23,6 +23,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.utils.checkpoint import checkpoint
 
+from tiltlm import attention
 from tiltlm.data.collate import Batch
 
 
@@ -150,9 +151,10 @@ def chunked_token_logps(hidden: Tensor, head: nn.Linear, targets: Tensor, chunk_
 def per_sequence(values: Tensor, batch: Batch) -> tuple[Tensor, Tensor]:
     """Sum per-token values into their sequences: (sums [2P], token counts [2P]).
 
-    Sequences ``0..P-1`` are the chosen completions of pairs ``0..P-1``, ``P..2P-1`` the rejected.
+    For pairs, sequences ``0..P-1`` are the chosen completions of pairs ``0..P-1``, ``P..2P-1`` the
+    rejected; other batches number their sequences themselves (``Batch.num_sequences``).
     """
-    sequences = 2 * batch.num_pairs
+    sequences = batch.sequences
     sums = torch.zeros(sequences, dtype=torch.float32, device=values.device).index_add(0, batch.target_seq, values)
     counts = torch.bincount(batch.target_seq, minlength=sequences)
     return sums, counts
@@ -180,6 +182,23 @@ def additive_mask(mask: Tensor, dtype: torch.dtype) -> Tensor:
     return torch.zeros(mask.shape, dtype=dtype, device=mask.device).masked_fill_(~mask, float("-inf"))
 
 
+def backbone_states(backbone: nn.Module, config, batch: Batch, dtype: torch.dtype) -> Tensor:
+    """Last hidden states [rows, L', H] of a batch (L' >= L: FlexAttention pads rows to whole tiles).
+
+    Under tiltlm's attention kernels the batch's segment metadata goes down to attention and no mask is
+    built; other kernels get the dense mask of the same rule (:mod:`tiltlm.attention`)."""
+    kernel = attention.kernel_of(config)
+    if kernel in ("flex", "blocks"):
+        multiple = attention.FLEX_MULTIPLE if kernel == "flex" else 1
+        input_ids, position_ids, segments = attention.segments_of(batch, multiple)
+        with attention.segment_forward():
+            return backbone(input_ids=input_ids, attention_mask=None, position_ids=position_ids, use_cache=False,
+                            tiltlm_segments=segments).last_hidden_state
+    mask = attention.dense_attention_mask(batch, config, kernel, dtype)
+    return backbone(input_ids=batch.input_ids, attention_mask=mask, position_ids=batch.position_ids,
+                    use_cache=False).last_hidden_state
+
+
 class CompletionLogps(nn.Module):
     """Policy forward for DPO: a :class:`Batch` in, summed completion log-probs and counts out.
 
@@ -194,10 +213,7 @@ class CompletionLogps(nn.Module):
 
     def forward(self, batch: Batch) -> tuple[Tensor, Tensor]:
         backbone, head = backbone_and_head(self.model)
-        hidden = backbone(
-            input_ids=batch.input_ids, attention_mask=additive_mask(batch.attention_mask, head.weight.dtype),
-            position_ids=batch.position_ids, use_cache=False,
-        ).last_hidden_state
+        hidden = backbone_states(backbone, self.model.config, batch, head.weight.dtype)
         selected = hidden[batch.target_rows, batch.target_cols]
         softcap, scale = logit_modifiers(self.model.config)
         values = chunked_token_logps(selected, head, batch.target_ids, self.chunk_size, softcap, scale)
@@ -207,7 +223,8 @@ class CompletionLogps(nn.Module):
 def naive_sequence_logps(model: nn.Module, batch: Batch) -> tuple[Tensor, Tensor]:
     """The textbook computation, for tests and the benchmark's baseline: full float32 logits at every
     position, log-softmax, gather, mask, sum."""
-    logits = model(input_ids=batch.input_ids, attention_mask=batch.attention_mask,
+    mask = attention.dense_attention_mask(batch, model.config, "eager", model.dtype)
+    logits = model(input_ids=batch.input_ids, attention_mask=mask,
                    position_ids=batch.position_ids, use_cache=False).logits.float()
     all_logps = torch.log_softmax(logits, dim=-1)
     values = all_logps[batch.target_rows, batch.target_cols].gather(-1, batch.target_ids.unsqueeze(-1)).squeeze(-1)

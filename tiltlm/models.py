@@ -9,6 +9,7 @@ template ends every turn with ``<|im_end|>`` (id 2), which is also the model's E
 from __future__ import annotations
 
 import importlib.util
+import logging
 import os
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -17,6 +18,7 @@ from typing import Iterator
 
 import torch
 
+logger = logging.getLogger(__name__)
 
 @dataclass(frozen=True)
 class Alias:
@@ -125,15 +127,19 @@ def saved_dtype(name: str) -> torch.dtype:
 
 
 def load_model(name: str, dtype: torch.dtype = torch.float32, trust_remote_code: bool = False,
-               attn_implementation: str | None = "sdpa"):
+               attn_implementation: str | None = None, attention: str = "auto",
+               device: torch.device | str | None = None):
     """An ``AutoModelForCausalLM`` in ``dtype``; for an adapter directory, its base model with the
-    adapter attached (a ``PeftModel``). ``trust_remote_code`` only when the user asks for it."""
+    adapter attached (a ``PeftModel``). ``trust_remote_code`` only when the user asks for it.
+
+    Loaded with ``attn_implementation`` (default: what transformers picks for the family), then set to
+    the attention kernel :func:`choose_attention` picks for ``attention`` on ``device`` (default CPU)."""
     from transformers import AutoModelForCausalLM
 
     if is_adapter(name):
         from peft import PeftModel
 
-        base = load_model(adapter_base(name), dtype, trust_remote_code, attn_implementation)
+        base = load_model(adapter_base(name), dtype, trust_remote_code, attn_implementation, attention, device)
         return PeftModel.from_pretrained(base, name)
     path, extra = resolve(name)
     if not os.path.isdir(path) and os.path.exists(path):
@@ -151,7 +157,37 @@ def load_model(name: str, dtype: torch.dtype = torch.float32, trust_remote_code:
     alias = ALIASES.get(name)
     if alias is not None:
         model.generation_config.pad_token_id = model.config.eos_token_id
+    set_attention(model, choose_attention(model, attention, device))
     return model
+
+
+def choose_attention(model, requested: str = "auto", device: torch.device | str | None = None) -> str:
+    """The attention kernel for ``model`` on ``device``: ``requested`` if given and exact for the family
+    (else ModelError); for ``auto`` the first exact one of flex (GPU) or blocks (CPU), sdpa, eager."""
+    from tiltlm.attention import KERNELS, unsupported
+
+    if requested not in KERNELS:
+        raise ModelError(f"attention {requested!r}: expected one of {', '.join(KERNELS)}")
+    on_gpu = torch.device(device or "cpu").type == "cuda"
+    candidates = [requested] if requested != "auto" else ["flex" if on_gpu else "blocks", "sdpa", "eager"]
+    for kernel in candidates:
+        reason = unsupported(model, kernel)
+        if reason is None:
+            return kernel
+        if requested != "auto":
+            raise ModelError(f"attention {requested!r}: {reason}")
+        logger.info("attention: %s not used: %s", kernel, reason)
+    raise AssertionError("eager attention is always possible")
+
+
+def set_attention(model, kernel: str) -> None:
+    """Run ``model`` (or the base of a peft model) with ``kernel``, one of flex, blocks, sdpa, eager."""
+    from tiltlm.attention import IMPLEMENTATION, register
+
+    register()
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    base.set_attn_implementation(IMPLEMENTATION[kernel])
+    logger.info("attention kernel for %s: %s", type(base).__name__, kernel)
 
 
 def plain_after_gguf(model) -> None:

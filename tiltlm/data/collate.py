@@ -1,18 +1,26 @@
-"""TokenizedPairs -> one Batch of tensors: chosen and rejected of the same pairs in one forward pass.
+"""TokenizedPairs -> one Batch of tensors: every completion of the same prompts in one forward pass.
 
 Two layouts, one Batch type, the same log-probs (tests prove it):
 
 ``concatenated``  two rows per pair, ``[prompt | chosen]`` and ``[prompt | rejected]``, right-padded to
-                  the longest row. The prompt is computed twice; short rows carry padding.
-``shared``        the prompt once: ``[prompt | chosen | rejected]`` in one row, under a mask where
-                  rejected tokens see the prompt but not the chosen tokens, and position ids of the
-                  rejected part that restart where the prompt ends. With ``row_tokens`` set, several
-                  pairs are packed into each row up to that many tokens (block-diagonal mask, own
-                  position ids per pair), so almost no position is padding.
+                  the longest row. The prompt is computed twice; short rows carry padding. Only a 2D
+                  padding mask: plain causal attention is right.
+``shared``        the prompt once: ``[prompt | completion 1 | ... | completion K]`` in one row (a pair is
+                  K = 2: chosen, rejected). A completion sees its prompt and itself, never another
+                  completion of its prompt, and its position ids restart where the prompt ends. With
+                  ``row_tokens`` set, several examples are packed into each row up to that many tokens,
+                  so almost no position is padding.
+
+The shared layout does not carry an L x L mask: each token says which example it belongs to
+(``segment_ids``, -1 for padding) and which part of it (``part_ids``: 0 prompt, k >= 1 completion k).
+That, the order of the tokens in the row and ``position_ids`` define attention completely; the kernels
+of :mod:`tiltlm.attention` read it directly, and :func:`segment_mask` expands it to the dense mask for
+kernels that need one.
 
 Either way the Batch says where each scored token sits: the hidden state at ``(target_rows[k],
-target_cols[k])`` predicts ``target_ids[k]``, a token of sequence ``target_seq[k]`` (sequence ``i`` is
-pair i's chosen completion, ``P + i`` its rejected one).
+target_cols[k])`` predicts ``target_ids[k]``, a token of sequence ``target_seq[k]``. For pairs, sequence
+``i`` is pair i's chosen completion and ``P + i`` its rejected one; callers with K completions per
+prompt give each completion's sequence id themselves (:class:`PromptCompletions`).
 """
 
 from __future__ import annotations
@@ -28,16 +36,23 @@ from tiltlm.data.types import TokenizedPair
 @dataclass
 class Batch:
     input_ids: Tensor  # [rows, length]
-    attention_mask: Tensor  # [rows, length] (1 = token, 0 = pad) or [rows, 1, length, length] bool
+    attention_mask: Tensor  # [rows, length] 1 = token, 0 = padding
     position_ids: Tensor  # [rows, length]
     target_rows: Tensor  # [M] row of the hidden state that predicts each completion token
     target_cols: Tensor  # [M] its column
     target_ids: Tensor  # [M] the completion token predicted there
-    target_seq: Tensor  # [M] which sequence the token belongs to, in [0, 2 * num_pairs)
+    target_seq: Tensor  # [M] which sequence the token belongs to, in [0, num_sequences)
     num_pairs: int
     real_tokens: int  # tokens a step must compute: no padding, each prompt counted once
     sources: tuple[str, ...] = ()  # where each pair came from, for diagnostics
     indices: tuple[int, ...] = ()  # each pair's position in its dataset: a precomputed reference's row
+    segment_ids: Tensor | None = None  # [rows, length] example of each token, -1 padding (shared layout)
+    part_ids: Tensor | None = None  # [rows, length] 0 prompt, k >= 1 completion k (shared layout)
+    num_sequences: int = 0  # sequences scored; 0 means 2 * num_pairs (pairs)
+
+    @property
+    def sequences(self) -> int:
+        return self.num_sequences or 2 * self.num_pairs
 
     def to(self, device: torch.device) -> "Batch":
         moved = {f.name: getattr(self, f.name) for f in fields(self)}
@@ -45,6 +60,17 @@ class Batch:
             if isinstance(value, Tensor):
                 moved[name] = value.to(device, non_blocking=True)
         return Batch(**moved)
+
+
+@dataclass
+class PromptCompletions:
+    """One prompt and the K completions scored against it; ``sequence_ids[k]`` numbers completion k
+    among the batch's sequences (its index in the log-probs a scorer returns)."""
+
+    prompt_ids: list[int]
+    completions: list[list[int]]
+    sequence_ids: list[int]
+    source: str = ""
 
 
 class _Targets:
@@ -107,49 +133,85 @@ def pack_rows(lengths: list[int], row_tokens: int) -> list[list[int]]:
     return rows
 
 
+def pair_completions(pairs: list[TokenizedPair]) -> list[PromptCompletions]:
+    """Pairs as prompts with K = 2 completions: pair i's chosen is sequence i, its rejected P + i."""
+    return [PromptCompletions(p.prompt_ids, [p.chosen_ids, p.rejected_ids], [i, len(pairs) + i], p.source)
+            for i, p in enumerate(pairs)]
+
+
 def collate_shared(pairs: list[TokenizedPair], pad_id: int, row_tokens: int | None = None) -> Batch:
     """Prefix-shared rows ``[prompt | chosen | rejected]``, packed several to a row when ``row_tokens``
-    is given; see the module docstring for the mask."""
-    lengths = [len(p.prompt_ids) + len(p.chosen_ids) + len(p.rejected_ids) for p in pairs]
-    groups = pack_rows(lengths, row_tokens) if row_tokens else [[i] for i in range(len(pairs))]
+    is given; see the module docstring."""
+    batch = collate_prompt_completions(pair_completions(pairs), pad_id, row_tokens)
+    batch.num_pairs, batch.num_sequences = len(pairs), 0
+    return batch
+
+
+def collate_prompt_completions(examples: list[PromptCompletions], pad_id: int,
+                               row_tokens: int | None = None) -> Batch:
+    """Rows ``[prompt | completion 1 | ... | completion K]`` per example, packed several to a row when
+    ``row_tokens`` is given, with segment and part ids (module docstring). ``num_pairs`` is the number of
+    examples; ``num_sequences`` one more than the largest sequence id."""
+    lengths = [len(e.prompt_ids) + sum(len(c) for c in e.completions) for e in examples]
+    groups = pack_rows(lengths, row_tokens) if row_tokens else [[i] for i in range(len(examples))]
     length = max(sum(lengths[i] for i in group) for group in groups)
-    input_ids = torch.full((len(groups), length), pad_id, dtype=torch.long)
-    position_ids = torch.zeros((len(groups), length), dtype=torch.long)
-    # segment[r, t]: which pair owns position t (-1: padding); part: 0 prompt, 1 chosen, 2 rejected
-    segment = torch.full((len(groups), length), -1, dtype=torch.long)
-    part = torch.zeros((len(groups), length), dtype=torch.long)
+    rows = (len(groups), length)
+    input_ids = torch.full(rows, pad_id, dtype=torch.long)
+    position_ids = torch.zeros(rows, dtype=torch.long)
+    segment_ids = torch.full(rows, -1, dtype=torch.long)
+    part_ids = torch.zeros(rows, dtype=torch.long)
     targets = _Targets()
     for row, group in enumerate(groups):
         start = 0
         for i in group:
-            pair = pairs[i]
-            p, c, r = len(pair.prompt_ids), len(pair.chosen_ids), len(pair.rejected_ids)
-            end = start + p + c + r
-            input_ids[row, start:end] = torch.tensor(pair.prompt_ids + pair.chosen_ids + pair.rejected_ids)
-            position_ids[row, start:end] = torch.cat([torch.arange(p + c), torch.arange(p, p + r)])
-            segment[row, start:end] = i
-            part[row, start + p:start + p + c] = 1
-            part[row, start + p + c:end] = 2
-            last_prompt = start + p - 1
-            targets.add(row, list(range(last_prompt, start + p + c - 1)), pair.chosen_ids, i)
-            # the first rejected token is predicted from the last prompt token, like the first chosen one
-            targets.add(row, [last_prompt] + list(range(start + p + c, end - 1)), pair.rejected_ids,
-                        len(pairs) + i)
-            start = end
-    attention_mask = shared_prefix_mask(segment, part)
-    real = sum(lengths)
-    return Batch(input_ids, attention_mask, position_ids, **targets.tensors(), num_pairs=len(pairs),
-                 real_tokens=real, sources=tuple(p.source for p in pairs))
+            start = _lay_out(examples[i], i, row, start, (input_ids, position_ids, segment_ids, part_ids), targets)
+    sequences = 1 + max((s for e in examples for s in e.sequence_ids), default=-1)
+    return Batch(input_ids, (segment_ids >= 0).long(), position_ids, **targets.tensors(),
+                 num_pairs=len(examples), real_tokens=sum(lengths), sources=tuple(e.source for e in examples),
+                 segment_ids=segment_ids, part_ids=part_ids, num_sequences=sequences)
+
+
+def _lay_out(example: PromptCompletions, index: int, row: int, start: int, tensors: tuple[Tensor, ...],
+             targets: _Targets) -> int:
+    """Write one example into ``row`` from column ``start``; returns the column after it."""
+    input_ids, position_ids, segment_ids, part_ids = tensors
+    p = len(example.prompt_ids)
+    end = start + p
+    input_ids[row, start:end] = torch.tensor(example.prompt_ids, dtype=torch.long)
+    position_ids[row, start:end] = torch.arange(p)
+    segment_ids[row, start:end] = index
+    last_prompt = end - 1
+    for k, (completion, sequence) in enumerate(zip(example.completions, example.sequence_ids), start=1):
+        c0, c1 = end, end + len(completion)
+        input_ids[row, c0:c1] = torch.tensor(completion, dtype=torch.long)
+        position_ids[row, c0:c1] = torch.arange(p, p + len(completion))  # as if right after the prompt
+        segment_ids[row, c0:c1] = index
+        part_ids[row, c0:c1] = k
+        # each completion's first token is predicted from the last prompt token, the others from the
+        # completion's own previous token
+        targets.add(row, [last_prompt] + list(range(c0, c1 - 1)), completion, sequence)
+        end = c1
+    return end
+
+
+def segment_mask(segment_ids: Tensor, part_ids: Tensor, position_ids: Tensor | None = None,
+                 sliding_window: int | None = None) -> Tensor:
+    """Boolean [rows, 1, L, L] mask from segment metadata: query t may attend key s when both belong to
+    the same example, s <= t, and s is a prompt token or in t's own completion (and, with a sliding
+    window, ``position[t] - position[s] < window``). Padding attends only to itself, so that no attention
+    row is empty (an empty row gives NaN in softmax). Built on the device of its inputs."""
+    length = segment_ids.shape[1]
+    index = torch.arange(length, device=segment_ids.device)
+    causal = index[:, None] >= index[None, :]
+    same = (segment_ids[:, :, None] == segment_ids[:, None, :]) & (segment_ids[:, :, None] >= 0)
+    visible = (part_ids[:, None, :] == 0) | (part_ids[:, :, None] == part_ids[:, None, :])
+    mask = causal & same & visible
+    if sliding_window is not None:
+        mask &= (position_ids[:, :, None] - position_ids[:, None, :]) < sliding_window
+    mask |= index[:, None] == index[None, :]
+    return mask.unsqueeze(1)
 
 
 def shared_prefix_mask(segment: Tensor, part: Tensor) -> Tensor:
-    """Boolean [rows, 1, L, L] mask: query t may attend key s when both belong to the same pair, s <= t,
-    and not (t is a rejected token and s a chosen one). Padding attends only to itself, so that no
-    attention row is empty (an empty row gives NaN in softmax)."""
-    length = segment.shape[1]
-    causal = torch.ones(length, length, dtype=torch.bool).tril()
-    same_pair = segment[:, :, None] == segment[:, None, :]
-    rejected_sees_chosen = (part[:, :, None] == 2) & (part[:, None, :] == 1)
-    mask = causal & same_pair & ~rejected_sees_chosen & (segment[:, :, None] >= 0)
-    mask |= torch.eye(length, dtype=torch.bool)
-    return mask.unsqueeze(1)
+    """The dense boolean mask of a shared-layout batch (see :func:`segment_mask`)."""
+    return segment_mask(segment, part)

@@ -1,0 +1,323 @@
+"""Attention from segment metadata: packed and prefix-shared rows without an L x L mask.
+
+A shared-layout :class:`~tiltlm.data.collate.Batch` says, per token, which example it belongs to
+(``segment_ids``, -1 padding), which part of it (``part_ids``: 0 prompt, k >= 1 completion k), and its
+``position_ids``. Query t may attend key s when both are in the same example, s is not after t, and s is
+a prompt token or in t's own completion (plus, for sliding-window layers, ``pos[t] - pos[s] < window``).
+Two attention functions read that rule directly; both are registered with transformers'
+``AttentionInterface`` and receive the metadata as the ``tiltlm_segments`` keyword that models
+declaring ``_supports_attention_backend`` pass down to attention:
+
+``tiltlm_flex``    (GPU) FlexAttention with a block mask built once per batch from the rule: fully masked
+                   128 x 128 tiles are skipped, grouped-query attention is native (``enable_gqa``), and a
+                   ``score_mod`` applies logit softcapping (Gemma-2). Rows are padded to a multiple of
+                   128 tokens so that shapes, and so compiled kernels, repeat from step to step.
+``tiltlm_blocks``  (CPU) only the blocks that are needed, each with SDPA: per example, the prompt against
+                   itself (causal), then each completion against its prompt's keys and its own (causal).
+                   Exact: the same softmax over the same keys as the dense mask, in float32 rounding.
+
+Families whose attention cannot take the metadata (no ``_supports_attention_backend``, attention sinks,
+softcapping on CPU) fall back to SDPA or eager with a dense mask built on the device from the same rule
+(:func:`dense_attention_mask`); :func:`choose_kernel` decides from what the model class declares.
+
+Without ``tiltlm_segments`` (generation, a caller's own masks) both functions behave as ``sdpa``.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import contextvars
+import logging
+from dataclasses import dataclass, field
+from typing import Callable, Iterator
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from tiltlm.data.collate import Batch, segment_mask
+
+log = logging.getLogger(__name__)
+
+FLEX, BLOCKS = "tiltlm_flex", "tiltlm_blocks"
+KERNELS = ("auto", "flex", "blocks", "sdpa", "eager")
+IMPLEMENTATION = {"flex": FLEX, "blocks": BLOCKS, "sdpa": "sdpa", "eager": "eager"}
+FLEX_MULTIPLE = 128  # FlexAttention's tile size: rows padded to a multiple of it
+
+
+@dataclass
+class Segments:
+    """Per-token metadata of a batch's rows ([rows, L] each) and what is derived from it once per batch
+    and shared by every layer (block masks, block plans), keyed by sliding window and dtype."""
+
+    segment_ids: Tensor
+    part_ids: Tensor
+    position_ids: Tensor
+    derived: dict = field(default_factory=dict)
+
+
+# True while a model runs with segment metadata: its mask builder then builds no mask at all.
+_SEGMENT_FORWARD: contextvars.ContextVar[bool] = contextvars.ContextVar("tiltlm_segment_forward", default=False)
+
+
+@contextlib.contextmanager
+def segment_forward() -> Iterator[None]:
+    token = _SEGMENT_FORWARD.set(True)
+    try:
+        yield
+    finally:
+        _SEGMENT_FORWARD.reset(token)
+
+
+def segments_of(batch: Batch, multiple: int = 1) -> tuple[Tensor, Tensor, Segments]:
+    """(input_ids, position_ids, Segments) for a batch, right-padded to a multiple of ``multiple``
+    columns. A concatenated batch (no segment ids) is one prompt-only segment per row."""
+    if batch.segment_ids is None:
+        segment = torch.where(batch.attention_mask > 0, 0, -1)
+        part = torch.zeros_like(segment)
+    else:
+        segment, part = batch.segment_ids, batch.part_ids
+    pad = -batch.input_ids.shape[1] % multiple
+    tensors = [batch.input_ids, batch.position_ids, segment, part]
+    if pad:
+        tensors = [F.pad(t, (0, pad), value=-1 if t is segment else 0) for t in tensors]
+    ids, positions, segment, part = tensors
+    return ids, positions, Segments(segment, part, positions)
+
+
+def _check_features(module, kernel: str, kwargs: dict, softcap: float | None, dropout: float) -> None:
+    """Refuse what a kernel cannot compute exactly, instead of silently computing something else."""
+    from tiltlm.models import ModelError
+
+    problems = [name for name in ("s_aux", "sinks", "position_bias") if kwargs.get(name) is not None]
+    if softcap is not None and kernel == BLOCKS:
+        problems.append("softcap")
+    if dropout and kernel == FLEX:
+        problems.append("dropout")
+    if not getattr(module, "is_causal", True):
+        problems.append("non-causal attention")
+    if problems:
+        raise ModelError(f"attention {kernel}: cannot honour {', '.join(problems)} of "
+                         f"{type(module).__name__}; load the model with attention='sdpa' or 'eager'")
+
+
+def _plain(module, query, key, value, attention_mask, **kwargs) -> tuple[Tensor, None]:
+    from transformers.integrations.sdpa_attention import sdpa_attention_forward
+
+    return sdpa_attention_forward(module, query, key, value, attention_mask, **kwargs)
+
+
+def flex_segment_attention(module, query: Tensor, key: Tensor, value: Tensor, attention_mask: Tensor | None,
+                           scaling: float | None = None, dropout: float = 0.0,
+                           sliding_window: int | None = None, softcap: float | None = None,
+                           **kwargs) -> tuple[Tensor, None]:
+    """FlexAttention under the batch's block mask; query/key/value are [rows, heads, L, head_dim]."""
+    segments = kwargs.pop("tiltlm_segments", None)
+    if segments is None:
+        return _plain(module, query, key, value, attention_mask, scaling=scaling, dropout=dropout,
+                      softcap=softcap, **kwargs)
+    _check_features(module, FLEX, kwargs, softcap, dropout)
+    block_mask = segments.derived.get(("flex", sliding_window))
+    if block_mask is None:
+        block_mask = segments.derived[("flex", sliding_window)] = flex_block_mask(segments, sliding_window)
+    score_mod = None
+    if softcap is not None:  # Gemma-2: scores -> cap * tanh(scores / cap), after scaling, before the mask
+        def score_mod(score, b, h, q, kv):
+            return softcap * torch.tanh(score / softcap)
+    out = compiled_flex()(query, key, value, score_mod=score_mod, block_mask=block_mask, scale=scaling,
+                          enable_gqa=query.shape[1] != key.shape[1])
+    return out.transpose(1, 2).contiguous(), None
+
+
+def flex_mask_mod(segments: Segments, sliding_window: int | None) -> Callable:
+    """The attention rule of the module docstring as a FlexAttention ``mask_mod``."""
+    segment, part, position = segments.segment_ids, segments.part_ids, segments.position_ids
+
+    def mask_mod(b, h, q, kv):
+        same = (segment[b, q] == segment[b, kv]) & (segment[b, q] >= 0)
+        visible = (part[b, kv] == 0) | (part[b, kv] == part[b, q])
+        allowed = same & visible & (kv <= q)
+        if sliding_window is not None:
+            allowed = allowed & (position[b, q] - position[b, kv] < sliding_window)
+        return allowed | (q == kv)  # padding attends to itself: no empty softmax row
+
+    return mask_mod
+
+
+def flex_block_mask(segments: Segments, sliding_window: int | None = None):
+    from torch.nn.attention.flex_attention import create_block_mask
+
+    rows, length = segments.segment_ids.shape
+    return create_block_mask(flex_mask_mod(segments, sliding_window), B=rows, H=None, Q_LEN=length,
+                             KV_LEN=length, device=segments.segment_ids.device)
+
+
+_COMPILED: list = []
+
+
+def compiled_flex() -> Callable:
+    """``flex_attention`` compiled once per process (uncompiled, it materialises every score)."""
+    if not _COMPILED:
+        from torch.nn.attention.flex_attention import flex_attention
+
+        _COMPILED.append(torch.compile(flex_attention, dynamic=False))
+    return _COMPILED[0]
+
+
+@dataclass
+class Block:
+    """Queries ``[q0, q1)`` of one row against the keys of the column ranges ``keys`` (in row order).
+    ``causal``: the block is square and plainly causal (SDPA's ``is_causal``); else ``mask`` (additive,
+    [q, k]) says what is visible; ``None`` for both marks padding, which attends only to itself."""
+
+    q0: int
+    q1: int
+    keys: list[tuple[int, int]]
+    causal: bool = False
+    mask: Tensor | None = None
+
+
+def block_plan(segments: Segments, sliding_window: int | None, dtype: torch.dtype) -> list[list[Block]]:
+    """Per row, the blocks that cover its columns in order: per example the prompt, then each completion
+    against [prompt + itself]; then the row's padding."""
+    plan = []
+    positions = segments.position_ids
+    for row, (seg, part) in enumerate(zip(segments.segment_ids.tolist(), segments.part_ids.tolist())):
+        blocks, column, length, prompt = [], 0, len(seg), (0, 0)
+        while column < length:
+            end = column
+            while end < length and seg[end] == seg[column] and part[end] == part[column]:
+                end += 1
+            if seg[column] < 0:
+                blocks.append(Block(column, end, [(column, end)]))
+            elif part[column] == 0:
+                prompt = (column, end)
+                blocks.append(Block(column, end, [prompt]))
+            else:
+                blocks.append(Block(column, end, [prompt, (column, end)]))
+            column = end
+        for block in blocks:
+            if seg[block.q0] >= 0:
+                _set_visibility(block, positions[row], sliding_window, dtype)
+        plan.append(blocks)
+    return plan
+
+
+def _set_visibility(block: Block, positions: Tensor, sliding_window: int | None, dtype: torch.dtype) -> None:
+    """Causal over row columns (prompt columns precede a completion's), and the window over positions."""
+    queries = torch.arange(block.q0, block.q1, device=positions.device)
+    keys = torch.cat([torch.arange(a, b, device=positions.device) for a, b in block.keys])
+    allowed = keys[None, :] <= queries[:, None]
+    if sliding_window is not None:
+        allowed &= (positions[queries][:, None] - positions[keys][None, :]) < sliding_window
+    causal = allowed.equal(torch.ones_like(allowed).tril()) if len(block.keys) == 1 else False
+    block.causal = causal
+    if not causal:
+        block.mask = torch.zeros(allowed.shape, dtype=dtype, device=allowed.device).masked_fill_(~allowed, float("-inf"))
+
+
+def block_segment_attention(module, query: Tensor, key: Tensor, value: Tensor, attention_mask: Tensor | None,
+                            scaling: float | None = None, dropout: float = 0.0,
+                            sliding_window: int | None = None, softcap: float | None = None,
+                            **kwargs) -> tuple[Tensor, None]:
+    """Attention block by block (see :func:`block_plan`); query/key/value are [rows, heads, L, head_dim]."""
+    segments = kwargs.pop("tiltlm_segments", None)
+    if segments is None:
+        return _plain(module, query, key, value, attention_mask, scaling=scaling, dropout=dropout,
+                      softcap=softcap, **kwargs)
+    _check_features(module, BLOCKS, kwargs, softcap, dropout)
+    plan = segments.derived.get(("blocks", sliding_window, query.dtype))
+    if plan is None:
+        plan = segments.derived[("blocks", sliding_window, query.dtype)] = block_plan(segments, sliding_window, query.dtype)
+    options = dict(dropout_p=dropout, scale=scaling, enable_gqa=query.shape[1] != key.shape[1])
+    if all(_one_causal_prefix(blocks) for blocks in plan):
+        # plain right-padded rows: one causal call for the batch. Padding queries then see real tokens
+        # instead of themselves; their outputs are never read (no real token attends to a later column).
+        out = F.scaled_dot_product_attention(query, key, value, is_causal=True, **options)
+    else:
+        out = torch.stack([torch.cat([_block(b, query[r], key[r], value[r], options) for b in blocks], dim=1)
+                           for r, blocks in enumerate(plan)])
+    return out.transpose(1, 2).contiguous(), None
+
+
+def _one_causal_prefix(blocks: list[Block]) -> bool:
+    """The row is one causal block from column 0, then at most padding."""
+    return blocks[0].q0 == 0 and blocks[0].causal and (len(blocks) == 1 or (len(blocks) == 2 and blocks[1].mask is None
+                                                                            and not blocks[1].causal))
+
+
+def _block(block: Block, query: Tensor, key: Tensor, value: Tensor, options: dict) -> Tensor:
+    """Output of one block's queries, [heads, q, head_dim]."""
+    if not block.causal and block.mask is None:  # padding: softmax over itself alone returns its value
+        return value[:, block.q0:block.q1].repeat_interleave(query.shape[0] // value.shape[0], dim=0)
+    q = query[:, block.q0:block.q1]
+    if len(block.keys) == 1:
+        k, v = key[:, block.q0:block.q1], value[:, block.q0:block.q1]
+    else:
+        k = torch.cat([key[:, a:b] for a, b in block.keys], dim=1)
+        v = torch.cat([value[:, a:b] for a, b in block.keys], dim=1)
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=block.mask, is_causal=block.causal, **options)
+
+
+def _segment_or_sdpa_mask(*args, **kwargs):
+    """Mask builder registered for both names: none under segment metadata, else what sdpa builds."""
+    if _SEGMENT_FORWARD.get():
+        return None
+    from transformers.masking_utils import sdpa_mask
+
+    return sdpa_mask(*args, **kwargs)
+
+
+def register() -> None:
+    """Make ``tiltlm_flex`` and ``tiltlm_blocks`` known to transformers (idempotent)."""
+    from transformers import AttentionInterface
+    from transformers.masking_utils import AttentionMaskInterface
+
+    AttentionInterface.register(FLEX, flex_segment_attention)
+    AttentionInterface.register(BLOCKS, block_segment_attention)
+    AttentionMaskInterface.register(FLEX, _segment_or_sdpa_mask)
+    AttentionMaskInterface.register(BLOCKS, _segment_or_sdpa_mask)
+
+
+def unsupported(model, kernel: str) -> str | None:
+    """Why ``kernel`` cannot compute ``model``'s attention exactly, from what its class declares and what
+    its config and parameters hold; None when it can."""
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    cls, config = type(base), base.config
+    softcap = getattr(config, "attn_logit_softcapping", None)
+    if kernel in ("flex", "blocks"):
+        if not getattr(cls, "_supports_attention_backend", False):
+            return f"{cls.__name__} does not pass attention keywords down (no _supports_attention_backend)"
+        if any(name.endswith("sinks") for name, _ in base.named_parameters()):
+            return f"{cls.__name__} has attention sinks"
+        if kernel == "blocks" and softcap is not None:
+            return f"{cls.__name__} softcaps attention logits (SDPA blocks cannot)"
+    if kernel == "sdpa" and (not getattr(cls, "_supports_sdpa", False) or softcap is not None):
+        return f"{cls.__name__} does not declare SDPA support"
+    return None
+
+
+def kernel_of(config) -> str:
+    """The kernel a model runs: flex, blocks, sdpa, eager (or another transformers implementation)."""
+    implementation = getattr(config, "_attn_implementation", None) or "eager"
+    return {FLEX: "flex", BLOCKS: "blocks"}.get(implementation, implementation)
+
+
+def dense_attention_mask(batch: Batch, config, kernel: str, dtype: torch.dtype) -> Tensor | dict[str, Tensor]:
+    """The mask a dense kernel needs, built on the batch's device: the 2D padding mask of plain rows, or
+    the [rows, 1, L, L] mask of the segment rule, boolean only for SDPA on GPU (there True means "may
+    attend"; CPU SDPA would convert it to float in every layer, and eager adds any mask as a bias, so
+    both get 0 / -inf floats). Models with sliding-window layers get one mask per layer type."""
+    if batch.segment_ids is None:
+        return batch.attention_mask
+
+    def build(window: int | None) -> Tensor:
+        allowed = segment_mask(batch.segment_ids, batch.part_ids, batch.position_ids, window)
+        if kernel == "sdpa" and allowed.device.type != "cpu":
+            return allowed
+        return torch.zeros(allowed.shape, dtype=dtype, device=allowed.device).masked_fill_(~allowed, float("-inf"))
+
+    window, layer_types = getattr(config, "sliding_window", None), getattr(config, "layer_types", None)
+    if layer_types is not None and "sliding_attention" in layer_types:
+        return {t: build(window if t == "sliding_attention" else None) for t in set(layer_types)}
+    return build(window if layer_types is None else None)  # Mistral: one window for every layer
