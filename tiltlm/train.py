@@ -146,7 +146,8 @@ def make_reference(config: TrainConfig, runtime: Runtime, precision: Precision, 
     mode = choose_mode(config.ref_mode, config.lora_r > 0, config.ref, not objective.needs_reference, covers_data)
 
     def load():
-        return load_model(config.ref or config.model, precision.weights, config.trust_remote_code)
+        return load_model(config.ref or config.model, precision.weights, config.trust_remote_code,
+                          attention=config.attention, device=precision.device)
 
     if mode == "precompute":
         own = config.ref is None and not sharded  # the policy's own starting weights: no second copy
@@ -164,7 +165,8 @@ def build_policy(config: TrainConfig, precision: Precision, reference: Reference
                  objective, sharded: bool) -> torch.nn.Module:
     """The policy, in order: loaded (master weights' dtype), reference prepared from its starting weights,
     gradient checkpointing, LoRA, placed (FSDP places the shards itself), reference attached."""
-    model = load_model(config.model, precision.weights, config.trust_remote_code)
+    model = load_model(config.model, precision.weights, config.trust_remote_code, attention=config.attention,
+                       device=precision.device)
     disable_dropout(model)
     reference.prepare(model, datasets, objective.collate)
     if config.gradient_checkpointing:
