@@ -146,3 +146,14 @@ def test_release_memory_option_trains(tiny_model_dir, pairs_file, tmp_path):
 
     if platform.system() == "Linux" and platform.libc_ver()[0] == "glibc":
         assert return_freed_memory()  # glibc accepted the setting
+
+
+def test_eval_refuses_a_file_where_no_pair_survives(tiny_model_dir, tmp_path, capsys):
+    """Every chosen equals its rejected: nothing to measure. (It used to return loss 0.0 and exit 0.)"""
+    from tiltlm.cli import main
+
+    data = tmp_path / "ties.jsonl"
+    data.write_text(json.dumps({"prompt": "The food was", "chosen": " good.", "rejected": " good."}) + "\n")
+    assert main(["eval", "--model", str(tiny_model_dir), "--ref", str(tiny_model_dir), "--data", str(data)]) == 2
+    errors = [line for line in capsys.readouterr().err.splitlines() if "error" in line]
+    assert len(errors) == 1 and str(data) in errors[0] and "no usable pair" in errors[0]

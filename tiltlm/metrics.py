@@ -44,9 +44,9 @@ class MetricSums:
             return torch.zeros(1, dtype=torch.float64)
         return self.sums
 
-    def means(self, totals: Tensor, prefix: str = "") -> dict[str, float]:
-        """Means from ``totals`` (``totals()`` or its sum over ranks), read back to the host at once."""
-        values = totals.tolist()
+    def means(self, totals: Tensor | list[float], prefix: str = "") -> dict[str, float]:
+        """Means from ``totals`` (``totals()`` or its sum over ranks, as a tensor or already read back)."""
+        values = totals.tolist() if isinstance(totals, Tensor) else totals
         count = max(values[-1], 1.0)
         return {prefix + key: value / count for key, value in zip(self.keys, values)}
 

@@ -257,8 +257,10 @@ def train_step(run: Run, index: int, health: "StepHealth") -> dict:
     trainable = [p for group in run.optimizer.param_groups for p in group["params"]]
     grad_norm = distributed.clip_grad_norm(trainable, config.max_grad_norm)
     totals = collectives.sum_over_ranks(sums.totals())  # metrics of all ranks, so every rank agrees
-    row = {"step": index + 1, "epoch": (index + 1) / run.order.steps_per_epoch, **sums.means(totals),
-           "grad_norm": grad_norm.item(), "lr": run.scheduler.get_last_lr()[0]}
+    # the step's one read-back from the device: every metric and the gradient norm together
+    values = torch.cat([totals, grad_norm.detach().reshape(1).to(totals)]).tolist()
+    row = {"step": index + 1, "epoch": (index + 1) / run.order.steps_per_epoch, **sums.means(values[:-1]),
+           "grad_norm": values[-1], "lr": run.scheduler.get_last_lr()[0]}
     if health.accept(row, lambda: step_sources(run, index)):
         run.optimizer.step()  # gradients and metrics are the same on every rank, so all skip together
     run.scheduler.step()
