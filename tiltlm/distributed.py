@@ -37,7 +37,6 @@ import torch
 import torch.distributed as dist
 from safetensors.torch import load_file, save_file
 from torch import nn
-from torch.distributed.fsdp import FSDPModule
 from torch.nn.parallel import DistributedDataParallel
 
 from tiltlm import checkpoint as ckpt
@@ -107,17 +106,16 @@ def wrap(scorer: CompletionLogps, parallel: str, runtime: Runtime, compute_dtype
 
 @contextlib.contextmanager
 def accumulating(model: nn.Module, active: bool) -> Iterator[None]:
-    """While ``active``, backward passes accumulate gradients locally without synchronising ranks; the
-    last micro-batch of a step runs with ``active`` false and synchronises the sum once."""
+    """While ``active`` (every micro-batch of a step but the last), backward passes accumulate gradients.
+
+    DDP accumulates locally (``no_sync``) and all-reduces the sum once, after the last micro-batch. FSDP
+    reduce-scatters every micro-batch instead and accumulates the *sharded* gradients: with its sync
+    turned off it would keep an unsharded float32 gradient of every parameter between micro-batches
+    (~32 GB per GPU for an 8B model), more than the whole sharded training state. The sum of the shards of
+    each micro-batch's reduced gradient is the shard of the reduced sum."""
     if active and isinstance(model, DistributedDataParallel):
         with model.no_sync():
             yield
-    elif active and isinstance(model, FSDPModule):
-        model.set_requires_gradient_sync(False)
-        try:
-            yield
-        finally:
-            model.set_requires_gradient_sync(True)
     else:
         yield
 

@@ -248,7 +248,7 @@ def train_step(run: Run, index: int, health: "StepHealth") -> dict:
     micro_batches = run.order.micro_batches(index, run.runtime.rank)
     for i, indices in enumerate(micro_batches):
         batch = step.make_batch(run.objective, run.datasets["train"], indices, run.precision.device)
-        with distributed.accumulating(run.forward, i < len(micro_batches) - 1):  # ranks sync after the last
+        with distributed.accumulating(run.forward, i < len(micro_batches) - 1):  # DDP: one all-reduce, after the last
             scored = step.score(run.forward, run.reference, run.objective, batch, "train", run.precision)
             # the gradient of the step's mean loss: every micro-batch on every rank holds the same count
             (scored.losses.sum() / (config.batch_size * config.grad_accum)).backward()
