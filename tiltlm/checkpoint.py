@@ -97,6 +97,16 @@ def write_atomically(final: Path, write) -> None:
         raise
 
 
+def save_pretrained_atomically(directory: Path, model, tokenizer, weights: dict | None = None) -> None:
+    """``model.save_pretrained`` and ``tokenizer.save_pretrained`` into ``directory``, whole or not at all;
+    ``weights``: the full state dict to save instead of the model's own (a sharded policy's)."""
+    def write(tmp: Path) -> None:
+        model.save_pretrained(tmp, safe_serialization=True, state_dict=weights)
+        tokenizer.save_pretrained(tmp)
+
+    write_atomically(directory, write)
+
+
 def seal(tmp: Path, final: Path) -> None:
     """Add a manifest of the checksums of ``tmp``'s files, flush everything to disk, rename ``tmp`` to
     ``final``: a reader finds either the whole directory or none."""

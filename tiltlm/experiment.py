@@ -6,13 +6,13 @@ from __future__ import annotations
 
 import contextlib
 import json
+import os
 from dataclasses import dataclass
 from pathlib import Path
-from statistics import fmean
 from typing import Callable
 
-from tiltlm.compare import mean_ci
 from tiltlm.generate import Sample, sample, score_logps
+from tiltlm.stats import mean_ci, per_group_means
 
 
 @dataclass
@@ -24,19 +24,28 @@ class PolicyScore:
     kl: tuple[float, float, float]
     samples: list[Sample]
     rewards: list[float]
-    log_ratios: list[float]  # log pi(y|x) - log pi_ref(y|x) of each sample
+    policy_logps: list[float]  # log pi(y|x) of each sample
+    reference_logps: list[float]  # log pi_ref(y|x)
 
     def rows(self) -> list[dict]:
         """One JSON-ready row per sample, to save beside a report."""
-        return [{"prompt": s.prompt, "sample": s.sample, "completion": s.completion, "reward": reward,
-                 "log_ratio": ratio} for s, reward, ratio in zip(self.samples, self.rewards, self.log_ratios)]
+        return sample_rows(self.samples, self.rewards, self.policy_logps, self.reference_logps)
 
 
-def per_prompt_means(values: list[float], samples: list[Sample]) -> list[float]:
-    groups: dict[int, list[float]] = {}
-    for value, s in zip(values, samples):
-        groups.setdefault(s.index, []).append(value)
-    return [fmean(group) for _, group in sorted(groups.items())]
+def sample_rows(samples: list[Sample], rewards: list[float], policy_logps: list[float] | None = None,
+                reference_logps: list[float] | None = None) -> list[dict]:
+    """Samples as JSONL rows with their rewards, the token ids the log-probs were computed on and, when
+    given, the log-probs and their difference ``log_ratio = log pi(y|x) - log pi_ref(y|x)``."""
+    rows = []
+    for i, s in enumerate(samples):
+        row = {"index": s.index, "sample": s.sample, "prompt": s.prompt, "completion": s.completion,
+               "reward": rewards[i], "prompt_ids": s.prompt_ids, "completion_ids": s.completion_ids,
+               "finished": s.finished}
+        if policy_logps is not None and reference_logps is not None:
+            row.update(logp_policy=policy_logps[i], logp_ref=reference_logps[i],
+                       log_ratio=policy_logps[i] - reference_logps[i])
+        rows.append(row)
+    return rows
 
 
 def preference_pairs(samples: list[Sample], rewards: list[float]) -> list[dict]:
@@ -56,7 +65,13 @@ def preference_pairs(samples: list[Sample], rewards: list[float]) -> list[dict]:
 
 
 def write_jsonl(path: Path, rows: list[dict]) -> Path:
-    path.write_text("".join(json.dumps(row, ensure_ascii=False) + "\n" for row in rows), encoding="utf-8")
+    """Write through a temporary file and rename, so the output is whole or absent; returns ``path``."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    temporary = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    with open(temporary, "w", encoding="utf-8") as handle:
+        for row in rows:
+            handle.write(json.dumps(row, ensure_ascii=False) + "\n")
+    os.replace(temporary, path)
     return path
 
 
@@ -65,7 +80,7 @@ def adapters_disabled(model):
     return model.disable_adapter() if hasattr(model, "disable_adapter") else contextlib.nullcontext()
 
 
-def score_policy(policy, tokenizer, prompts: list[str], reward: Callable, samples_per_prompt: int,
+def score_policy(policy, tokenizer, prompts: list, reward: Callable, samples_per_prompt: int,
                  max_new_tokens: int, seed: int, batch_size: int = 16, reference=None) -> PolicyScore:
     """Sample from ``policy`` at temperature 1 (so the KL estimate is unbiased), reward the samples, and
     estimate KL(pi || pi_ref) = E_{y ~ pi}[log pi(y|x) - log pi_ref(y|x)] from the same samples. The
@@ -82,6 +97,7 @@ def score_policy(policy, tokenizer, prompts: list[str], reward: Callable, sample
         with adapters_disabled(policy):
             reference_logps = score_logps(policy, tokenizer, samples, batch_size=batch_size)
     log_ratios = [p - r for p, r in zip(policy_logps, reference_logps)]
-    return PolicyScore(reward=mean_ci(per_prompt_means(rewards, samples)),
-                       kl=mean_ci(per_prompt_means(log_ratios, samples)), samples=samples, rewards=rewards,
-                       log_ratios=log_ratios)
+    prompt_of = [s.index for s in samples]
+    return PolicyScore(reward=mean_ci(per_group_means(rewards, prompt_of)),
+                       kl=mean_ci(per_group_means(log_ratios, prompt_of)), samples=samples, rewards=rewards,
+                       policy_logps=policy_logps, reference_logps=reference_logps)

@@ -28,11 +28,6 @@ prompted with bare questions.
 
 from __future__ import annotations
 
-import argparse
-import json
-import math
-import os
-import sys
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -41,13 +36,29 @@ import torch
 from jinja2 import TemplateError
 from tqdm.auto import tqdm
 
+from tiltlm.config import check_options, option
+from tiltlm.data.collate import collate_shared
 from tiltlm.data.formats import checked_text, pair_from_row
 from tiltlm.data.io import read_rows
 from tiltlm.data.tokenize import adds_bos
-from tiltlm.data.types import DataError, Text
-from tiltlm.logprobs import backbone_and_head, chunked_token_logps, logit_modifiers
-from tiltlm.models import ALIASES, ModelError, load_model, load_tokenizer, parse_dtype, resolve
-from tiltlm.runtime import pick_device
+from tiltlm.data.types import DataError, Text, TokenizedPair
+from tiltlm.logprobs import CompletionLogps
+from tiltlm.models import ModelError, adapter_base, load_model, load_tokenizer
+from tiltlm.reference import eval_mode
+
+
+@dataclass
+class SamplingConfig:
+    """The options of sampling, as ``tiltlm generate`` and ``tiltlm compare`` take them."""
+
+    samples: int = option(1, "completions per prompt", at_least=1)
+    max_new_tokens: int = option(64, "most tokens sampled per completion", at_least=1)
+    temperature: float = option(1.0, "softmax temperature; 0 decodes greedily (1: the policy itself)", at_least=0)
+    top_p: float = option(1.0, "nucleus sampling mass (1: off)", above=0, at_most=1)
+    seed: int = option(0, "seed of the sampling RNG", at_least=0)
+    batch_size: int = option(8, "sequences per generate call", at_least=1)
+    chat: bool = option(False, "wrap plain-string prompts as one user message in the chat template "
+                               "(message-list prompts always use it)")
 
 
 @dataclass
@@ -183,16 +194,9 @@ def left_pad(rows: list[list[int]], pad_id: int) -> tuple[torch.Tensor, torch.Te
 
 
 def check_sampling_options(n: int, max_new_tokens: int, temperature: float, top_p: float, batch_size: int) -> None:
-    if n < 1:
-        raise ValueError(f"samples per prompt = {n}: expected at least 1")
-    if max_new_tokens < 1:
-        raise ValueError(f"max_new_tokens = {max_new_tokens}: expected at least 1")
-    if temperature < 0 or not math.isfinite(temperature):
-        raise ValueError(f"temperature = {temperature}: expected 0 (greedy) or a positive number")
-    if not 0 < top_p <= 1:
-        raise ValueError(f"top_p = {top_p}: expected 0 < top_p <= 1")
-    if batch_size < 1:
-        raise ValueError(f"batch_size = {batch_size}: expected at least 1")
+    """Raise ConfigError (a ValueError) naming the first option out of its range (see SamplingConfig)."""
+    check_options(SamplingConfig(samples=n, max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p,
+                                 batch_size=batch_size))
 
 
 def sample(model, tokenizer, prompts: list[Text], n: int = 1, max_new_tokens: int = 64,
@@ -216,29 +220,21 @@ def sample(model, tokenizer, prompts: list[Text], n: int = 1, max_new_tokens: in
     rows = [(index, k) for index in range(len(prompts)) for k in range(n)]
     device = model.device
     samples: list[Sample] = []
-    was_training = model.training
-    model.eval()
     fork_devices = [device] if device.type == "cuda" else []
-    try:
-        with torch.random.fork_rng(devices=fork_devices), torch.inference_mode(), model_defaults_hidden(model):
-            torch.manual_seed(seed)
-            starts = range(0, len(rows), batch_size)
-            for start in tqdm(starts, desc="sampling", unit="batch", disable=not progress):
-                chunk = rows[start:start + batch_size]
-                ids, mask = left_pad([encoded[index] for index, _ in chunk], pad_id)
-                out = model.generate(input_ids=ids.to(device), attention_mask=mask.to(device),
-                                     generation_config=config)
-                new = out[:, ids.shape[1]:].tolist()
-                for (index, k), new_ids in zip(chunk, new):
-                    completion_ids, finished = cut_at_stop(new_ids, stop)
-                    samples.append(Sample(
-                        prompt=prompts[index],
-                        completion=tokenizer.decode(completion_ids, skip_special_tokens=True),
-                        prompt_ids=list(encoded[index]), completion_ids=completion_ids,
-                        index=index, sample=k, finished=finished,
-                    ))
-    finally:
-        model.train(was_training)
+    with eval_mode(model), torch.random.fork_rng(devices=fork_devices), torch.inference_mode(), \
+            model_defaults_hidden(model):
+        torch.manual_seed(seed)
+        starts = range(0, len(rows), batch_size)
+        for start in tqdm(starts, desc="sampling", unit="batch", disable=not progress):
+            chunk = rows[start:start + batch_size]
+            ids, mask = left_pad([encoded[index] for index, _ in chunk], pad_id)
+            out = model.generate(input_ids=ids.to(device), attention_mask=mask.to(device), generation_config=config)
+            for (index, k), new_ids in zip(chunk, out[:, ids.shape[1]:].tolist()):
+                completion_ids, finished = cut_at_stop(new_ids, stop)
+                samples.append(Sample(
+                    prompt=prompts[index], completion=tokenizer.decode(completion_ids, skip_special_tokens=True),
+                    prompt_ids=list(encoded[index]), completion_ids=completion_ids, index=index, sample=k,
+                    finished=finished))
     return samples
 
 
@@ -249,81 +245,51 @@ def score_logps(model, tokenizer, samples: list[Sample], batch_size: int = 8, pr
     """``log p(completion_ids | prompt_ids)`` under ``model`` at temperature 1, summed over completion
     tokens (EOS included when the sample ended with it), one float per sample.
 
-    Rows are right-padded, so every sequence's real tokens sit at positions 0..len-1 as they would
-    alone; only hidden states that predict a completion token are projected to the vocabulary.
+    Scored as training scores pairs (:func:`tiltlm.data.collate.collate_shared` and
+    :class:`tiltlm.logprobs.CompletionLogps`), ``batch_size`` samples at a time: see :func:`as_pairs`.
     """
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
-    backbone, head = backbone_and_head(model)
-    softcap, scale = logit_modifiers(model.config)
-    device = model.device
+    scorer = CompletionLogps(model)
     scores: list[float] = []
-    was_training = model.training
-    model.eval()
-    try:
-        with torch.inference_mode():
-            starts = range(0, len(samples), batch_size)
-            for start in tqdm(starts, desc="scoring", unit="batch", disable=not progress):
-                chunk = samples[start:start + batch_size]
-                scores += _score_chunk(backbone, head, chunk, pad_id, device, softcap, scale)
-    finally:
-        model.train(was_training)
+    with eval_mode(model), torch.inference_mode():
+        starts = range(0, len(samples), batch_size)
+        for start in tqdm(starts, desc="scoring", unit="batch", disable=not progress):
+            pairs, positions = as_pairs(samples[start:start + batch_size])
+            logps = scorer(collate_shared(pairs, pad_id).to(model.device))[0] if pairs else None
+            scores += [logps[p].item() if p is not None else 0.0 for p in positions]
     return scores
 
 
-def _score_chunk(backbone, head, chunk: list[Sample], pad_id: int, device, softcap, scale) -> list[float]:
-    sequences = [s.prompt_ids + s.completion_ids for s in chunk]
-    width = max(len(seq) for seq in sequences)
-    ids = torch.full((len(chunk), width), pad_id, dtype=torch.long)
-    mask = torch.zeros((len(chunk), width), dtype=torch.long)
-    rows, cols, targets, owner = [], [], [], []
-    for r, (s, seq) in enumerate(zip(chunk, sequences)):
+def as_pairs(chunk: list[Sample]) -> tuple[list[TokenizedPair], list[int | None]]:
+    """Samples as preference pairs to score, and each sample's sequence in the collated batch (pair j's
+    chosen completion is sequence j, its rejected one P + j; None: no completion token, log-prob 0).
+
+    Two completions of one prompt make one pair, so the prompt is computed once for both. A sample left
+    without a partner is a pair's chosen side, with its own first completion token as a throwaway
+    rejected side (a pair needs one; its log-prob is never read).
+    """
+    pairs: list[TokenizedPair] = []
+    slots: list[tuple[int, int] | None] = []
+    open_pair: dict[tuple[int, ...], int] = {}  # prompt ids -> the pair whose rejected side is free
+    for s in chunk:
         if not s.prompt_ids:
             raise ValueError(f"sample {s.index}/{s.sample} has no prompt tokens; the first completion "
                              f"token would have nothing to be predicted from")
-        ids[r, :len(seq)] = torch.tensor(seq)
-        mask[r, :len(seq)] = 1
-        # the hidden state at position p predicts the token at p + 1
-        first = len(s.prompt_ids)
-        rows += [r] * len(s.completion_ids)
-        cols += range(first - 1, first - 1 + len(s.completion_ids))
-        targets += s.completion_ids
-        owner += [r] * len(s.completion_ids)
-    positions = torch.arange(width).unsqueeze(0).expand(len(chunk), -1)
-    hidden = backbone(input_ids=ids.to(device), attention_mask=mask.to(device),
-                      position_ids=positions.to(device), use_cache=False).last_hidden_state
-    selected = hidden[torch.tensor(rows, device=device, dtype=torch.long),
-                      torch.tensor(cols, device=device, dtype=torch.long)]
-    values = chunked_token_logps(selected, head, torch.tensor(targets, device=device, dtype=torch.long),
-                                 softcap=softcap, scale=scale)
-    sums = torch.zeros(len(chunk), dtype=torch.float32, device=device)
-    sums.index_add_(0, torch.tensor(owner, device=device, dtype=torch.long), values.float())
-    return sums.tolist()
+        if not s.completion_ids:
+            slots.append(None)
+            continue
+        j = open_pair.pop(tuple(s.prompt_ids), None)
+        if j is None:
+            open_pair[tuple(s.prompt_ids)] = len(pairs)
+            slots.append((len(pairs), 0))
+            pairs.append(TokenizedPair(s.prompt_ids, s.completion_ids, s.completion_ids[:1]))
+        else:
+            slots.append((j, 1))
+            pairs[j].rejected_ids = s.completion_ids
+    return pairs, [None if slot is None else slot[0] + slot[1] * len(pairs) for slot in slots]
 
 
 # ---------------------------------------------------------------------------------- loading models
-
-
-def adapter_base(adapter_dir: Path) -> str:
-    """The base model a LoRA adapter directory was trained on, as :func:`load_model` can load it.
-
-    peft records the base's ``name_or_path``; for a model loaded through an alias that is the
-    directory of the alias's package, which only loads with the alias's extra arguments, so it is
-    mapped back to the alias.
-    """
-    config_path = adapter_dir / "adapter_config.json"
-    try:
-        base = json.loads(config_path.read_text(encoding="utf-8")).get("base_model_name_or_path")
-    except (OSError, json.JSONDecodeError) as error:
-        raise ModelError(f"{config_path}: cannot read the adapter config ({error})") from None
-    if not base:
-        raise ModelError(f"{config_path} names no base model (base_model_name_or_path); pass --base")
-    for alias in ALIASES:
-        try:
-            if os.path.realpath(resolve(alias)[0]) == os.path.realpath(base):
-                return alias
-        except ModelError:
-            continue
-    return base
 
 
 def load_policy(name: str, dtype: torch.dtype = torch.float32, device: torch.device | str = "cpu",
@@ -335,7 +301,7 @@ def load_policy(name: str, dtype: torch.dtype = torch.float32, device: torch.dev
     if (directory / "adapter_config.json").is_file():
         from peft import PeftModel
 
-        base_name = base or adapter_base(directory)
+        base_name = base or adapter_base(name)
         model = load_model(base_name, dtype=dtype, trust_remote_code=trust_remote_code)
         try:
             model = PeftModel.from_pretrained(model, str(directory)).merge_and_unload()
@@ -355,98 +321,3 @@ def check_same_vocabulary(tokenizer, other, names: tuple[str, str]) -> None:
     if tokenizer.get_vocab() != other.get_vocab():
         raise ModelError(f"{names[0]} and {names[1]} have different tokenizers; the reference must score "
                          f"the policy's token ids, so both need the same vocabulary")
-
-
-# --------------------------------------------------------------------------------------------- CLI
-
-
-def add_sampling_arguments(parser: argparse.ArgumentParser) -> None:
-    """Options shared by ``tiltlm generate`` and ``tiltlm compare``."""
-    group = parser.add_argument_group("sampling")
-    group.add_argument("--temperature", type=float, default=1.0,
-                       help="softmax temperature; 0 decodes greedily (default 1: the policy itself)")
-    group.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling mass (default 1: off)")
-    group.add_argument("--max-new-tokens", type=int, default=64)
-    group.add_argument("--samples", type=int, default=1, help="completions per prompt")
-    group.add_argument("--seed", type=int, default=0)
-    group.add_argument("--batch-size", type=int, default=8, help="sequences per generate call")
-    group.add_argument("--chat", action="store_true",
-                       help="wrap plain-string prompts as one user message in the chat template "
-                            "(message-list prompts always use it)")
-    group.add_argument("--dtype", default="auto", help="auto (float32 on CPU) | float32 | bfloat16 | float16")
-    group.add_argument("--device", default="auto")
-    group.add_argument("--trust-remote-code", action="store_true")
-    group.add_argument("--no-progress", action="store_true", help="hide progress bars")
-
-
-def add_arguments(parser: argparse.ArgumentParser) -> None:
-    """``tiltlm generate``: sample completions and write them, with their log-probs, as JSONL."""
-    parser.add_argument("--model", required=True, help="model directory, hub id, alias, or LoRA adapter directory")
-    parser.add_argument("--base", default=None, help="base model of a LoRA adapter (default: from adapter_config.json)")
-    parser.add_argument("--prompts", required=True, help="JSONL file, one {\"prompt\": ...} per line")
-    parser.add_argument("--output", required=True, help="JSONL file to write")
-    parser.add_argument("--ref", default=None, help="also score the samples under this model (KL estimate)")
-    parser.add_argument("--overwrite", action="store_true", help="replace an existing output file")
-    add_sampling_arguments(parser)
-
-
-def write_jsonl(path: Path, rows: list[dict]) -> None:
-    """Write through a temporary file and rename, so the output is whole or absent."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    temporary = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    with open(temporary, "w", encoding="utf-8") as handle:
-        for row in rows:
-            handle.write(json.dumps(row, ensure_ascii=False) + "\n")
-    os.replace(temporary, path)
-
-
-def kl_summary(policy_logps: list[float], ref_logps: list[float], temperature: float, top_p: float) -> str:
-    """The Monte Carlo KL estimate ``mean(log pi - log pi_ref)`` with its standard error."""
-    differences = [p - r for p, r in zip(policy_logps, ref_logps)]
-    count = len(differences)
-    mean = sum(differences) / count
-    spread = math.sqrt(sum((d - mean) ** 2 for d in differences) / (count - 1)) if count > 1 else float("nan")
-    text = f"KL(policy || ref) estimate: {mean:.4f} nats per completion (standard error {spread / math.sqrt(count):.4f}, {count} samples)"
-    if temperature != 1.0 or top_p != 1.0:
-        text += (f"\n  note: temperature {temperature} / top_p {top_p} do not sample from the policy itself, "
-                 f"so this is not an unbiased KL estimate (use --temperature 1 --top-p 1)")
-    return text
-
-
-def run(args: argparse.Namespace) -> int:
-    """Entry point of ``tiltlm generate``; returns the exit code."""
-    output = Path(args.output)
-    try:
-        if output.exists() and not args.overwrite:
-            raise FileExistsError(f"output {output} exists; pass --overwrite to replace it")
-        check_sampling_options(args.samples, args.max_new_tokens, args.temperature, args.top_p, args.batch_size)
-        prompts = read_prompts(args.prompts)
-        device = pick_device(args.device)
-        dtype = parse_dtype(args.dtype, device)
-        model, tokenizer = load_policy(args.model, dtype, device, args.base, args.trust_remote_code)
-        progress = not args.no_progress
-        samples = sample(model, tokenizer, prompts, n=args.samples, max_new_tokens=args.max_new_tokens,
-                         temperature=args.temperature, top_p=args.top_p, seed=args.seed,
-                         batch_size=args.batch_size, chat=args.chat, progress=progress)
-        policy_logps = score_logps(model, tokenizer, samples, args.batch_size, progress)
-        ref_logps = None
-        if args.ref:
-            del model  # one model in memory at a time
-            ref_model, ref_tokenizer = load_policy(args.ref, dtype, device, None, args.trust_remote_code)
-            check_same_vocabulary(tokenizer, ref_tokenizer, (args.model, args.ref))
-            ref_logps = score_logps(ref_model, tokenizer, samples, args.batch_size, progress)
-    except (DataError, ModelError, ValueError, FileExistsError) as error:
-        print(f"tiltlm generate: error: {error}", file=sys.stderr)
-        return 2
-    rows = []
-    for i, s in enumerate(samples):
-        row = {"prompt": s.prompt, "sample": s.sample, "completion": s.completion,
-               "completion_tokens": len(s.completion_ids), "finished": s.finished, "logp_policy": policy_logps[i]}
-        if ref_logps is not None:
-            row["logp_ref"] = ref_logps[i]
-        rows.append(row)
-    write_jsonl(output, rows)
-    print(f"wrote {len(rows)} completions of {len(prompts)} prompts to {output}")
-    if ref_logps is not None:
-        print(kl_summary(policy_logps, ref_logps, args.temperature, args.top_p))
-    return 0

@@ -13,14 +13,13 @@ section 6.1), with SmolLM2-135M-Instruct as the reference and VADER as the rewar
 
 from __future__ import annotations
 
-import argparse
 import time
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
-from tiltlm.config import ConfigError, TrainConfig
+from tiltlm.config import ConfigError, TrainConfig, check_options, option
 from tiltlm.evaluate import evaluate
 from tiltlm.experiment import PolicyScore, preference_pairs, score_policy, write_jsonl
 from tiltlm.metrics import read_metrics
@@ -33,33 +32,40 @@ from tiltlm.train import train
 
 @dataclass
 class QuickstartConfig:
-    model: str = "smollm2-135m"
-    reward: str = "vader"  # or module:function, or a reward-model directory (see tiltlm.rewards)
-    output: str = "runs/quickstart"
-    overwrite: bool = False
-    train_prompts: int = 36
-    heldout_prompts: int = 12
-    samples: int = 4  # continuations per prompt
-    max_new_tokens: int = 24
-    beta: float = 0.1
-    lr: float = 5e-4
-    epochs: int = 3
-    batch_size: int = 6
-    lora_r: int = 16
-    seed: int = 0
+    model: str = option("smollm2-135m", "reference model: directory, hub id or alias")
+    reward: str = option("vader", "vader, module:function, file.py:function, or a sequence-classifier directory")
+    output: str = option("runs/quickstart", "directory for the report, pairs, samples and the run")
+    overwrite: bool = option(False, "replace a report already in --output")
+    train_prompts: int = option(36, "the first N embedded prompts make the preference pairs", at_least=1)
+    heldout_prompts: int = option(12, "the last N embedded prompts are held out for measuring", at_least=2)
+    samples: int = option(4, "continuations per prompt (best and worst make its pair)", at_least=2)
+    max_new_tokens: int = option(24, "most tokens sampled per continuation", at_least=1)
+    beta: float = option(0.1, "DPO's beta", above=0)
+    lr: float = option(5e-4, "learning rate", above=0)
+    epochs: int = option(3, "passes over the pairs", at_least=1)
+    batch_size: int = option(6, "pairs per step", at_least=1)
+    lora_r: int = option(16, "LoRA rank", at_least=1)
+    seed: int = option(0, "seed of sampling and training", at_least=0)
 
 
+# Small enough for a first look or a test; explicit options still win.
 QUICK = dict(train_prompts=8, heldout_prompts=4, samples=2, max_new_tokens=12, epochs=1, batch_size=4)
+
+
+def check(config: QuickstartConfig) -> Path:
+    """Every user mistake found before anything is written; the output directory."""
+    out = Path(config.output)
+    if (out / "report.md").exists() and not config.overwrite:
+        raise ConfigError(f"{out} already holds a quickstart report; use --overwrite or another --output")
+    check_options(config)
+    if config.train_prompts + config.heldout_prompts > len(PROMPTS):
+        raise ConfigError(f"train_prompts + heldout_prompts must be at most {len(PROMPTS)}")
+    return out
 
 
 def run_quickstart(config: QuickstartConfig) -> Path:
     started = time.perf_counter()
-    out = Path(config.output)
-    if (out / "report.md").exists() and not config.overwrite:
-        raise ConfigError(f"{out} already holds a quickstart report; use --overwrite or another --output")
-    if config.train_prompts + config.heldout_prompts > len(PROMPTS):
-        raise ConfigError(f"train_prompts + heldout_prompts must be at most {len(PROMPTS)}")
-    out.mkdir(parents=True, exist_ok=True)
+    out = check(config)  # written to only once the reward and the model have loaded
     torch.manual_seed(config.seed)
     train_prompts = list(PROMPTS[:config.train_prompts])
     heldout = list(PROMPTS[len(PROMPTS) - config.heldout_prompts:])
@@ -150,22 +156,3 @@ def write_report(out: Path, config: QuickstartConfig, pairs: int, before: Policy
     path = out / "report.md"
     path.write_text("\n".join(lines) + "\n", encoding="utf-8")
     return path
-
-
-def add_arguments(parser: argparse.ArgumentParser) -> None:
-    for name, default in vars(QuickstartConfig()).items():
-        flag = "--" + name.replace("_", "-")
-        if isinstance(default, bool):
-            parser.add_argument(flag, action="store_true")
-        else:
-            parser.add_argument(flag, type=type(default), default=default)
-    parser.add_argument("--quick", action="store_true", help="a much smaller run (for tests): "
-                        + ", ".join(f"{k}={v}" for k, v in QUICK.items()))
-
-
-def run(args: argparse.Namespace) -> int:
-    config = QuickstartConfig(**{k: getattr(args, k) for k in vars(QuickstartConfig())})
-    if args.quick:
-        config = replace(config, **QUICK)
-    run_quickstart(config)
-    return 0

@@ -24,6 +24,7 @@ from transformers import get_scheduler
 
 from tiltlm import checkpoint as ckpt
 from tiltlm import distributed, rundir
+from tiltlm.checkpoint import save_pretrained_atomically
 from tiltlm.config import ConfigError, TrainConfig, loss_setup
 from tiltlm.data import load_pairs, tokenize_pairs
 from tiltlm.data.order import DataOrder
@@ -246,11 +247,3 @@ def save_final(out: Path, policy, tokenizer, base_model: str, merge_lora: bool, 
     save_pretrained_atomically(out / "final", policy, tokenizer, weights)
     if merge_lora and hasattr(policy, "merge_and_unload"):
         save_pretrained_atomically(out / "merged", policy.merge_and_unload(), tokenizer)
-
-
-def save_pretrained_atomically(directory: Path, model, tokenizer, weights: dict | None = None) -> None:
-    def write(tmp: Path) -> None:
-        model.save_pretrained(tmp, safe_serialization=True, state_dict=weights)
-        tokenizer.save_pretrained(tmp)
-
-    ckpt.write_atomically(directory, write)

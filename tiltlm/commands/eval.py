@@ -1,0 +1,38 @@
+"""``tiltlm eval``: loss and reward metrics of a policy against a reference, with TrainConfig's defaults."""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+from tiltlm.commands.options import add_options, given
+from tiltlm.config import TrainConfig, build_config
+
+OPTIONS = ("model", "ref", "data", "beta", "loss", "max_length", "max_prompt_length", "batch_size", "dtype",
+           "device", "ref_cache", "trust_remote_code")
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    helps = {"model": "policy: model directory, adapter directory, hub id or alias",
+             "ref": "reference model (default: an adapter's base, or the run's starting model)",
+             "data": "preference file"}
+    add_options(parser, TrainConfig, only=OPTIONS, required=("model", "data"), fill_defaults=True, helps=helps)
+    parser.add_argument("--json", help="also write the result to this file")
+
+
+def run(args: argparse.Namespace) -> int:
+    from tiltlm.evaluate import evaluate  # the lead moves it: repoint here
+
+    # max_prompt_length left unset resolves from max_length, as in training
+    flags = {k: v for k, v in given(args, TrainConfig).items() if v is not None}
+    config = build_config(None, flags)  # every range checked, nothing loaded yet
+    result = evaluate(config.model, config.data, ref=config.ref, beta=config.beta, loss=config.loss,
+                      max_length=config.max_length, max_prompt_length=config.max_prompt_length,
+                      batch_size=config.batch_size, dtype=config.dtype, device=config.device,
+                      trust_remote_code=config.trust_remote_code, ref_cache=config.ref_cache)
+    text = json.dumps(result, indent=2)
+    print(text)
+    if args.json:
+        Path(args.json).write_text(text + "\n")
+    return 0

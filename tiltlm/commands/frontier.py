@@ -1,0 +1,24 @@
+"""``tiltlm frontier``: reward against KL for DPO, preferred-FT and best-of-N (see :mod:`tiltlm.frontier`)."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+from tiltlm.commands.options import add_options, from_args
+from tiltlm.frontier import QUICK, FrontierConfig, RunStopped, run_frontier
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    add_options(parser, FrontierConfig)
+    parser.add_argument("--quick", action="store_true", help="a much smaller run (tests, a first look): "
+                        + ", ".join(f"{k}={v}" for k, v in QUICK.items()) + "; options given explicitly win")
+
+
+def run(args: argparse.Namespace) -> int:
+    try:
+        run_frontier(from_args(FrontierConfig, args, QUICK if args.quick else None))
+    except RunStopped as error:
+        print(f"tiltlm frontier: stopped: {error}", file=sys.stderr)
+        return 1
+    return 0

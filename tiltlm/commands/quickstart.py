@@ -1,0 +1,19 @@
+"""``tiltlm quickstart``: DPO end to end on the embedded default (see :mod:`tiltlm.quickstart`)."""
+
+from __future__ import annotations
+
+import argparse
+
+from tiltlm.commands.options import add_options, from_args
+from tiltlm.quickstart import QUICK, QuickstartConfig, run_quickstart
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    add_options(parser, QuickstartConfig)
+    parser.add_argument("--quick", action="store_true", help="a much smaller run (tests, a first look): "
+                        + ", ".join(f"{k}={v}" for k, v in QUICK.items()) + "; options given explicitly win")
+
+
+def run(args: argparse.Namespace) -> int:
+    run_quickstart(from_args(QuickstartConfig, args, QUICK if args.quick else None))
+    return 0
