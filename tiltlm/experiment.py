@@ -11,8 +11,27 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
+from tiltlm.config import option
 from tiltlm.generate import Sample, sample, score_logps
 from tiltlm.stats import mean_ci, per_group_means
+
+
+@dataclass
+class ExperimentConfig:
+    """What every experiment here shares: the reference samples continuations, the reward labels the best
+    and worst of each prompt into a pair, and LoRA training runs on the pairs."""
+
+    model: str = option("smollm2-135m", "reference model: directory, hub id or alias")
+    reward: str = option("vader", "vader, module:function, file.py:function, or a sequence-classifier directory")
+    output: str = option("runs/experiment", "directory for the report and everything it is computed from")
+    overwrite: bool = option(False, "replace a report already in --output")
+    samples: int = option(4, "continuations per training prompt (best and worst make its pair)", at_least=2)
+    max_new_tokens: int = option(24, "most tokens sampled per continuation", at_least=1)
+    lr: float = option(5e-4, "learning rate of every training run", above=0)
+    epochs: int = option(3, "epochs of every training run", at_least=1)
+    batch_size: int = option(6, "pairs per step of every training run", at_least=1)
+    lora_r: int = option(16, "LoRA rank of every training run (LoRA lets one CPU train several)", at_least=1)
+    seed: int = option(0, "seed of the first pairs' sampling and of training", at_least=0)
 
 
 @dataclass
@@ -62,6 +81,11 @@ def preference_pairs(samples: list[Sample], rewards: list[float]) -> list[dict]:
             pairs.append({"prompt": best[1].prompt, "chosen": best[1].completion, "rejected": worst[1].completion,
                           "reward_chosen": best[0], "reward_rejected": worst[0]})
     return pairs
+
+
+def write_markdown(path: Path, lines: list[str]) -> Path:
+    path.write_text("\n".join(lines) + "\n", encoding="utf-8")
+    return path
 
 
 def write_jsonl(path: Path, rows: list[dict]) -> Path:

@@ -44,7 +44,7 @@ import torch
 from tiltlm.checkpoint import save_pretrained_atomically
 from tiltlm.config import ConfigError, TrainConfig, check_options, option
 from tiltlm.data.types import Text
-from tiltlm.experiment import preference_pairs, sample_rows, score_policy, write_jsonl
+from tiltlm.experiment import ExperimentConfig, preference_pairs, sample_rows, score_policy, write_jsonl
 from tiltlm.frontier_report import Point, fmt, render, write_json
 from tiltlm.generate import read_prompts, sample
 from tiltlm.models import ALIASES, load_model, load_tokenizer, parse_dtype
@@ -56,32 +56,23 @@ from tiltlm.train import train
 
 
 @dataclass
-class FrontierConfig:
-    model: str = option("smollm2-135m", "reference model: directory, hub id or alias")
-    reward: str = option("vader", "vader, module:function, file.py:function, or a sequence-classifier directory")
+class FrontierConfig(ExperimentConfig):
+    output: str = option("runs/frontier", "directory for the report, plot, numbers, samples and runs")
+    lr: float = option(7e-4, "learning rate of every training run", above=0)
     prompts: str = option("", "JSONL file, one {\"prompt\": ...} per line (empty: the embedded prompts)")
     train_prompts: int = option(0, "use the first N prompts for preference pairs (0: all that are not held out)",
                                 at_least=0)
     heldout: int = option(12, "the last N prompts are held out for measuring", at_least=2)
     betas: str = option("0.05,0.1,0.3,1.0", "comma-separated DPO betas")
     best_of: str = option("1,2,4,8,16", "comma-separated N of the best-of-N baseline")
-    samples: int = option(4, "continuations per training prompt (best and worst make its pair)", at_least=2)
     eval_samples: int = option(6, "continuations per held-out prompt for each measured policy", at_least=1)
-    max_new_tokens: int = option(24, "most tokens sampled per continuation", at_least=1)
-    lr: float = option(7e-4, "learning rate of every training run", above=0)
-    epochs: int = option(3, "epochs of every training run", at_least=1)
-    batch_size: int = option(6, "pairs per step of every training run", at_least=1)
-    lora_r: int = option(16, "LoRA rank of every training run (LoRA lets one CPU train several)", at_least=1)
     rounds: int = option(1, "rounds of iterative DPO at --round-beta (1: no iteration)", at_least=1)
     ref_update: str = option("fixed", "reference of rounds 2.. of iterative DPO: fixed (the original model) or "
                                       "current (the policy the round starts from)", choices=("fixed", "current"))
     round_beta: float = option(0.1, "beta of iterative DPO (added to --betas if missing)", above=0)
     gen_batch_size: int = option(16, "sequences per generate call", at_least=1)
-    output: str = option("runs/frontier", "directory for the report, plot, numbers, samples and runs")
-    overwrite: bool = option(False, "replace a report already in --output")
     device: str = option("auto", "auto, cpu, cuda, cuda:N or mps")
     dtype: str = option("auto", "auto (float32 on CPU, bfloat16 on GPU), float32, bfloat16 or float16")
-    seed: int = option(0, "seed of the first round's pairs (held-out sampling uses seed + 1)", at_least=0)
 
 
 # Small enough for a tiny test model and a few seconds per training run; explicit options still win.

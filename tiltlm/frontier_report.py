@@ -11,6 +11,8 @@ from types import SimpleNamespace
 
 from matplotlib.figure import Figure
 
+from tiltlm.experiment import write_markdown
+
 
 @dataclass
 class Point:
@@ -256,6 +258,4 @@ def write_report(out: Path, document: dict, config, points: list[Point], plot: P
         "reward and log-probs under the policy and the reference), `pairs-round*.jsonl` (training pairs), "
         "`runs/` (one training run per trained policy).",
     ]
-    path = out / "report.md"
-    path.write_text("\n".join(lines) + "\n", encoding="utf-8")
-    return path
+    return write_markdown(out / "report.md", lines)

@@ -21,7 +21,7 @@ import torch
 
 from tiltlm.config import ConfigError, TrainConfig, check_options, option
 from tiltlm.evaluate import evaluate
-from tiltlm.experiment import PolicyScore, preference_pairs, score_policy, write_jsonl
+from tiltlm.experiment import ExperimentConfig, PolicyScore, preference_pairs, score_policy, write_jsonl, write_markdown
 from tiltlm.metrics import read_metrics
 from tiltlm.models import load_model, load_tokenizer
 from tiltlm.plots import plot_metrics
@@ -31,21 +31,11 @@ from tiltlm.train import train
 
 
 @dataclass
-class QuickstartConfig:
-    model: str = option("smollm2-135m", "reference model: directory, hub id or alias")
-    reward: str = option("vader", "vader, module:function, file.py:function, or a sequence-classifier directory")
+class QuickstartConfig(ExperimentConfig):
     output: str = option("runs/quickstart", "directory for the report, pairs, samples and the run")
-    overwrite: bool = option(False, "replace a report already in --output")
     train_prompts: int = option(36, "the first N embedded prompts make the preference pairs", at_least=1)
     heldout_prompts: int = option(12, "the last N embedded prompts are held out for measuring", at_least=2)
-    samples: int = option(4, "continuations per prompt (best and worst make its pair)", at_least=2)
-    max_new_tokens: int = option(24, "most tokens sampled per continuation", at_least=1)
     beta: float = option(0.1, "DPO's beta", above=0)
-    lr: float = option(5e-4, "learning rate", above=0)
-    epochs: int = option(3, "passes over the pairs", at_least=1)
-    batch_size: int = option(6, "pairs per step", at_least=1)
-    lora_r: int = option(16, "LoRA rank", at_least=1)
-    seed: int = option(0, "seed of sampling and training", at_least=0)
 
 
 # Small enough for a first look or a test; explicit options still win.
@@ -153,6 +143,4 @@ def write_report(out: Path, config: QuickstartConfig, pairs: int, before: Policy
         "`heldout_before.jsonl` and `heldout_after.jsonl` (every held-out sample with its reward and log-ratio), "
         "`run/` (config, metrics.jsonl, final/ adapter).",
     ]
-    path = out / "report.md"
-    path.write_text("\n".join(lines) + "\n", encoding="utf-8")
-    return path
+    return write_markdown(out / "report.md", lines)
