@@ -4,13 +4,9 @@ For each prompt ``x`` and sample index ``k``, A's k-th completion is compared wi
 under a reward ``r``; the outcome is 1 if ``r_A > r_B``, 1/2 on a tie, 0 otherwise, and the win rate is
 the mean outcome. Ties counting half makes the rates of A over B and of B over A sum to 1.
 
-Uncertainty is over prompts, the unit that was sampled: samples of the same prompt share it and are
-not independent. The 95% interval of the win rate is a percentile bootstrap (Efron & Tibshirani 1993,
-"An Introduction to the Bootstrap", ch. 13): resample prompts with replacement, recompute the rate,
-take the 2.5% and 97.5% quantiles. :func:`tiltlm.stats.wald_interval` gives the normal approximation
-``rate +- 1.96 sd / sqrt(n)``, which agrees with the bootstrap for large n and serves as a check.
-Mean rewards get a normal interval, ``mean +- 1.96 s / sqrt(n)`` over per-prompt means: with fewer than
-about 30 prompts it is too narrow (a t interval would be wider).
+Uncertainty is over prompts, the unit that was sampled (see :mod:`tiltlm.stats`): the win rate's 95%
+interval is a percentile bootstrap resampling whole prompts, mean rewards get a normal interval over
+per-prompt means.
 
 Inputs: two generation files written by ``tiltlm generate`` (rows matched by prompt and ``sample``), or
 two models sampled here on the same prompts, or one of each.

@@ -80,9 +80,8 @@ SMOOTHED_LOSSES = ("sigmoid", "robust", "exo")
 class TrainConfig:
     # what to train, on what
     model: str = option("smollm2-135m", "policy to train: a local directory, a hub id or the alias smollm2-135m")
-    data: str = option("", "preference data: .jsonl .jsonl.gz .json .csv .parquet, a save_to_disk directory "
-                           "or a hub dataset")
-    eval_data: Optional[str] = option(None, "held-out preference data, measured every eval_every steps")
+    data: str = option("", "preference pairs: a file (.jsonl .json .csv .parquet), saved dataset or hub dataset")
+    eval_data: Optional[str] = option(None, "held-out preference pairs, measured every eval_every steps")
     output: str = option("runs/dpo", "run directory: config.yaml, metrics.jsonl, checkpoints/, final/")
     overwrite: bool = option(False, "replace an output directory that holds a different run")
     resume: bool = option(False, "continue from the newest checkpoint in output")
@@ -92,26 +91,23 @@ class TrainConfig:
     ref: Optional[str] = option(None, "a different reference model (default: the policy's starting weights)")
     ref_mode: str = option("auto", "how the reference is scored (auto: see tiltlm/reference.py)",
                            choices=("auto", "online", "precompute", "adapters-off", "none"))
-    ref_cache: Optional[str] = option(None, "directory of precomputed reference log-probs (default: "
-                                            "$TILTLM_CACHE/reference or ~/.cache/tiltlm/reference)")
+    ref_cache: Optional[str] = option(None, "precomputed reference log-probs (default: $TILTLM_CACHE/reference "
+                                            "or ~/.cache/tiltlm/reference)")
 
     # the objective
     loss: str = option("sigmoid", "comma-separated loss names from tiltlm.losses, e.g. sigmoid,nll")
     loss_weights: Optional[str] = option(None, "comma-separated positive weights, one per loss (default: all 1)")
-    beta: float = option(0.1, "strength of the KL regularisation (inverse temperature of the implicit reward)",
-                         above=0)
-    label_smoothing: float = option(0.0, "assumed rate of flipped labels (losses sigmoid, robust, exo)",
-                                    at_least=0, below=0.5)
+    beta: float = option(0.1, "strength of the KL regularisation (inverse temperature of the reward)", above=0)
+    label_smoothing: float = option(0.0, "share of flipped labels (sigmoid, robust, exo)", at_least=0, below=0.5)
     ipo_average: bool = option(True, "ipo: per-token (not summed) log-ratios, as the IPO authors advise")
     simpo_gamma: float = option(1.0, "simpo: target reward margin (paper: beta 2.0, gamma/beta ~ 0.5)", at_least=0)
     orpo_lambda: float = option(0.1, "orpo: weight of the odds-ratio term", at_least=0)
 
     # data shaping
     max_length: int = option(1024, "tokens of prompt plus completion kept per sequence", at_least=2)
-    max_prompt_length: Optional[int] = option(None, "prompt tokens kept, the prompt's end (default: half of "
-                                                    "max_length)", at_least=1)
-    layout: str = option("packed", "batch layout: packed rows, shared (prompt once per pair) or concatenated "
-                                   "(two rows per pair)", choices=("packed", "shared", "concatenated"))
+    max_prompt_length: Optional[int] = option(None, "prompt tokens kept (default: max_length // 2)", at_least=1)
+    layout: str = option("packed", "batch layout: packed rows, shared (prompt once per pair) or concatenated",
+                         choices=("packed", "shared", "concatenated"))
     pack_tokens: int = option(0, "tokens per packed row (0: max_length)", at_least=0)
     group_by_length: bool = option(True, "micro-batches of pairs of similar length: less padding")
 
@@ -121,8 +117,7 @@ class TrainConfig:
     max_steps: int = option(-1, "optimizer steps (-1: as many as the epochs give)", at_least=1, special=-1)
     batch_size: int = option(8, "pairs per micro-batch per process", at_least=1)
     grad_accum: int = option(4, "micro-batches per optimizer step", at_least=1)
-    warmup_ratio: float = option(0.1, "share of the steps over which the learning rate rises from 0",
-                                 at_least=0, at_most=1)
+    warmup_ratio: float = option(0.1, "share of the steps over which the learning rate rises", at_least=0, at_most=1)
     scheduler: str = option("linear", "learning-rate decay after warmup", choices=("linear", "cosine", "constant"))
     weight_decay: float = option(0.0, "AdamW's decoupled weight decay", at_least=0)
     max_grad_norm: float = option(1.0, "clip the gradient norm to this (inf: no clipping)", above=0, finite=False)
@@ -143,8 +138,7 @@ class TrainConfig:
     device: str = option("auto", "auto, cpu, cuda, cuda:N or mps")
     logprob_chunk: int = option(256, "completion positions projected to the vocabulary at a time", at_least=1)
     trust_remote_code: bool = option(False, "run the model repository's own code (only for models you trust)")
-    parallel: str = option("ddp", "under torchrun: ddp (whole model per process) or fsdp (weights and optimizer "
-                                  "sharded)", choices=("ddp", "fsdp"))
+    parallel: str = option("ddp", "under torchrun: ddp (replicated) or fsdp (sharded)", choices=("ddp", "fsdp"))
 
     # logging and saving
     log_every: int = option(1, "steps between metric rows", at_least=1)

@@ -11,7 +11,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
-from tiltlm.config import option
+from tiltlm.config import ConfigError, TrainConfig, option
 from tiltlm.generate import Sample, sample, score_logps
 from tiltlm.stats import mean_ci, per_group_means
 
@@ -51,6 +51,18 @@ class PolicyScore:
         return sample_rows(self.samples, self.rewards, self.policy_logps, self.reference_logps)
 
 
+# Every experiment's training runs: short prompts and continuations, one step per batch, no checkpoints.
+SEQUENCE = dict(max_length=256, max_prompt_length=64)
+
+
+def lora_run(config: ExperimentConfig, model: str, data: Path, output: Path, **settings) -> TrainConfig:
+    """The settings of a LoRA training run of an experiment, from ``model`` on the pairs in ``data``."""
+    shared = dict(model=model, data=str(data), output=str(output), overwrite=True, lr=config.lr, epochs=config.epochs,
+                  batch_size=config.batch_size, grad_accum=1, lora_r=config.lora_r, warmup_ratio=0.1, seed=config.seed,
+                  save_every=10_000, log_every=1, tensorboard=False, **SEQUENCE)
+    return TrainConfig(**{**shared, **settings})
+
+
 def sample_rows(samples: list[Sample], rewards: list[float], policy_logps: list[float] | None = None,
                 reference_logps: list[float] | None = None) -> list[dict]:
     """Samples as JSONL rows with their rewards, the token ids the log-probs were computed on and, when
@@ -81,6 +93,20 @@ def preference_pairs(samples: list[Sample], rewards: list[float]) -> list[dict]:
             pairs.append({"prompt": best[1].prompt, "chosen": best[1].completion, "rejected": worst[1].completion,
                           "reward_chosen": best[0], "reward_rejected": worst[0]})
     return pairs
+
+
+def label_pairs(policy, tokenizer, prompts: list, reward: Callable, samples_per_prompt: int, max_new_tokens: int,
+                seed: int, batch_size: int, path: Path) -> Path:
+    """Continuations of ``prompts`` from ``policy`` at temperature 1, labelled by the reward into pairs
+    (:func:`preference_pairs`) written to ``path``; a ConfigError when no prompt gives a pair."""
+    samples = sample(policy, tokenizer, prompts, n=samples_per_prompt, max_new_tokens=max_new_tokens,
+                     temperature=1.0, top_p=1.0, seed=seed, batch_size=batch_size, progress=True)
+    pairs = preference_pairs(samples, reward([s.prompt for s in samples], [s.completion for s in samples]))
+    if not pairs:
+        raise ConfigError(f"the reward gave every continuation of each prompt the same score, so there is no "
+                          f"preference pair to train on ({path.name}); use more --samples or longer --max-new-tokens")
+    print(f"      {len(pairs)} preference pairs -> {path}")
+    return write_jsonl(path, pairs)
 
 
 def write_markdown(path: Path, lines: list[str]) -> Path:

@@ -42,16 +42,16 @@ from typing import Callable
 import torch
 
 from tiltlm.checkpoint import save_pretrained_atomically
-from tiltlm.config import ConfigError, TrainConfig, check_options, option
+from tiltlm.config import ConfigError, check_options, option
 from tiltlm.data.types import Text
-from tiltlm.experiment import ExperimentConfig, preference_pairs, sample_rows, score_policy, write_jsonl
-from tiltlm.frontier_report import Point, fmt, render, write_json
+from tiltlm.experiment import ExperimentConfig, label_pairs, lora_run, sample_rows, score_policy, write_jsonl
+from tiltlm.frontier_report import Point, render, write_json
 from tiltlm.generate import read_prompts, sample
 from tiltlm.models import ALIASES, load_model, load_tokenizer, parse_dtype
 from tiltlm.prompts import PROMPTS
 from tiltlm.rewards import load_reward
 from tiltlm.runtime import pick_device
-from tiltlm.stats import mean_ci
+from tiltlm.stats import format_interval, mean_ci
 from tiltlm.train import train
 
 
@@ -121,8 +121,6 @@ def check(config: FrontierConfig) -> Plan:
     check_options(config)
     if config.rounds > 1:
         betas = parse_numbers(f"{config.betas},{config.round_beta}", float, "round_beta")
-    if config.prompts and not Path(config.prompts).is_file():
-        raise ConfigError(f"prompts file {config.prompts}: no such file")
     prompts = read_prompts(config.prompts) if config.prompts else list(PROMPTS)
     available = len(prompts) - config.heldout
     wanted = config.train_prompts or available
@@ -162,14 +160,14 @@ def best_of_n_rewards(rewards_by_prompt: list[list[float]], n: int) -> list[floa
     return means
 
 
-def best_of_n_points(reference, tokenizer, plan: Plan, reward: Callable, config: FrontierConfig,
-                     out: Path, seed: int) -> list[Point]:
+def best_of_n_points(bench: Bench) -> list[Point]:
     """The best-of-N baseline: max(N) draws per held-out prompt from the reference, shared by every N."""
-    started = time.perf_counter()
-    samples = sample(reference, tokenizer, plan.heldout, n=max(plan.best_of), max_new_tokens=config.max_new_tokens,
-                     temperature=1.0, top_p=1.0, seed=seed, batch_size=config.gen_batch_size, progress=True)
-    rewards = reward([s.prompt for s in samples], [s.completion for s in samples])
-    samples_file = write_jsonl(out / "samples" / "reference-draws.jsonl", sample_rows(samples, rewards))
+    started, config, plan = time.perf_counter(), bench.config, bench.plan
+    samples = sample(bench.reference, bench.tokenizer, plan.heldout, n=max(plan.best_of),
+                     max_new_tokens=config.max_new_tokens, temperature=1.0, top_p=1.0, seed=bench.eval_seed,
+                     batch_size=config.gen_batch_size, progress=True)
+    rewards = bench.reward([s.prompt for s in samples], [s.completion for s in samples])
+    samples_file = write_jsonl(bench.out / "samples" / "reference-draws.jsonl", sample_rows(samples, rewards))
     by_prompt: dict[int, list[float]] = {}
     for s, r in sorted(zip(samples, rewards), key=lambda item: (item[0].index, item[0].sample)):
         by_prompt.setdefault(s.index, []).append(r)
@@ -180,7 +178,7 @@ def best_of_n_points(reference, tokenizer, plan: Plan, reward: Callable, config:
         points.append(Point(name=f"best-of-{n}", method="best-of-n", n=n, kl=(kl, kl, kl),
                             kl_source="analytic: log N - (N-1)/N",
                             reward=mean_ci(best_of_n_rewards(list(by_prompt.values()), n)),
-                            samples_file=str(samples_file.relative_to(out)), measure_seconds=seconds))
+                            samples_file=str(samples_file.relative_to(bench.out)), measure_seconds=seconds))
     return points
 
 
@@ -199,12 +197,8 @@ def train_run(config: FrontierConfig, start: str, data: Path, run_dir: Path, bet
     ref_mode = "none" if loss == "nll" else ("online" if ref else "adapters-off")
     # A later round may label fewer pairs than a batch holds (prompts whose samples all tie give none).
     pairs = sum(1 for line in data.read_text(encoding="utf-8").splitlines() if line.strip())
-    train(TrainConfig(
-        model=start, data=str(data), output=str(run_dir), overwrite=True, loss=loss, beta=beta, ref=ref,
-        ref_mode=ref_mode, lr=config.lr, epochs=config.epochs, batch_size=min(config.batch_size, pairs), grad_accum=1,
-        lora_r=config.lora_r, merge_lora=merge, warmup_ratio=0.1, max_length=256, max_prompt_length=64,
-        save_every=10_000, log_every=1, tensorboard=False, seed=config.seed, device=config.device,
-        dtype=config.dtype))
+    train(lora_run(config, start, data, run_dir, loss=loss, beta=beta, ref=ref, ref_mode=ref_mode, merge_lora=merge,
+                   batch_size=min(config.batch_size, pairs), device=config.device, dtype=config.dtype))
     if not (run_dir / "final").is_dir():  # train() returns early, with a checkpoint, on SIGTERM
         raise RunStopped(f"training in {run_dir} stopped before its last step (SIGTERM?); nothing after it "
                          f"was measured. Run tiltlm frontier again (with --overwrite) to redo the frontier")
@@ -254,21 +248,6 @@ class Bench:
         print(f"[{self.stage}/{total}] {text}")
 
 
-def label_pairs(bench: Bench, policy, seed: int, path: Path) -> Path:
-    """Continuations of the training prompts from ``policy``, labelled by the reward into pairs."""
-    config = bench.config
-    samples = sample(policy, bench.tokenizer, bench.plan.train_prompts, n=config.samples,
-                     max_new_tokens=config.max_new_tokens, temperature=1.0, top_p=1.0, seed=seed,
-                     batch_size=config.gen_batch_size, progress=True)
-    pairs = preference_pairs(samples, bench.reward([s.prompt for s in samples], [s.completion for s in samples]))
-    if not pairs:
-        raise ConfigError(f"the reward gave every continuation of each training prompt the same score, so "
-                          f"there is no preference pair to train on ({path.name}); use more --samples or "
-                          f"longer --max-new-tokens")
-    print(f"      {len(pairs)} preference pairs -> {path}")
-    return write_jsonl(path, pairs)
-
-
 def measure_trained(bench: Bench, name: str, method: str, adapter: Path, train_seconds: float, base,
                     **labels) -> tuple[Point, object]:
     """The point of the policy ``base`` + ``adapter`` (merged into ``base`` in place), and that policy.
@@ -283,7 +262,7 @@ def measure_trained(bench: Bench, name: str, method: str, adapter: Path, train_s
     point = Point(name=name, method=method, reward=score.reward, kl=score.kl, kl_source="samples",
                   samples_file=f"samples/{run_name}.jsonl", run_dir=f"runs/{run_name}",
                   train_seconds=train_seconds, measure_seconds=time.perf_counter() - started, **labels)
-    print(f"      {name}: reward {fmt(point.reward)}, KL {fmt(point.kl)}")
+    print(f"      {name}: reward {format_interval(point.reward)}, KL {format_interval(point.kl)}")
     return point, policy
 
 
@@ -330,7 +309,9 @@ def iterative_points(bench: Bench) -> list[Point]:
     policy = load_model(str(previous / "merged"), bench.dtype).to(bench.reference.device) if config.rounds > 1 else None
     for k in range(2, config.rounds + 1):
         bench.announce(f"iterative DPO round {k} of {config.rounds} (beta {beta:g}, reference {config.ref_update})")
-        round_pairs = label_pairs(bench, policy, config.seed + 100 + k, out / f"pairs-round{k}.jsonl")
+        round_pairs = label_pairs(policy, bench.tokenizer, bench.plan.train_prompts, bench.reward, config.samples,
+                                  config.max_new_tokens, config.seed + 100 + k, config.gen_batch_size,
+                                  out / f"pairs-round{k}.jsonl")
         run_dir = out / "runs" / f"dpo-beta{beta:g}-round{k}"
         adapter, seconds = train_run(config, str(previous / "merged"), round_pairs, run_dir, beta,
                                      ref=bench.start if config.ref_update == "fixed" else None, merge=k < config.rounds)
@@ -347,10 +328,10 @@ def run_frontier(config: FrontierConfig) -> Path:
     bench = prepare(config)
     bench.announce(f"preference pairs from the reference ({len(bench.plan.train_prompts)} prompts, "
                    f"{config.samples} continuations each)")
-    pairs = label_pairs(bench, bench.reference, config.seed, bench.out / "pairs-round1.jsonl")
+    pairs = label_pairs(bench.reference, bench.tokenizer, bench.plan.train_prompts, bench.reward, config.samples,
+                        config.max_new_tokens, config.seed, config.gen_batch_size, bench.out / "pairs-round1.jsonl")
     bench.announce(f"best-of-N from the reference, N in {list(bench.plan.best_of)}")
-    points = best_of_n_points(bench.reference, bench.tokenizer, bench.plan, bench.reward, config, bench.out,
-                              bench.eval_seed)
+    points = best_of_n_points(bench)
     points += one_shot_points(bench, pairs)
     points += iterative_points(bench)
     machine = {"device": str(bench.reference.device), "torch_threads": torch.get_num_threads(),

@@ -12,6 +12,7 @@ from types import SimpleNamespace
 from matplotlib.figure import Figure
 
 from tiltlm.experiment import write_markdown
+from tiltlm.stats import format_interval
 
 
 @dataclass
@@ -32,13 +33,6 @@ class Point:
     train_seconds: float = 0.0
     measure_seconds: float = 0.0
     extra: dict = field(default_factory=dict)
-
-
-def fmt(interval: tuple[float, float, float]) -> str:
-    mean, low, high = interval
-    if low == high:
-        return f"{mean:.3f}"
-    return f"{mean:+.3f} ({low:+.3f} to {high:+.3f})"
 
 
 def interval_dict(interval: tuple[float, float, float]) -> dict:
@@ -152,8 +146,8 @@ def table(points: list[Point]) -> list[str]:
              "train s | measure s |", "|---|---|---|---|---|---|---|---|---|---|"]
     for p in points:
         lines.append(f"| {p.name} | {p.method} | {'' if p.beta is None else f'{p.beta:g}'} | "
-                     f"{'' if p.round is None else p.round} | {'' if p.n is None else p.n} | {fmt(p.reward)} | "
-                     f"{fmt(p.kl)} | {p.kl_source} | {p.train_seconds:.1f} | {p.measure_seconds:.1f} |")
+                     f"{'' if p.round is None else p.round} | {'' if p.n is None else p.n} | "
+                     f"{format_interval(p.reward)} | {format_interval(p.kl)} | {p.kl_source} | {p.train_seconds:.1f} | {p.measure_seconds:.1f} |")
     return lines
 
 

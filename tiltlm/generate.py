@@ -17,13 +17,9 @@ Scores are always log-probs under the model itself (temperature 1, no top-p). Sa
 temperature or top_p < 1 draws from a different distribution, and the mean is then not an unbiased KL
 estimate; it is exact (in expectation) only for temperature 1 and top_p 1.
 
-Prompts are read from a JSONL file (or any input :mod:`tiltlm.data` reads) with a ``prompt`` per row:
-a string or a list of chat messages (``[{"role": "user", "content": "..."}]``). They are encoded as
-training encodes them. Message lists go through the tokenizer's chat template with the assistant turn
-opened (``add_generation_prompt=True``). Plain strings are used as they are, because that is how
-training reads a plain-string prompt, and sampling from the text the policy was tuned on is what
-shows what tuning did. ``--chat`` wraps plain strings as one user message instead, for chat models
-prompted with bare questions.
+Prompts (a string or a list of chat messages per row) are encoded as training encodes them: plain
+strings as they are, since sampling from the text the policy was tuned on is what shows what tuning
+did (``chat=True`` wraps them as one user message instead); messages through the chat template.
 """
 
 from __future__ import annotations
@@ -193,12 +189,6 @@ def left_pad(rows: list[list[int]], pad_id: int) -> tuple[torch.Tensor, torch.Te
     return ids, mask
 
 
-def check_sampling_options(n: int, max_new_tokens: int, temperature: float, top_p: float, batch_size: int) -> None:
-    """Raise ConfigError (a ValueError) naming the first option out of its range (see SamplingConfig)."""
-    check_options(SamplingConfig(samples=n, max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p,
-                                 batch_size=batch_size))
-
-
 def sample(model, tokenizer, prompts: list[Text], n: int = 1, max_new_tokens: int = 64,
            temperature: float = 1.0, top_p: float = 1.0, seed: int = 0, batch_size: int = 8,
            chat: bool = False, progress: bool = False) -> list[Sample]:
@@ -208,7 +198,8 @@ def sample(model, tokenizer, prompts: list[Text], n: int = 1, max_new_tokens: in
     (inside :func:`torch.random.fork_rng`, so the caller's RNG state is left as it was): the same seed,
     batch size and model give the same samples. A different batch size draws different samples.
     """
-    check_sampling_options(n, max_new_tokens, temperature, top_p, batch_size)
+    check_options(SamplingConfig(samples=n, max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p,
+                                 seed=seed, batch_size=batch_size))  # a ConfigError names the option
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     stop = stop_token_ids(model, tokenizer)
     config = sampling_config(max_new_tokens, temperature, top_p, stop, pad_id)

@@ -95,11 +95,8 @@ def is_adapter(name: str) -> bool:
 
 
 def adapter_base(name: str) -> str:
-    """The base model the adapter directory ``name`` was trained on, as :func:`load_model` loads it.
-
-    peft records the base's ``name_or_path``; for a model loaded through an alias that is the directory
-    of the alias's package, which only loads with the alias's extra arguments, so it is mapped back to
-    the alias."""
+    """The base model of the adapter directory ``name``, as :func:`load_model` loads it: peft records the
+    base's path, which for an alias is its package's directory, mapped back here to the alias."""
     import json
 
     config_path = os.path.join(name, "adapter_config.json")

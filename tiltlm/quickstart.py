@@ -19,14 +19,16 @@ from pathlib import Path
 
 import torch
 
-from tiltlm.config import ConfigError, TrainConfig, check_options, option
+from tiltlm.config import ConfigError, check_options, option
 from tiltlm.evaluate import evaluate
-from tiltlm.experiment import ExperimentConfig, PolicyScore, preference_pairs, score_policy, write_jsonl, write_markdown
+from tiltlm.experiment import (SEQUENCE, ExperimentConfig, PolicyScore, label_pairs, lora_run, preference_pairs,
+                               score_policy, write_jsonl, write_markdown)
 from tiltlm.metrics import read_metrics
 from tiltlm.models import load_model, load_tokenizer
 from tiltlm.plots import plot_metrics
 from tiltlm.prompts import PROMPTS
 from tiltlm.rewards import load_reward
+from tiltlm.stats import format_interval
 from tiltlm.train import train
 
 
@@ -64,23 +66,17 @@ def run_quickstart(config: QuickstartConfig) -> Path:
     base = load_model(config.model)
 
     print(f"[1/4] sampling {config.samples} continuations of {len(train_prompts)} training prompts")
-    train_score = score_policy(base, tokenizer, train_prompts, reward, config.samples, config.max_new_tokens,
-                               config.seed, reference=base)
-    pairs = preference_pairs(train_score.samples, train_score.rewards)
-    pairs_file = write_jsonl(out / "pairs.jsonl", pairs)
-    print(f"      {len(pairs)} preference pairs -> {pairs_file}")
+    pairs_file = label_pairs(base, tokenizer, train_prompts, reward, config.samples, config.max_new_tokens,
+                             config.seed, 16, out / "pairs.jsonl")
+    pair_count = len(pairs_file.read_text(encoding="utf-8").splitlines())
 
     print(f"[2/4] held-out prompts before training ({len(heldout)} prompts)")
     before = score_policy(base, tokenizer, heldout, reward, config.samples, config.max_new_tokens,
                           config.seed + 1, reference=base)
     heldout_file = write_jsonl(out / "heldout_pairs.jsonl", preference_pairs(before.samples, before.rewards))
 
-    print(f"[3/4] DPO with LoRA (r={config.lora_r}) on {len(pairs)} pairs")
-    run_dir = train(TrainConfig(
-        model=config.model, data=str(pairs_file), output=str(out / "run"), overwrite=True, beta=config.beta,
-        lr=config.lr, epochs=config.epochs, batch_size=config.batch_size, grad_accum=1, lora_r=config.lora_r,
-        warmup_ratio=0.1, max_length=256, max_prompt_length=64, save_every=10_000, seed=config.seed,
-        log_every=1, tensorboard=False))
+    print(f"[3/4] DPO with LoRA (r={config.lora_r}) on {pair_count} pairs")
+    run_dir = train(lora_run(config, config.model, pairs_file, out / "run", beta=config.beta))
 
     print("[4/4] held-out prompts after training")
     from peft import PeftModel
@@ -90,19 +86,13 @@ def run_quickstart(config: QuickstartConfig) -> Path:
                          config.seed + 1)
     write_jsonl(out / "heldout_before.jsonl", before.rows())
     write_jsonl(out / "heldout_after.jsonl", after.rows())
-    accuracy = evaluate(str(run_dir / "final"), str(heldout_file), beta=config.beta, max_length=256,
-                        max_prompt_length=64, progress=False)
+    accuracy = evaluate(str(run_dir / "final"), str(heldout_file), beta=config.beta, progress=False, **SEQUENCE)
     rows = read_metrics(run_dir / "metrics.jsonl")
     plot = plot_metrics(rows, out / "training.png")
-    report = write_report(out, config, len(pairs), before, after, accuracy, rows, plot,
+    report = write_report(out, config, pair_count, before, after, accuracy, rows, plot,
                           time.perf_counter() - started)
     print(report.read_text())
     return out
-
-
-def fmt(interval: tuple[float, float, float]) -> str:
-    mean, low, high = interval
-    return f"{mean:+.3f} (95% CI {low:+.3f} to {high:+.3f})"
 
 
 def write_report(out: Path, config: QuickstartConfig, pairs: int, before: PolicyScore, after: PolicyScore,
@@ -120,9 +110,9 @@ def write_report(out: Path, config: QuickstartConfig, pairs: int, before: Policy
         "",
         "| held-out prompts | value |",
         "|---|---|",
-        f"| mean reward before (reference) | {fmt(before.reward)} |",
-        f"| mean reward after (policy) | {fmt(after.reward)} |",
-        f"| KL(policy \\|\\| reference), nats per continuation | {fmt(after.kl)} |",
+        f"| mean reward before (reference) | {format_interval(before.reward, '95% CI ')} |",
+        f"| mean reward after (policy) | {format_interval(after.reward, '95% CI ')} |",
+        f"| KL(policy \\|\\| reference), nats per continuation | {format_interval(after.kl, '95% CI ')} |",
         f"| implicit-reward accuracy on held-out pairs | {heldout_eval['rewards/accuracies']:.3f} "
         f"({heldout_eval['pairs']} pairs) |",
         f"| final training loss / accuracy / margin | {last['loss']:.4f} / {last['rewards/accuracies']:.3f} / "

@@ -32,6 +32,12 @@ def mean_ci(values: Sequence[float]) -> tuple[float, float, float]:
     return mean, mean - half, mean + half
 
 
+def format_interval(interval: tuple[float, float, float], label: str = "") -> str:
+    """``"+0.123 (LABEL+0.100 to +0.150)"``; only the mean when the interval has no width (exact values)."""
+    mean, low, high = interval
+    return f"{mean:+.3f}" if low == high else f"{mean:+.3f} ({label}{low:+.3f} to {high:+.3f})"
+
+
 def per_group_means(values: Sequence[float], groups: Sequence[Hashable]) -> list[float]:
     """The mean of ``values`` within each group, in order of first appearance."""
     members: dict[Hashable, list[float]] = defaultdict(list)

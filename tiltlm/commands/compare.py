@@ -1,8 +1,6 @@
 """``tiltlm compare``: win rate of A over B under a reward (see :mod:`tiltlm.compare`). A side is a
 ``tiltlm generate`` output or a model sampled here on ``--prompts``."""
 
-from __future__ import annotations
-
 import argparse
 import json
 from pathlib import Path

@@ -1,7 +1,5 @@
 """``tiltlm eval``: loss and reward metrics of a policy against a reference, with TrainConfig's defaults."""
 
-from __future__ import annotations
-
 import argparse
 import json
 from pathlib import Path

@@ -1,7 +1,5 @@
 """``tiltlm frontier``: reward against KL for DPO, preferred-FT and best-of-N (see :mod:`tiltlm.frontier`)."""
 
-from __future__ import annotations
-
 import argparse
 import sys
 

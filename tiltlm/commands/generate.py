@@ -1,10 +1,7 @@
 """``tiltlm generate``: sample completions of a prompts file and write them, with their log-probs under
 the policy (and a reference), as JSONL (see :mod:`tiltlm.generate` for what the numbers mean)."""
 
-from __future__ import annotations
-
 import argparse
-import math
 from pathlib import Path
 
 from tiltlm.commands.options import add_options, from_args
@@ -13,6 +10,7 @@ from tiltlm.experiment import write_jsonl
 from tiltlm.generate import SamplingConfig, check_same_vocabulary, load_policy, read_prompts, sample, score_logps
 from tiltlm.models import parse_dtype
 from tiltlm.runtime import pick_device
+from tiltlm.stats import mean_ci, per_group_means
 
 # Options of loading and display shared with training, declared there.
 SHARED = ("dtype", "device", "trust_remote_code", "progress")
@@ -54,16 +52,15 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     add_sampling_arguments(parser)
 
 
-def kl_summary(policy_logps: list[float], ref_logps: list[float], temperature: float, top_p: float) -> str:
-    """The Monte Carlo KL estimate ``mean(log pi - log pi_ref)`` with its standard error."""
-    differences = [p - r for p, r in zip(policy_logps, ref_logps)]
-    count = len(differences)
-    mean = sum(differences) / count
-    spread = math.sqrt(sum((d - mean) ** 2 for d in differences) / (count - 1)) if count > 1 else float("nan")
-    text = f"KL(policy || ref) estimate: {mean:.4f} nats per completion (standard error {spread / math.sqrt(count):.4f}, {count} samples)"
-    if temperature != 1.0 or top_p != 1.0:
-        text += (f"\n  note: temperature {temperature} / top_p {top_p} do not sample from the policy itself, "
-                 f"so this is not an unbiased KL estimate (use --temperature 1 --top-p 1)")
+def kl_summary(samples: list, policy_logps: list[float], ref_logps: list[float], config: SamplingConfig) -> str:
+    """The Monte Carlo KL estimate ``mean(log pi - log pi_ref)`` with its 95% interval over prompts."""
+    log_ratios = [p - r for p, r in zip(policy_logps, ref_logps)]
+    mean, low, high = mean_ci(per_group_means(log_ratios, [s.index for s in samples]))
+    text = (f"KL(policy || ref) estimate: {mean:.4f} nats per completion (95% CI {low:.4f} to {high:.4f} over "
+            f"prompts, {len(samples)} samples)")
+    if config.temperature != 1.0 or config.top_p != 1.0:
+        text += (f"\n  note: temperature {config.temperature} / top_p {config.top_p} do not sample from the policy "
+                 f"itself, so this is not an unbiased KL estimate (use --temperature 1 --top-p 1)")
     return text
 
 
@@ -92,5 +89,5 @@ def run(args: argparse.Namespace) -> int:
     write_jsonl(output, rows)
     print(f"wrote {len(rows)} completions of {len(prompts)} prompts to {output}")
     if ref_logps is not None:
-        print(kl_summary(policy_logps, ref_logps, config.temperature, config.top_p))
+        print(kl_summary(samples, policy_logps, ref_logps, config))
     return 0

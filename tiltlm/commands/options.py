@@ -9,8 +9,6 @@ the flags given can be told from the defaults, :func:`add_options` leaves the de
 namespace (``argparse.SUPPRESS``) unless asked to fill them in.
 """
 
-from __future__ import annotations
-
 import argparse
 import types
 import typing
@@ -48,7 +46,8 @@ def help_text(f, meaning: str | None = None, required: bool = False) -> str:
 
 
 def add_options(parser: argparse.ArgumentParser, cls: type, only: tuple[str, ...] = (), skip: tuple[str, ...] = (),
-                required: tuple[str, ...] = (), fill_defaults: bool = False, helps: dict[str, str] | None = None) -> None:
+                required: tuple[str, ...] = (), fill_defaults: bool = False,
+                helps: dict[str, str] | None = None) -> None:
     """One ``--flag`` per field of the dataclass ``cls`` (or of the fields named in ``only``); ``helps``
     words a field's meaning for a command where it differs."""
     hints = typing.get_type_hints(cls)

@@ -1,7 +1,5 @@
 """``tiltlm plot RUN_DIR``: training curves as PNG files (see :mod:`tiltlm.plots`)."""
 
-from __future__ import annotations
-
 import argparse
 
 from tiltlm.plots import plot_run

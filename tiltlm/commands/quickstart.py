@@ -1,7 +1,5 @@
 """``tiltlm quickstart``: DPO end to end on the embedded default (see :mod:`tiltlm.quickstart`)."""
 
-from __future__ import annotations
-
 import argparse
 
 from tiltlm.commands.options import add_options, from_args

@@ -1,7 +1,5 @@
 """``tiltlm train``: options from defaults < ``--config`` YAML < ``--flags`` < ``key=value`` overrides."""
 
-from __future__ import annotations
-
 import argparse
 import os
 from pathlib import Path

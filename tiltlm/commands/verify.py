@@ -1,8 +1,6 @@
 """``tiltlm verify``: run the exact checks of :mod:`tiltlm.verify`, print the table, exit 0 only if every
 check passed."""
 
-from __future__ import annotations
-
 import argparse
 import time
 
