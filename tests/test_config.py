@@ -103,7 +103,7 @@ def test_help_shows_each_options_meaning_default_and_range(capsys):
         main(["train", "--help"])
     text = " ".join(capsys.readouterr().out.split())
     assert done.value.code == 0
-    assert "--data DATA preference data:" in text
+    assert "--data DATA preference pairs:" in text
     assert "--beta BETA strength of the KL regularisation" in text and "(default 0.1; > 0)" in text
     assert "{linear,cosine,constant}" in text and "--no-progress" in text
 

@@ -95,13 +95,21 @@ def preference_pairs(samples: list[Sample], rewards: list[float]) -> list[dict]:
     return pairs
 
 
-def label_pairs(policy, tokenizer, prompts: list, reward: Callable, samples_per_prompt: int, max_new_tokens: int,
-                seed: int, batch_size: int, path: Path) -> Path:
-    """Continuations of ``prompts`` from ``policy`` at temperature 1, labelled by the reward into pairs
-    (:func:`preference_pairs`) written to ``path``; a ConfigError when no prompt gives a pair."""
+def rewarded_samples(policy, tokenizer, prompts: list, reward: Callable, samples_per_prompt: int,
+                     max_new_tokens: int, seed: int, batch_size: int) -> tuple[list[Sample], list[float]]:
+    """Continuations of ``prompts`` sampled from ``policy`` itself (temperature 1, no top-p: the draws a KL
+    estimate needs) and their rewards."""
     samples = sample(policy, tokenizer, prompts, n=samples_per_prompt, max_new_tokens=max_new_tokens,
                      temperature=1.0, top_p=1.0, seed=seed, batch_size=batch_size, progress=True)
-    pairs = preference_pairs(samples, reward([s.prompt for s in samples], [s.completion for s in samples]))
+    return samples, reward([s.prompt for s in samples], [s.completion for s in samples])
+
+
+def label_pairs(policy, tokenizer, prompts: list, reward: Callable, samples_per_prompt: int, max_new_tokens: int,
+                seed: int, batch_size: int, path: Path) -> Path:
+    """Continuations of ``prompts`` from ``policy``, labelled by the reward into pairs (:func:`preference_pairs`)
+    written to ``path``; a ConfigError when no prompt gives a pair."""
+    pairs = preference_pairs(*rewarded_samples(policy, tokenizer, prompts, reward, samples_per_prompt, max_new_tokens,
+                                               seed, batch_size))
     if not pairs:
         raise ConfigError(f"the reward gave every continuation of each prompt the same score, so there is no "
                           f"preference pair to train on ({path.name}); use more --samples or longer --max-new-tokens")
@@ -135,9 +143,8 @@ def score_policy(policy, tokenizer, prompts: list, reward: Callable, samples_per
     """Sample from ``policy`` at temperature 1 (so the KL estimate is unbiased), reward the samples, and
     estimate KL(pi || pi_ref) = E_{y ~ pi}[log pi(y|x) - log pi_ref(y|x)] from the same samples. The
     reference is ``reference`` or, when None, ``policy`` with its adapters disabled."""
-    samples = sample(policy, tokenizer, prompts, n=samples_per_prompt, max_new_tokens=max_new_tokens,
-                     temperature=1.0, top_p=1.0, seed=seed, batch_size=batch_size, progress=True)
-    rewards = reward([s.prompt for s in samples], [s.completion for s in samples])
+    samples, rewards = rewarded_samples(policy, tokenizer, prompts, reward, samples_per_prompt, max_new_tokens, seed,
+                                        batch_size)
     policy_logps = score_logps(policy, tokenizer, samples, batch_size=batch_size)
     if reference is policy:  # the reference itself: KL is 0, no second pass needed
         reference_logps = policy_logps

@@ -44,9 +44,10 @@ import torch
 from tiltlm.checkpoint import save_pretrained_atomically
 from tiltlm.config import ConfigError, check_options, option
 from tiltlm.data.types import Text
-from tiltlm.experiment import ExperimentConfig, label_pairs, lora_run, sample_rows, score_policy, write_jsonl
+from tiltlm.experiment import (ExperimentConfig, label_pairs, lora_run, rewarded_samples, sample_rows, score_policy,
+                               write_jsonl)
 from tiltlm.frontier_report import Point, render, write_json
-from tiltlm.generate import read_prompts, sample
+from tiltlm.generate import read_prompts
 from tiltlm.models import ALIASES, load_model, load_tokenizer, parse_dtype
 from tiltlm.prompts import PROMPTS
 from tiltlm.rewards import load_reward
@@ -163,10 +164,8 @@ def best_of_n_rewards(rewards_by_prompt: list[list[float]], n: int) -> list[floa
 def best_of_n_points(bench: Bench) -> list[Point]:
     """The best-of-N baseline: max(N) draws per held-out prompt from the reference, shared by every N."""
     started, config, plan = time.perf_counter(), bench.config, bench.plan
-    samples = sample(bench.reference, bench.tokenizer, plan.heldout, n=max(plan.best_of),
-                     max_new_tokens=config.max_new_tokens, temperature=1.0, top_p=1.0, seed=bench.eval_seed,
-                     batch_size=config.gen_batch_size, progress=True)
-    rewards = bench.reward([s.prompt for s in samples], [s.completion for s in samples])
+    samples, rewards = rewarded_samples(bench.reference, bench.tokenizer, plan.heldout, bench.reward, max(plan.best_of),
+                                        config.max_new_tokens, bench.eval_seed, config.gen_batch_size)
     samples_file = write_jsonl(bench.out / "samples" / "reference-draws.jsonl", sample_rows(samples, rewards))
     by_prompt: dict[int, list[float]] = {}
     for s, r in sorted(zip(samples, rewards), key=lambda item: (item[0].index, item[0].sample)):

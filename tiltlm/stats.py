@@ -69,19 +69,10 @@ def grouped_bootstrap(values: Sequence[float], groups: Sequence[Hashable], n_boo
     owner = np.array([index[label] for label in groups])
     sums = np.bincount(owner, weights=np.asarray(values, dtype=float), minlength=len(index))
     counts = np.bincount(owner, minlength=len(index)).astype(float)
-    low, high = np.quantile(bootstrap_ratios(sums, counts, n_boot, seed), [0.025, 0.975])
-    return float(low), float(high)
-
-
-def bootstrap_ratios(sums: np.ndarray, counts: np.ndarray, n_boot: int, seed: int, block: int = 256) -> np.ndarray:
-    """``n_boot`` resampled ratios: draw len(sums) groups with replacement, total sum / total count.
-
-    Drawn in blocks of resamples, so memory stays at ``block x groups`` indices for any n_boot.
-    """
-    rng = np.random.default_rng(seed)
-    groups = len(sums)
-    ratios = []
+    # each resample draws len(index) groups with replacement, in blocks (memory: block x groups indices)
+    rng, block, ratios = np.random.default_rng(seed), 256, []
     for start in range(0, n_boot, block):
-        picks = rng.integers(0, groups, size=(min(block, n_boot - start), groups))
+        picks = rng.integers(0, len(index), size=(min(block, n_boot - start), len(index)))
         ratios.append(sums[picks].sum(axis=1) / counts[picks].sum(axis=1))
-    return np.concatenate(ratios)
+    low, high = np.quantile(np.concatenate(ratios), [0.025, 0.975])
+    return float(low), float(high)

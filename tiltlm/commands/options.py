@@ -66,6 +66,11 @@ def add_options(parser: argparse.ArgumentParser, cls: type, only: tuple[str, ...
                                 metavar=None if choices else f.name.upper(), **common)
 
 
+def add_preset(parser: argparse.ArgumentParser, preset: dict[str, Any]) -> None:
+    parser.add_argument("--quick", action="store_true", help="a much smaller run (tests, a first look): "
+                        + ", ".join(f"{k}={v}" for k, v in preset.items()) + "; options given explicitly win")
+
+
 def given(args: argparse.Namespace, cls: type) -> dict[str, Any]:
     """The options of ``cls`` present in ``args``: with defaults left out, the ones given."""
     return {f.name: getattr(args, f.name) for f in fields(cls) if hasattr(args, f.name)}

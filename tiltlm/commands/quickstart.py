@@ -2,14 +2,13 @@
 
 import argparse
 
-from tiltlm.commands.options import add_options, from_args
+from tiltlm.commands.options import add_options, add_preset, from_args
 from tiltlm.quickstart import QUICK, QuickstartConfig, run_quickstart
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     add_options(parser, QuickstartConfig)
-    parser.add_argument("--quick", action="store_true", help="a much smaller run (tests, a first look): "
-                        + ", ".join(f"{k}={v}" for k, v in QUICK.items()) + "; options given explicitly win")
+    add_preset(parser, QUICK)
 
 
 def run(args: argparse.Namespace) -> int:
