@@ -33,9 +33,10 @@ from tiltlm.config import ConfigError, TrainConfig, build_config, option
     ({"seed": -3}, "seed = -3"),
     ({"beta": -1.0}, "beta = -1.0"),
     ({"logprob_chunk": 0}, "logprob_chunk = 0"),
-    ({"scheduler": "exp"}, "scheduler = 'exp': expected one of linear, cosine, constant"),
+    ({"scheduler": "exp"}, "scheduler = 'exp': expected linear, cosine or constant"),
     ({"loss": "ipo", "label_smoothing": 0.1}, "label_smoothing = 0.1: no loss of 'ipo' uses it"),
     ({"loss": "sigmoid,nll", "loss_weights": "1,-1"}, "loss_weights = '1,-1'"),
+    ({"parallel": "fdsp"}, "parallel = 'fdsp': expected ddp or fsdp"),
 ])
 def test_every_setting_out_of_range_is_refused(flags, expected):
     with pytest.raises(ConfigError) as error:

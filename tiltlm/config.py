@@ -44,9 +44,10 @@ def option(default: Any, help: str, *, choices: tuple = (), above: float | None 
 
 
 def expectation(meta: dict) -> str:
-    """What an option accepts, in words: ``"> 0"``, ``">= 0 and < 1"``, ``"one of a, b"``; empty if anything."""
+    """What an option accepts, in words: ``"> 0"``, ``">= 0 and < 1"``, ``"a, b or c"``; empty if anything."""
     if meta.get("choices"):
-        return "one of " + ", ".join(map(str, meta["choices"]))
+        *most, last = map(str, meta["choices"])
+        return f"{', '.join(most)} or {last}" if most else last
     text = " and ".join(f"{sign} {meta[key]:g}" for key, sign, _ in BOUNDS if key in meta)
     if text and meta.get("special") is not None:
         text = f"{meta['special']} or {text}"
