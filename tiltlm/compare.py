@@ -46,13 +46,6 @@ class WinRate:
 # ------------------------------------------------------------------------------------- statistics
 
 
-def outcomes(rewards_a: Sequence[float], rewards_b: Sequence[float]) -> list[float]:
-    """1 where A's reward is higher, 0.5 on a tie, 0 where B's is higher."""
-    if len(rewards_a) != len(rewards_b):
-        raise ValueError(f"{len(rewards_a)} rewards for A but {len(rewards_b)} for B; expected one pair each")
-    return [1.0 if a > b else 0.5 if a == b else 0.0 for a, b in zip(rewards_a, rewards_b)]
-
-
 def win_rate(rewards_a: Sequence[float], rewards_b: Sequence[float], n_boot: int = 2000, seed: int = 0,
              groups: Sequence[Hashable] | None = None) -> WinRate:
     """The win rate of A over B (ties count half) and its 95% percentile-bootstrap interval.
@@ -61,7 +54,9 @@ def win_rate(rewards_a: Sequence[float], rewards_b: Sequence[float], n_boot: int
     independent units; without it every comparison is its own unit. A resample's rate is its total
     outcome over its total count, which is the plain rate when every group has the same size.
     """
-    scores = np.asarray(outcomes(rewards_a, rewards_b))
+    if len(rewards_a) != len(rewards_b):
+        raise ValueError(f"{len(rewards_a)} rewards for A but {len(rewards_b)} for B; expected one pair each")
+    scores = (np.sign(np.subtract(rewards_a, rewards_b, dtype=float)) + 1) / 2  # 1 win, 0.5 tie, 0 loss
     if scores.size == 0:
         raise ValueError("no comparisons: expected at least one pair of rewards")
     labels = list(range(len(scores))) if groups is None else list(groups)

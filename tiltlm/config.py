@@ -1,13 +1,11 @@
 """The training configuration: one flat dataclass, settable from YAML and from the command line.
 
-Every option is declared once, by :func:`option`: its default, its one-line meaning, its allowed values
-(``choices``) and its range. The command line (``tiltlm/commands/options.py``) builds its ``--flags`` and
-their help from these declarations, and :func:`check_options` checks any such dataclass against them,
-so a range written here holds for YAML keys, flags and the Python API alike.
+Every option is declared once, by :func:`option`: default, one-line meaning, choices and range. The
+command line builds its ``--flags`` and help from these (tiltlm/commands/options.py), and
+:func:`check_options` checks any such dataclass against them: YAML keys, flags and the Python API alike.
 
-OmegaConf does the parsing and merging (defaults < YAML file < ``--flag value`` < ``key=value``) and
-checks types against the dataclass, so a typo in a YAML key or a string where a number belongs is an
-error that names the key. :func:`build_config` then checks every setting before anything is written.
+OmegaConf merges defaults < YAML file < ``--flag value`` < ``key=value`` and checks types against the
+dataclass, so a typo in a key or a string where a number belongs is an error naming the key.
 """
 
 from __future__ import annotations
@@ -15,13 +13,16 @@ from __future__ import annotations
 import math
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any, Optional, TypeVar
 
 import yaml
 from omegaconf import OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
 from tiltlm.losses import LOSSES, LossParams
+
+
+T = TypeVar("T")
 
 
 class ConfigError(ValueError):
@@ -65,12 +66,13 @@ def allowed(value: Any, meta: dict) -> bool:
     return all(test(value, meta[key]) for key, _, test in BOUNDS if key in meta)
 
 
-def check_options(config: Any) -> None:
-    """Every field of the dataclass ``config`` within the choices and range its :func:`option` declares."""
+def check_options(config: T) -> T:
+    """``config``, a dataclass, once each field is within the choices and range its :func:`option` declares."""
     for f in fields(config):
         value = getattr(config, f.name)
         if not allowed(value, f.metadata):
             raise ConfigError(f"{f.name} = {value!r}: expected {expectation(f.metadata) or 'a finite number'}")
+    return config
 
 
 # Losses whose formula uses label_smoothing (tiltlm.losses: sigmoid as conservative DPO, robust, exo).
@@ -80,7 +82,7 @@ SMOOTHED_LOSSES = ("sigmoid", "robust", "exo")
 @dataclass
 class TrainConfig:
     # what to train, on what
-    model: str = option("smollm2-135m", "policy to train: a local directory, a hub id or the alias smollm2-135m")
+    model: str = option("smollm2-135m", "the policy: a model or adapter directory, a hub id or the alias smollm2-135m")
     data: str = option("", "preference pairs: a file (.jsonl .json .csv .parquet), saved dataset or hub dataset")
     eval_data: Optional[str] = option(None, "held-out preference pairs, measured every eval_every steps")
     output: str = option("runs/dpo", "run directory: config.yaml, metrics.jsonl, checkpoints/, final/")
@@ -90,10 +92,8 @@ class TrainConfig:
 
     # the reference policy
     ref: Optional[str] = option(None, "a different reference model (default: the policy's starting weights)")
-    ref_mode: str = option("auto", "how the reference is scored (auto: see tiltlm/reference.py)",
-                           choices=("auto", "online", "precompute", "adapters-off", "none"))
-    ref_cache: Optional[str] = option(None, "precomputed reference log-probs (default: $TILTLM_CACHE/reference "
-                                            "or ~/.cache/tiltlm/reference)")
+    ref_mode: str = option("auto", "pi_ref scoring", choices=("auto", "online", "precompute", "adapters-off", "none"))
+    ref_cache: Optional[str] = option(None, "precomputed reference log-probs (default: $TILTLM_CACHE/reference)")
 
     # the objective
     loss: str = option("sigmoid", "comma-separated loss names from tiltlm.losses, e.g. sigmoid,nll")
@@ -107,8 +107,7 @@ class TrainConfig:
     # data shaping
     max_length: int = option(1024, "tokens of prompt plus completion kept per sequence", at_least=2)
     max_prompt_length: Optional[int] = option(None, "prompt tokens kept (default: max_length // 2)", at_least=1)
-    layout: str = option("packed", "batch layout: packed rows, shared (prompt once per pair) or concatenated",
-                         choices=("packed", "shared", "concatenated"))
+    layout: str = option("packed", "rows of a batch (data/collate.py)", choices=("packed", "shared", "concatenated"))
     pack_tokens: int = option(0, "tokens per packed row (0: max_length)", at_least=0)
     group_by_length: bool = option(True, "micro-batches of pairs of similar length: less padding")
 

@@ -117,6 +117,15 @@ def label_pairs(policy, tokenizer, prompts: list, reward: Callable, samples_per_
     return write_jsonl(path, pairs)
 
 
+def refuse_existing(config: ExperimentConfig, *names: str) -> Path:
+    """The output directory, unless it holds one of ``names`` (a report) and --overwrite was not given."""
+    out = Path(config.output)
+    existing = [name for name in names if (out / name).exists()]
+    if existing and not config.overwrite:
+        raise ConfigError(f"{out} already holds a report ({', '.join(existing)}); use --overwrite or another --output")
+    return out
+
+
 def write_markdown(path: Path, lines: list[str]) -> Path:
     path.write_text("\n".join(lines) + "\n", encoding="utf-8")
     return path
@@ -133,11 +142,6 @@ def write_jsonl(path: Path, rows: list[dict]) -> Path:
     return path
 
 
-def adapters_disabled(model):
-    """A context in which a peft model scores as its base (its reference); a no-op for other models."""
-    return model.disable_adapter() if hasattr(model, "disable_adapter") else contextlib.nullcontext()
-
-
 def score_policy(policy, tokenizer, prompts: list, reward: Callable, samples_per_prompt: int,
                  max_new_tokens: int, seed: int, batch_size: int = 16, reference=None) -> PolicyScore:
     """Sample from ``policy`` at temperature 1 (so the KL estimate is unbiased), reward the samples, and
@@ -150,8 +154,8 @@ def score_policy(policy, tokenizer, prompts: list, reward: Callable, samples_per
         reference_logps = policy_logps
     elif reference is not None:
         reference_logps = score_logps(reference, tokenizer, samples, batch_size=batch_size)
-    else:
-        with adapters_disabled(policy):
+    else:  # a peft policy with its adapters off is its own base
+        with policy.disable_adapter() if hasattr(policy, "disable_adapter") else contextlib.nullcontext():
             reference_logps = score_logps(policy, tokenizer, samples, batch_size=batch_size)
     log_ratios = [p - r for p, r in zip(policy_logps, reference_logps)]
     prompt_of = [s.index for s in samples]

@@ -21,10 +21,8 @@ normal 95% interval over prompts, and KL(pi || pi_ref) estimated from its own sa
 as the mean of ``log pi(y|x) - log pi_ref(y|x)``, always against the ORIGINAL reference, so that the
 points of every method and round share one x axis.
 
-Outputs in ``--output``: report.md (table, plot, exact command, wall time), frontier.png, frontier.json
-(every point with its numbers and settings), samples/*.jsonl (every measured sample with its reward and
-log-probs, so every number of the table can be recomputed), pairs-round*.jsonl and runs/ (one training
-run directory per trained policy).
+Outputs in ``--output``: see :mod:`tiltlm.frontier_report`; samples/*.jsonl hold every measured sample
+with its reward and log-probs, so that every number of the table can be recomputed.
 """
 
 from __future__ import annotations
@@ -44,8 +42,8 @@ import torch
 from tiltlm.checkpoint import save_pretrained_atomically
 from tiltlm.config import ConfigError, check_options, option
 from tiltlm.data.types import Text
-from tiltlm.experiment import (ExperimentConfig, label_pairs, lora_run, rewarded_samples, sample_rows, score_policy,
-                               write_jsonl)
+from tiltlm.experiment import (ExperimentConfig, label_pairs, lora_run, refuse_existing, rewarded_samples, sample_rows,
+                               score_policy, write_jsonl)
 from tiltlm.frontier_report import Point, render, write_json
 from tiltlm.generate import read_prompts
 from tiltlm.models import ALIASES, load_model, load_tokenizer, parse_dtype
@@ -108,12 +106,7 @@ def parse_numbers(text: str, kind: type, name: str) -> tuple:
 
 def check(config: FrontierConfig) -> Plan:
     """Every user mistake found before anything runs or is written."""
-    out = Path(config.output)
-    if not config.overwrite:
-        existing = [name for name in ("report.md", "frontier.json") if (out / name).exists()]
-        if existing:
-            raise ConfigError(f"{out} already holds a frontier report ({', '.join(existing)}); use "
-                              f"--overwrite or another --output")
+    refuse_existing(config, "report.md", "frontier.json")
     betas = parse_numbers(config.betas, float, "betas")
     best_of = parse_numbers(config.best_of, int, "best_of")
     if config.samples < 2:

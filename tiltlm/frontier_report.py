@@ -1,5 +1,6 @@
-"""The outputs of ``tiltlm frontier`` (see :mod:`tiltlm.frontier`): frontier.json, and frontier.png and
-report.md drawn from frontier.json alone, so that the report always shows the numbers that were saved."""
+"""The outputs of ``tiltlm frontier`` (see :mod:`tiltlm.frontier`): frontier.json (every point with its
+numbers and settings), and frontier.png and report.md (table, plot, exact command, wall time) drawn from
+frontier.json alone, so that the report always shows the numbers that were saved."""
 
 from __future__ import annotations
 

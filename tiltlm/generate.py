@@ -1,12 +1,9 @@
 """Sampling completions from a policy, and scoring completions under any model.
 
-Two questions a DPO run leaves open are "what does the tuned policy write now?" and "how far has it
-moved from the reference?". :func:`sample` answers the first: batched ancestral sampling with the KV
-cache (``model.generate``, prompts left-padded so that every row's last prompt token sits in the last
-column, where decoding continues). :func:`score_logps` answers the second: the summed log-probability
-``log pi(y|x) = sum_t log pi(y_t | x, y_<t)`` of each sampled completion, under any model sharing the
-tokenizer, from the token ids exactly as sampled (never re-tokenised text: decoding and encoding again
-need not give the same ids back).
+:func:`sample` shows what the tuned policy writes now: batched ancestral sampling with the KV cache.
+:func:`score_logps` measures how far it moved from the reference: ``log pi(y|x) = sum_t log pi(y_t | x,
+y_<t)`` of each sample under any model sharing the tokenizer, from the token ids exactly as sampled
+(never re-tokenised text: decoding and encoding again need not give the same ids back).
 
 The KL divergence between the policy and the reference is an expectation under the policy,
 
@@ -39,7 +36,7 @@ from tiltlm.data.io import read_rows
 from tiltlm.data.tokenize import adds_bos
 from tiltlm.data.types import DataError, Text, TokenizedPair
 from tiltlm.logprobs import CompletionLogps
-from tiltlm.models import ModelError, adapter_base, load_model, load_tokenizer
+from tiltlm.models import ModelError, adapter_base, is_adapter, load_model, load_tokenizer
 from tiltlm.reference import eval_mode
 
 
@@ -234,50 +231,28 @@ def sample(model, tokenizer, prompts: list[Text], n: int = 1, max_new_tokens: in
 
 def score_logps(model, tokenizer, samples: list[Sample], batch_size: int = 8, progress: bool = False) -> list[float]:
     """``log p(completion_ids | prompt_ids)`` under ``model`` at temperature 1, summed over completion
-    tokens (EOS included when the sample ended with it), one float per sample.
+    tokens (EOS included when the sample ended with it), one float per sample, ``batch_size`` at a time.
 
     Scored as training scores pairs (:func:`tiltlm.data.collate.collate_shared` and
-    :class:`tiltlm.logprobs.CompletionLogps`), ``batch_size`` samples at a time: see :func:`as_pairs`.
+    :class:`tiltlm.logprobs.CompletionLogps`): each sample is the chosen side of a pair whose rejected
+    side, one token that is never read, is there because a pair needs one.
     """
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
     scorer = CompletionLogps(model)
     scores: list[float] = []
     with eval_mode(model), torch.inference_mode():
-        starts = range(0, len(samples), batch_size)
-        for start in tqdm(starts, desc="scoring", unit="batch", disable=not progress):
-            pairs, positions = as_pairs(samples[start:start + batch_size])
-            logps = scorer(collate_shared(pairs, pad_id).to(model.device))[0] if pairs else None
-            scores += [logps[p].item() if p is not None else 0.0 for p in positions]
+        for start in tqdm(range(0, len(samples), batch_size), desc="scoring", unit="batch", disable=not progress):
+            chunk = samples[start:start + batch_size]
+            logps, _ = scorer(collate_shared([as_pair(s) for s in chunk], pad_id).to(model.device))
+            scores += logps[:len(chunk)].tolist()
     return scores
 
 
-def as_pairs(chunk: list[Sample]) -> tuple[list[TokenizedPair], list[int | None]]:
-    """Samples as preference pairs to score, and each sample's sequence in the collated batch (pair j's
-    chosen completion is sequence j, its rejected one P + j; None: no completion token, log-prob 0).
-
-    Two completions of one prompt make one pair, so the prompt is computed once for both. A sample left
-    without a partner is a pair's chosen side, with its own first completion token as a throwaway
-    rejected side (a pair needs one; its log-prob is never read).
-    """
-    pairs: list[TokenizedPair] = []
-    slots: list[tuple[int, int] | None] = []
-    open_pair: dict[tuple[int, ...], int] = {}  # prompt ids -> the pair whose rejected side is free
-    for s in chunk:
-        if not s.prompt_ids:
-            raise ValueError(f"sample {s.index}/{s.sample} has no prompt tokens; the first completion "
-                             f"token would have nothing to be predicted from")
-        if not s.completion_ids:
-            slots.append(None)
-            continue
-        j = open_pair.pop(tuple(s.prompt_ids), None)
-        if j is None:
-            open_pair[tuple(s.prompt_ids)] = len(pairs)
-            slots.append((len(pairs), 0))
-            pairs.append(TokenizedPair(s.prompt_ids, s.completion_ids, s.completion_ids[:1]))
-        else:
-            slots.append((j, 1))
-            pairs[j].rejected_ids = s.completion_ids
-    return pairs, [None if slot is None else slot[0] + slot[1] * len(pairs) for slot in slots]
+def as_pair(s: Sample) -> TokenizedPair:
+    if not s.prompt_ids:
+        raise ValueError(f"sample {s.index}/{s.sample} has no prompt tokens; the first completion "
+                         f"token would have nothing to be predicted from")
+    return TokenizedPair(s.prompt_ids, s.completion_ids, s.completion_ids[:1] or s.prompt_ids[-1:])
 
 
 # ---------------------------------------------------------------------------------- loading models
@@ -285,25 +260,20 @@ def as_pairs(chunk: list[Sample]) -> tuple[list[TokenizedPair], list[int | None]
 
 def load_policy(name: str, dtype: torch.dtype = torch.float32, device: torch.device | str = "cpu",
                 base: str | None = None, trust_remote_code: bool = False):
-    """``(model, tokenizer)`` for a model name, path or alias, or for a directory holding a peft LoRA
-    adapter (``adapter_config.json``): then the base is loaded, the adapter applied and merged into
-    the weights (one matmul per layer instead of three while sampling)."""
-    directory = Path(name)
-    if (directory / "adapter_config.json").is_file():
-        from peft import PeftModel
+    """``(model, tokenizer)`` for a model name, path or alias, or for a peft LoRA adapter directory: then
+    the adapter is applied to its base (``base``, default: the one it records) and merged into the
+    weights (one matmul per layer instead of three while sampling)."""
+    if not is_adapter(name):
+        return load_model(name, dtype, trust_remote_code).to(device), load_tokenizer(name, trust_remote_code)
+    from peft import PeftModel
 
-        base_name = base or adapter_base(name)
-        model = load_model(base_name, dtype=dtype, trust_remote_code=trust_remote_code)
-        try:
-            model = PeftModel.from_pretrained(model, str(directory)).merge_and_unload()
-        except (OSError, ValueError, RuntimeError) as error:
-            raise ModelError(f"cannot apply the LoRA adapter in {directory} to {base_name!r}: {error}") from error
-        has_tokenizer = any((directory / f).is_file() for f in ("tokenizer.json", "tokenizer_config.json"))
-        tokenizer = load_tokenizer(str(directory) if has_tokenizer else base_name, trust_remote_code)
-    else:
-        model = load_model(name, dtype=dtype, trust_remote_code=trust_remote_code)
-        tokenizer = load_tokenizer(name, trust_remote_code)
-    return model.to(device), tokenizer
+    base_name = base or adapter_base(name)
+    try:
+        model = PeftModel.from_pretrained(load_model(base_name, dtype, trust_remote_code), name).merge_and_unload()
+    except (OSError, ValueError, RuntimeError) as error:
+        raise ModelError(f"cannot apply the LoRA adapter in {name} to {base_name!r}: {error}") from error
+    has_tokenizer = any((Path(name) / f).is_file() for f in ("tokenizer.json", "tokenizer_config.json"))
+    return model.to(device), load_tokenizer(name if has_tokenizer else base_name, trust_remote_code)
 
 
 def check_same_vocabulary(tokenizer, other, names: tuple[str, str]) -> None:

@@ -22,7 +22,7 @@ import torch
 from tiltlm.config import ConfigError, check_options, option
 from tiltlm.evaluate import evaluate
 from tiltlm.experiment import (SEQUENCE, ExperimentConfig, PolicyScore, label_pairs, lora_run, preference_pairs,
-                               score_policy, write_jsonl, write_markdown)
+                               refuse_existing, score_policy, write_jsonl, write_markdown)
 from tiltlm.metrics import read_metrics
 from tiltlm.models import load_model, load_tokenizer
 from tiltlm.plots import plot_metrics
@@ -46,9 +46,7 @@ QUICK = dict(train_prompts=8, heldout_prompts=4, samples=2, max_new_tokens=12, e
 
 def check(config: QuickstartConfig) -> Path:
     """Every user mistake found before anything is written; the output directory."""
-    out = Path(config.output)
-    if (out / "report.md").exists() and not config.overwrite:
-        raise ConfigError(f"{out} already holds a quickstart report; use --overwrite or another --output")
+    out = refuse_existing(config, "report.md")
     check_options(config)
     if config.train_prompts + config.heldout_prompts > len(PROMPTS):
         raise ConfigError(f"train_prompts + heldout_prompts must be at most {len(PROMPTS)}")

@@ -49,10 +49,8 @@ def per_group_means(values: Sequence[float], groups: Sequence[Hashable]) -> list
 def wald_interval(scores: Sequence[float]) -> tuple[float, float]:
     """Normal-approximation 95% interval of a mean of outcomes: ``mean +- z sqrt(var / n)`` with the
     plug-in variance (divisor n), which is ``p (1 - p)`` when there are no ties (the Wald interval)."""
-    n = len(scores)
-    mean = fmean(scores)
-    variance = sum((s - mean) ** 2 for s in scores) / n
-    half = Z95 * math.sqrt(variance / n)
+    n, mean = len(scores), fmean(scores)
+    half = Z95 * math.sqrt(sum((s - mean) ** 2 for s in scores) / n / n)
     return mean - half, mean + half
 
 

@@ -12,10 +12,7 @@ OPTIONS = ("model", "ref", "data", "beta", "loss", "max_length", "max_prompt_len
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    helps = {"model": "policy: model directory, adapter directory, hub id or alias",
-             "ref": "reference model (default: an adapter's base, or the run's starting model)",
-             "data": "preference file"}
-    add_options(parser, TrainConfig, only=OPTIONS, required=("model", "data"), fill_defaults=True, helps=helps)
+    add_options(parser, TrainConfig, only=OPTIONS, required=("model", "data"), fill_defaults=True)
     parser.add_argument("--json", help="also write the result to this file")
 
 

@@ -25,9 +25,7 @@ def add_sampling_arguments(parser: argparse.ArgumentParser) -> None:
 
 def sampling_config(args: argparse.Namespace) -> SamplingConfig:
     """The sampling options of ``args``, checked."""
-    config = from_args(SamplingConfig, args)
-    check_options(config)
-    return config
+    return check_options(from_args(SamplingConfig, args))
 
 
 def load(name: str, args: argparse.Namespace, base: str | None = None):

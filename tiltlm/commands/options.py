@@ -1,12 +1,9 @@
-"""``--flags`` from a config dataclass: one option per field, its help, choices and type from the field's
-declaration (:func:`tiltlm.config.option` and the annotation), and the rule for presets.
+"""``--flags`` from a config dataclass: help, choices and type from each field's declaration
+(:func:`tiltlm.config.option`) and annotation: ``bool`` (``--x`` / ``--no-x``), ``int``, ``float``,
+``str``, ``Optional[T]``, ``Literal[...]`` (the choices) and ``list[T]`` (one or more values).
 
-Types: ``bool`` (``--x`` / ``--no-x``), ``int``, ``float``, ``str``, ``Optional[T]`` (as T; absent means
-the default), ``Literal[...]`` (its values are the choices) and ``list[T]`` (one or more values).
-
-Presets (``--quick``) follow one rule: defaults < preset < flags given on the command line. So that
-the flags given can be told from the defaults, :func:`add_options` leaves the defaults out of the
-namespace (``argparse.SUPPRESS``) unless asked to fill them in.
+One rule for presets (``--quick``): defaults < preset < flags given. So that the flags given can be told
+from the defaults, the defaults stay out of the namespace (``argparse.SUPPRESS``) unless asked for.
 """
 
 import argparse
@@ -35,21 +32,19 @@ def flag_type(annotation: Any, name: str) -> tuple[Any, tuple, bool]:
     raise TypeError(f"option {name}: no command-line form for the type {annotation!r}")
 
 
-def help_text(f, meaning: str | None = None, required: bool = False) -> str:
-    """The field's meaning (or ``meaning``), then its default and range."""
+def help_text(f, required: bool = False) -> str:
+    """The field's meaning, then its default and range."""
     default = f.default if f.default is not MISSING and not required else None
     extras = [] if default in (None, "") else [f"default {default}"]
     if not f.metadata.get("choices") and expectation(f.metadata):  # argparse lists the choices itself
         extras.append(expectation(f.metadata))
-    text = (meaning or f.metadata.get("help", "")) + (f" ({'; '.join(extras)})" if extras else "")
+    text = f.metadata.get("help", "") + (f" ({'; '.join(extras)})" if extras else "")
     return text.replace("%", "%%")  # argparse formats help with %
 
 
 def add_options(parser: argparse.ArgumentParser, cls: type, only: tuple[str, ...] = (), skip: tuple[str, ...] = (),
-                required: tuple[str, ...] = (), fill_defaults: bool = False,
-                helps: dict[str, str] | None = None) -> None:
-    """One ``--flag`` per field of the dataclass ``cls`` (or of the fields named in ``only``); ``helps``
-    words a field's meaning for a command where it differs."""
+                required: tuple[str, ...] = (), fill_defaults: bool = False) -> None:
+    """One ``--flag`` per field of the dataclass ``cls`` (or of the fields named in ``only``)."""
     hints = typing.get_type_hints(cls)
     for f in fields(cls):
         if (only and f.name not in only) or f.name in skip:
@@ -57,7 +52,7 @@ def add_options(parser: argparse.ArgumentParser, cls: type, only: tuple[str, ...
         kind, choices, many = flag_type(hints[f.name], f.name)
         choices = tuple(f.metadata.get("choices") or choices) or None
         flag = "--" + f.name.replace("_", "-")
-        common = dict(help=help_text(f, (helps or {}).get(f.name), f.name in required), required=f.name in required,
+        common = dict(help=help_text(f, f.name in required), required=f.name in required,
                       default=f.default if fill_defaults else argparse.SUPPRESS)
         if kind is bool:
             parser.add_argument(flag, action=argparse.BooleanOptionalAction, **common)
