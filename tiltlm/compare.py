@@ -43,9 +43,6 @@ class WinRate:
     groups: int = 0
 
 
-# ------------------------------------------------------------------------------------- statistics
-
-
 def win_rate(rewards_a: Sequence[float], rewards_b: Sequence[float], n_boot: int = 2000, seed: int = 0,
              groups: Sequence[Hashable] | None = None) -> WinRate:
     """The win rate of A over B (ties count half) and its 95% percentile-bootstrap interval.

@@ -197,13 +197,6 @@ def train_run(config: FrontierConfig, start: str, data: Path, run_dir: Path, bet
     return run_dir / "final", time.perf_counter() - started
 
 
-def with_adapter(model, adapter_dir: Path):
-    """``model`` with the LoRA adapter folded into its weights (in place): one plain model to sample."""
-    from peft import PeftModel
-
-    return PeftModel.from_pretrained(model, str(adapter_dir)).merge_and_unload()
-
-
 def plain_copy(config: FrontierConfig, reference, tokenizer, out: Path) -> str:
     """The model name every training run starts from. An alias is a GGUF file that takes a long time to
     de-quantize: it is saved once as a plain model directory, which loads in seconds."""
@@ -220,8 +213,7 @@ def plain_copy(config: FrontierConfig, reference, tokenizer, out: Path) -> str:
 
 @dataclass
 class Bench:
-    """What every step of a run shares: the original reference (KL is always taken against it), the
-    held-out prompts, the reward, the seed of held-out sampling, and the progress counter."""
+    """What every step of a run shares; ``reference`` is the original one (KL is always taken against it)."""
 
     reference: object
     tokenizer: object
@@ -244,8 +236,10 @@ def measure_trained(bench: Bench, name: str, method: str, adapter: Path, train_s
                     **labels) -> tuple[Point, object]:
     """The point of the policy ``base`` + ``adapter`` (merged into ``base`` in place), and that policy.
     Its samples, with their rewards and log-probs, are saved beside the report."""
+    from peft import PeftModel
+
     started = time.perf_counter()
-    policy = with_adapter(base, adapter)
+    policy = PeftModel.from_pretrained(base, str(adapter)).merge_and_unload()  # one plain model to sample
     run_name = adapter.parent.name
     score = score_policy(policy, bench.tokenizer, bench.plan.heldout, bench.reward, bench.config.eval_samples,
                          bench.config.max_new_tokens, bench.eval_seed, bench.config.gen_batch_size,

@@ -42,8 +42,7 @@ def interval_dict(interval: tuple[float, float, float]) -> dict:
     return dict(zip(("mean", "low", "high"), clean))
 
 
-def write_json(path: Path, config, plan, points: list[Point], seconds: float,
-               machine: dict, eval_seed: int) -> Path:
+def write_json(path: Path, config, plan, points: list[Point], seconds: float, machine: dict, eval_seed: int) -> Path:
     rows = []
     for p in points:
         row = asdict(p)
@@ -137,7 +136,6 @@ def plot_frontier(points: list[Point], path: Path, config) -> Path:
     ax.set_title(f"Reward vs KL from the reference {short(config.model)} (DPO paper, section 6.1, in miniature)")
     ax.grid(alpha=0.3)
     ax.legend(loc="upper left", fontsize=8)
-    path.parent.mkdir(parents=True, exist_ok=True)
     figure.savefig(path, dpi=110)
     return path
 
@@ -148,7 +146,8 @@ def table(points: list[Point]) -> list[str]:
     for p in points:
         lines.append(f"| {p.name} | {p.method} | {'' if p.beta is None else f'{p.beta:g}'} | "
                      f"{'' if p.round is None else p.round} | {'' if p.n is None else p.n} | "
-                     f"{format_interval(p.reward)} | {format_interval(p.kl)} | {p.kl_source} | {p.train_seconds:.1f} | {p.measure_seconds:.1f} |")
+                     f"{format_interval(p.reward)} | {format_interval(p.kl)} | {p.kl_source} | "
+                     f"{p.train_seconds:.1f} | {p.measure_seconds:.1f} |")
     return lines
 
 

@@ -50,8 +50,7 @@ class SamplingConfig:
     top_p: float = option(1.0, "nucleus sampling mass (1: off)", above=0, at_most=1)
     seed: int = option(0, "seed of the sampling RNG", at_least=0)
     batch_size: int = option(8, "sequences per generate call", at_least=1)
-    chat: bool = option(False, "wrap plain-string prompts as one user message in the chat template "
-                               "(message-list prompts always use it)")
+    chat: bool = option(False, "wrap plain-string prompts as a user message in the chat template too")
 
 
 @dataclass

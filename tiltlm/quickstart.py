@@ -44,18 +44,11 @@ class QuickstartConfig(ExperimentConfig):
 QUICK = dict(train_prompts=8, heldout_prompts=4, samples=2, max_new_tokens=12, epochs=1, batch_size=4)
 
 
-def check(config: QuickstartConfig) -> Path:
-    """Every user mistake found before anything is written; the output directory."""
-    out = refuse_existing(config, "report.md")
-    check_options(config)
-    if config.train_prompts + config.heldout_prompts > len(PROMPTS):
-        raise ConfigError(f"train_prompts + heldout_prompts must be at most {len(PROMPTS)}")
-    return out
-
-
 def run_quickstart(config: QuickstartConfig) -> Path:
     started = time.perf_counter()
-    out = check(config)  # written to only once the reward and the model have loaded
+    out = refuse_existing(config, "report.md")  # written to only once the reward and the model have loaded
+    if check_options(config).train_prompts + config.heldout_prompts > len(PROMPTS):
+        raise ConfigError(f"train_prompts + heldout_prompts must be at most {len(PROMPTS)}")
     torch.manual_seed(config.seed)
     train_prompts = list(PROMPTS[:config.train_prompts])
     heldout = list(PROMPTS[len(PROMPTS) - config.heldout_prompts:])

@@ -7,6 +7,7 @@ from pathlib import Path
 from tiltlm.commands.options import add_options, given
 from tiltlm.config import TrainConfig, build_config
 
+# the parameters of tiltlm.evaluate.evaluate, declared (with their defaults) by TrainConfig
 OPTIONS = ("model", "ref", "data", "beta", "loss", "max_length", "max_prompt_length", "batch_size", "dtype",
            "device", "ref_cache", "trust_remote_code")
 
@@ -22,10 +23,7 @@ def run(args: argparse.Namespace) -> int:
     # max_prompt_length left unset resolves from max_length, as in training
     flags = {k: v for k, v in given(args, TrainConfig).items() if v is not None}
     config = build_config(None, flags)  # every range checked, nothing loaded yet
-    result = evaluate(config.model, config.data, ref=config.ref, beta=config.beta, loss=config.loss,
-                      max_length=config.max_length, max_prompt_length=config.max_prompt_length,
-                      batch_size=config.batch_size, dtype=config.dtype, device=config.device,
-                      trust_remote_code=config.trust_remote_code, ref_cache=config.ref_cache)
+    result = evaluate(**{name: getattr(config, name) for name in OPTIONS})
     text = json.dumps(result, indent=2)
     print(text)
     if args.json:

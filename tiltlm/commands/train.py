@@ -9,13 +9,11 @@ from tiltlm.config import ConfigError, TrainConfig, build_config
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.description = ("Train with DPO or a loss of its family. Options come from defaults < --config YAML "
-                          "< --flags < key=value overrides.")
+    parser.description = "Train with DPO or its family. Options: defaults < --config YAML < --flags < key=value."
     parser.add_argument("--config", help="YAML file of options")
     add_options(parser, TrainConfig, skip=("resume",))
     parser.add_argument("--resume", nargs="?", const=True, default=argparse.SUPPRESS, metavar="RUN_DIR",
-                        help="continue the run in RUN_DIR (default: --output) from its newest checkpoint, with "
-                             "the settings it was started with")
+                        help="continue RUN_DIR (default: --output) from its newest checkpoint, with its own settings")
     parser.add_argument("overrides", nargs="*", help="key=value overrides, e.g. beta=0.2")
 
 
