@@ -187,6 +187,16 @@ def test_score_logps_does_not_depend_on_batching(model, tokenizer):
     assert many == pytest.approx(one, abs=1e-4)
 
 
+def test_an_empty_completion_scores_zero_and_a_missing_prompt_is_an_error(model, tokenizer):
+    prompt_ids = [BOS] + word_ids("the movie was")
+    full = Sample("the movie was", "", prompt_ids, word_ids("great"))
+    scored = score_logps(model, tokenizer, [Sample("the movie was", "", prompt_ids, []), full])
+    assert scored[0] == 0.0  # the empty sum
+    assert scored[1] == pytest.approx(naive_logp(model, prompt_ids, word_ids("great")), abs=1e-4)
+    with pytest.raises(ValueError, match="no prompt tokens"):
+        score_logps(model, tokenizer, [Sample("", "", [], word_ids("great"))])
+
+
 # ------------------------------------------------------------------------------- models and the CLI
 
 

@@ -35,7 +35,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return args.run(args)
     except (ConfigError, DataError, ModelError, CheckpointError, CompareError, PlotError, RewardError) as error:
-        print(f"tiltlm {args.command}: error: {error}", file=sys.stderr)
+        print(f"tiltlm {args.command}: error: {' '.join(str(error).split())}", file=sys.stderr)  # one line
         return 2
     except (OSError, TrainingError) as error:  # a full disk, too many non-finite steps: not the user's mistake
         print(f"tiltlm {args.command}: error: {' '.join(str(error).split())}", file=sys.stderr)

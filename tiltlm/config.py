@@ -44,6 +44,12 @@ def option(default: Any, help: str, *, choices: tuple = (), above: float | None 
                                             "finite": finite, **{k: v for k, v in bounds.items() if v is not None}})
 
 
+def same_as(cls: type, name: str) -> Any:
+    """A field declared as ``cls``'s field ``name`` is (default, meaning, range): an option two configs share."""
+    declared = next(f for f in fields(cls) if f.name == name)
+    return field(default=declared.default, metadata=declared.metadata)
+
+
 def expectation(meta: dict) -> str:
     """What an option accepts, in words: ``"> 0"``, ``">= 0 and < 1"``, ``"a, b or c"``; empty if anything."""
     if meta.get("choices"):

@@ -40,7 +40,7 @@ from typing import Callable
 import torch
 
 from tiltlm.checkpoint import save_pretrained_atomically
-from tiltlm.config import ConfigError, check_options, option
+from tiltlm.config import ConfigError, TrainConfig, check_options, option, same_as
 from tiltlm.data.types import Text
 from tiltlm.experiment import (ExperimentConfig, label_pairs, lora_run, refuse_existing, rewarded_samples, sample_rows,
                                score_policy, write_jsonl)
@@ -70,8 +70,8 @@ class FrontierConfig(ExperimentConfig):
                                       "current (the policy the round starts from)", choices=("fixed", "current"))
     round_beta: float = option(0.1, "beta of iterative DPO (added to --betas if missing)", above=0)
     gen_batch_size: int = option(16, "sequences per generate call", at_least=1)
-    device: str = option("auto", "auto, cpu, cuda, cuda:N or mps")
-    dtype: str = option("auto", "auto (float32 on CPU, bfloat16 on GPU), float32, bfloat16 or float16")
+    device: str = same_as(TrainConfig, "device")
+    dtype: str = same_as(TrainConfig, "dtype")
 
 
 # Small enough for a tiny test model and a few seconds per training run; explicit options still win.

@@ -35,7 +35,8 @@ def flag_type(annotation: Any, name: str) -> tuple[Any, tuple, bool]:
 def help_text(f, required: bool = False) -> str:
     """The field's meaning, then its default and range."""
     default = f.default if f.default is not MISSING and not required else None
-    extras = [] if default in (None, "") else [f"default {default}"]
+    shown = ("on" if default else "off") if isinstance(default, bool) else default
+    extras = [] if default in (None, "") else [f"default {shown}"]
     if not f.metadata.get("choices") and expectation(f.metadata):  # argparse lists the choices itself
         extras.append(expectation(f.metadata))
     text = f.metadata.get("help", "") + (f" ({'; '.join(extras)})" if extras else "")
