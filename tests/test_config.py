@@ -37,6 +37,7 @@ from tiltlm.config import ConfigError, TrainConfig, build_config, option
     ({"loss": "ipo", "label_smoothing": 0.1}, "label_smoothing = 0.1: no loss of 'ipo' uses it"),
     ({"loss": "sigmoid,nll", "loss_weights": "1,-1"}, "loss_weights = '1,-1'"),
     ({"parallel": "fdsp"}, "parallel = 'fdsp': expected ddp or fsdp"),
+    ({"dtype": "float8"}, "dtype = 'float8': expected auto, float32"),
 ])
 def test_every_setting_out_of_range_is_refused(flags, expected):
     with pytest.raises(ConfigError) as error:

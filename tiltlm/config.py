@@ -20,6 +20,7 @@ from omegaconf import OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
 from tiltlm.losses import LOSSES, LossParams
+from tiltlm.models import DTYPES
 
 
 T = TypeVar("T")
@@ -140,7 +141,7 @@ class TrainConfig:
     merge_lora: bool = option(False, "also save final/merged, a plain transformers model")
 
     # numerics and hardware
-    dtype: str = option("auto", "auto (float32 on CPU, bfloat16 on GPU), float32, bfloat16 or float16")
+    dtype: str = option("auto", "precision of the weights; auto: float32 on CPU, bfloat16 on GPU", choices=("auto", *DTYPES))
     device: str = option("auto", "auto, cpu, cuda, cuda:N or mps")
     logprob_chunk: int = option(256, "completion positions projected to the vocabulary at a time", at_least=1)
     trust_remote_code: bool = option(False, "run the model repository's own code (only for models you trust)")

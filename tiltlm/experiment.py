@@ -18,8 +18,7 @@ from tiltlm.stats import mean_ci, per_group_means
 
 @dataclass
 class ExperimentConfig:
-    """What every experiment here shares: the reference samples continuations, the reward labels the best
-    and worst of each prompt into a pair, and LoRA training runs on the pairs."""
+    """Options of every experiment here: the reference's samples labelled into pairs, LoRA runs on them."""
 
     model: str = option("smollm2-135m", "reference model: directory, hub id or alias")
     reward: str = option("vader", "vader, module:function, file.py:function, or a sequence-classifier directory")

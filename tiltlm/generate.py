@@ -118,15 +118,9 @@ def encode_prompt(tokenizer, prompt: Text, chat: bool = False) -> list[int]:
 def stop_token_ids(model, tokenizer) -> list[int]:
     """Tokens that end a completion: the tokenizer's EOS (what training appends to completions) and
     any EOS the model's generation config names (chat models often list their end-of-turn token)."""
-    ids = set()
-    if tokenizer.eos_token_id is not None:
-        ids.add(tokenizer.eos_token_id)
     configured = getattr(getattr(model, "generation_config", None), "eos_token_id", None)
-    if isinstance(configured, int):
-        ids.add(configured)
-    elif configured:
-        ids.update(configured)
-    return sorted(ids)
+    configured = [configured] if isinstance(configured, int) else list(configured or [])
+    return sorted({tokenizer.eos_token_id, *configured} - {None})
 
 
 def sampling_config(max_new_tokens: int, temperature: float, top_p: float, stop: list[int], pad_id: int):
