@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import argparse
 import json
 import math
 import random
@@ -11,8 +10,9 @@ import statistics
 import pytest
 from test_generate import save_tiny
 
-from tiltlm.compare import (CompareError, Generation, add_arguments, match, mean_ci, read_generations, run,
-                            wald_interval, win_rate)
+from tiltlm.cli import main
+from tiltlm.compare import CompareError, Generation, match, read_generations, win_rate
+from tiltlm.stats import mean_ci, wald_interval
 
 Z = 1.959963984540054  # the 97.5% standard normal quantile
 
@@ -127,18 +127,12 @@ def test_duplicate_rows_name_the_line(tmp_path):
         read_generations(path)
 
 
-def cli_args(*argv: str) -> argparse.Namespace:
-    parser = argparse.ArgumentParser()
-    add_arguments(parser)
-    return parser.parse_args(list(argv))
-
-
 def test_cli_on_two_generation_files(tmp_path, monkeypatch, capsys):
     (tmp_path / "length_reward.py").write_text("def score(prompt, completion):\n    return len(completion)\n")
     monkeypatch.chdir(tmp_path)
     a = write_rows(tmp_path / "a.jsonl", [{"prompt": f"p{i}", "completion": c} for i, c in enumerate(["aaa", "a", "aa", "aaaa"])])
     b = write_rows(tmp_path / "b.jsonl", [{"prompt": f"p{i}", "completion": c} for i, c in enumerate(["aa", "aa", "aa", "a"])])
-    code = run(cli_args("--a", str(a), "--b", str(b), "--reward", "length_reward:score", "--json", "out.json"))
+    code = main(["compare", "--a", str(a), "--b", str(b), "--reward", "length_reward:score", "--json", "out.json"])
     assert code == 0
     report = json.loads((tmp_path / "out.json").read_text())
     assert report["win_rate"]["rate"] == (2 + 0.5) / 4  # win, loss, tie, win
@@ -150,14 +144,14 @@ def test_cli_on_two_generation_files(tmp_path, monkeypatch, capsys):
 def test_cli_samples_models_and_a_model_against_itself_ties(tmp_path, capsys):
     model = save_tiny(tmp_path / "model")
     prompts = write_rows(tmp_path / "prompts.jsonl", [{"prompt": "the movie was"}, {"prompt": "i loved it"}])
-    code = run(cli_args("--a", str(model), "--b", str(model), "--prompts", str(prompts), "--samples", "2",
-                        "--max-new-tokens", "5", "--reward", "vader", "--no-progress", "--json", str(tmp_path / "r.json")))
+    code = main(["compare", "--a", str(model), "--b", str(model), "--prompts", str(prompts), "--samples", "2",
+                        "--max-new-tokens", "5", "--reward", "vader", "--no-progress", "--json", str(tmp_path / "r.json")])
     assert code == 0
     report = json.loads((tmp_path / "r.json").read_text())
     assert report["win_rate"]["ties"] == 4 and report["win_rate"]["rate"] == 0.5  # same model, same seed
 
 
 def test_cli_errors_are_messages_not_tracebacks(tmp_path, capsys):
-    code = run(cli_args("--a", "not_a_model_dir/", "--b", str(tmp_path / "x.jsonl")))
+    code = main(["compare", "--a", "not_a_model_dir/", "--b", str(tmp_path / "x.jsonl")])
     assert code == 2
     assert "needs --prompts" in capsys.readouterr().err

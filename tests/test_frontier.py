@@ -12,7 +12,9 @@ import pytest
 import torch
 
 from tiltlm.cli import build_parser, main
-from tiltlm.frontier import FrontierConfig, Point, best_of_n_kl, best_of_n_rewards, config_from, dpo_reward_at
+from tiltlm.commands.options import from_args
+from tiltlm.frontier import QUICK, FrontierConfig, best_of_n_kl, best_of_n_rewards
+from tiltlm.frontier_report import Point, dpo_reward_at
 from tiltlm.generate import sample
 from tiltlm.models import load_model, load_tokenizer
 
@@ -288,6 +290,6 @@ def test_a_training_run_stopped_early_stops_the_frontier_with_a_message(tiny_mod
 
 def test_quick_sets_defaults_and_explicit_options_win():
     args = build_parser().parse_args(["frontier", "--quick", "--epochs", "7", "--samples", "4"])
-    config = config_from(args)
+    config = from_args(FrontierConfig, args, QUICK if args.quick else None)
     assert (config.epochs, config.samples, config.heldout) == (7, 4, 4)
-    assert config_from(build_parser().parse_args(["frontier"])) == FrontierConfig()
+    assert from_args(FrontierConfig, build_parser().parse_args(["frontier"])) == FrontierConfig()

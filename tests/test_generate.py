@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import argparse
 import json
 import re
 
@@ -10,8 +9,8 @@ import pytest
 import torch
 
 from tiltlm.data.types import DataError
-from tiltlm.generate import (Sample, add_arguments, cut_at_stop, encode_prompt, load_policy, read_prompts, run,
-                             sample, score_logps)
+from tiltlm.cli import main
+from tiltlm.generate import Sample, cut_at_stop, encode_prompt, load_policy, read_prompts, sample, score_logps
 from tiltlm.models import load_model, tiny_llama
 
 SPECIALS = ["<pad>", "<s>", "</s>", "<unk>", "<|user|>", "<|assistant|>"]
@@ -188,6 +187,16 @@ def test_score_logps_does_not_depend_on_batching(model, tokenizer):
     assert many == pytest.approx(one, abs=1e-4)
 
 
+def test_an_empty_completion_scores_zero_and_a_missing_prompt_is_an_error(model, tokenizer):
+    prompt_ids = [BOS] + word_ids("the movie was")
+    full = Sample("the movie was", "", prompt_ids, word_ids("great"))
+    scored = score_logps(model, tokenizer, [Sample("the movie was", "", prompt_ids, []), full])
+    assert scored[0] == 0.0  # the empty sum
+    assert scored[1] == pytest.approx(naive_logp(model, prompt_ids, word_ids("great")), abs=1e-4)
+    with pytest.raises(ValueError, match="no prompt tokens"):
+        score_logps(model, tokenizer, [Sample("", "", [], word_ids("great"))])
+
+
 # ------------------------------------------------------------------------------- models and the CLI
 
 
@@ -220,12 +229,6 @@ def test_lora_adapter_directory_loads_base_plus_adapter(tmp_path):
     assert tokenizer.eos_token == "</s>"
 
 
-def cli_args(*argv: str) -> argparse.Namespace:
-    parser = argparse.ArgumentParser()
-    add_arguments(parser)
-    return parser.parse_args(list(argv))
-
-
 def test_cli_writes_rows_with_log_probs_and_refuses_to_overwrite(tmp_path, capsys):
     policy = save_tiny(tmp_path / "policy")
     prompts = tmp_path / "prompts.jsonl"
@@ -233,7 +236,7 @@ def test_cli_writes_rows_with_log_probs_and_refuses_to_overwrite(tmp_path, capsy
     output = tmp_path / "out.jsonl"
     argv = ["--model", str(policy), "--prompts", str(prompts), "--output", str(output), "--ref", str(policy),
             "--samples", "2", "--max-new-tokens", "6", "--no-progress"]
-    assert run(cli_args(*argv)) == 0
+    assert main(["generate", *argv]) == 0
     rows = [json.loads(line) for line in output.read_text().splitlines()]
     assert [(r["prompt"], r["sample"]) for r in rows] == [("the movie was", 0), ("the movie was", 1),
                                                            ("i loved it", 0), ("i loved it", 1)]
@@ -249,7 +252,7 @@ def test_cli_writes_rows_with_log_probs_and_refuses_to_overwrite(tmp_path, capsy
     assert kl and abs(float(kl.group(1))) < 1e-4
 
     before = output.read_text()
-    assert run(cli_args(*argv)) == 2
+    assert main(["generate", *argv]) == 2
     assert "--overwrite" in capsys.readouterr().err
     assert output.read_text() == before
 

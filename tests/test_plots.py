@@ -2,13 +2,13 @@
 
 from __future__ import annotations
 
-import argparse
 import json
 import struct
 
 import pytest
 
-from tiltlm.plots import PANELS, PlotError, add_arguments, panel_figure, plot_metrics, plot_run, run
+from tiltlm.cli import main
+from tiltlm.plots import PANELS, PlotError, panel_figure, plot_metrics, plot_run
 
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 
@@ -98,7 +98,5 @@ def test_missing_or_empty_metrics_are_clear_errors(tmp_path, capsys):
     with pytest.raises(PlotError, match="no metric rows"):
         plot_run(tmp_path / "empty")
 
-    parser = argparse.ArgumentParser()
-    add_arguments(parser)
-    assert run(parser.parse_args([str(tmp_path / "nothing")])) == 2
+    assert main(["plot", str(tmp_path / "nothing")]) == 2
     assert "no such run directory" in capsys.readouterr().err

@@ -10,6 +10,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from tiltlm import verify
+from tiltlm.cli import main
 from tiltlm.losses import LOSSES, LossParams, PairLogps
 
 EXPECTED_CHECKS = {
@@ -171,11 +172,11 @@ def test_minimise_finds_a_known_minimum():
 def test_main_prints_the_table_and_returns_the_verdict(monkeypatch, capsys):
     passing = [verify.Check("a", 1e-12, "< 1e-10", True, "detail a")]
     monkeypatch.setattr(verify, "run_checks", lambda seed=0: passing)
-    assert verify.main([]) == 0
+    assert main(["verify"]) == 0
     out = capsys.readouterr().out
     assert "check" in out and "measured" in out and "required" in out and "| yes" in out
     monkeypatch.setattr(verify, "run_checks", lambda seed=0: passing + [verify.Check("b", 1.0, "< 0.5", False)])
-    assert verify.main(["--seed", "3"]) == 1
+    assert main(["verify", "--seed", "3"]) == 1
     assert "FAILED: b" in capsys.readouterr().out
 
 

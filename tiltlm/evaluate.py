@@ -31,36 +31,38 @@ def default_reference(model: str) -> str | None:
                       f"reference with --ref")
 
 
-def evaluate(model: str, data: str, ref: str | None = None, beta: float = TrainConfig.beta,
-             loss: str = TrainConfig.loss, max_length: int = TrainConfig.max_length,
-             max_prompt_length: int | None = None, batch_size: int = TrainConfig.batch_size,
-             dtype: str = TrainConfig.dtype, device: str = TrainConfig.device, trust_remote_code: bool = False,
-             progress: bool = True, ref_cache: str | None = None) -> dict[str, float]:
+def evaluate(model: str, data: str, ref: str | None = None, progress: bool = True, **options) -> dict[str, float]:
     """Loss and reward metrics of ``model`` against ``ref`` over the preference file ``data``: the
     numbers the trainer logs at step 0 when ``model`` is the policy and ``ref`` its reference.
+    ``options``: any TrainConfig field (beta, loss, max_length, batch_size, dtype, ...), with its defaults."""
+    return evaluate_config(TrainConfig(model=model, data=data, ref=ref, **options), progress)
 
-    The reference's log-probs come from the precomputed-reference cache (``ref_cache``, see
-    refcache.py) when a training run or an earlier evaluation already scored this file with the same
-    reference, tokenizer and settings; otherwise they are computed once and saved there."""
-    config = TrainConfig(model=model, data=data, ref=ref, beta=beta, loss=loss, max_length=max_length,
-                         batch_size=batch_size, dtype=dtype, device=device, layout="packed", ref_cache=ref_cache,
-                         trust_remote_code=trust_remote_code,
-                         **({"max_prompt_length": max_prompt_length} if max_prompt_length is not None else {}))
+
+def evaluate_config(config: TrainConfig, progress: bool = True) -> dict[str, float]:
+    """:func:`evaluate` for a whole configuration (``tiltlm eval``'s options are TrainConfig's).
+
+    The reference's log-probs come from the precomputed-reference cache (``ref_cache``, see refcache.py)
+    when a training run or an earlier evaluation already scored this file with the same reference,
+    tokenizer and settings; otherwise they are computed once and saved there."""
     validate(config)
-    precision = training_precision(dtype, False, pick_device(device))
+    precision = training_precision(config.dtype, False, pick_device(config.device))
     log = (lambda message: print(message, file=sys.stderr)) if progress else (lambda message: None)
-    tokenizer = load_tokenizer(model, trust_remote_code)
+    tokenizer = load_tokenizer(config.model, config.trust_remote_code)
     objective = make_objective(config, tokenizer)
-    pairs = step.read_examples(data, tokenizer, config, log)
-    policy = frozen(load_model(model, precision.weights, trust_remote_code)).to(precision.device)
+    pairs = step.read_examples(config.data, tokenizer, config, log)
+
+    def load(name: str):
+        return frozen(load_model(name, precision.weights, config.trust_remote_code, attention=config.attention,
+                                 device=precision.device))
+
+    policy = load(config.model).to(precision.device)
     reference = Reference()
     if objective.needs_reference:
-        own = ref is None and is_adapter(model)  # scored with its adapters switched off
-        reference = PrecomputedReference(
-            tokenizer, precision, config.logprob_chunk, 4 * batch_size, ref_cache, log=log,
-            load=None if own else lambda: frozen(load_model(ref or default_reference(model), precision.weights,
-                                                            trust_remote_code)))
-        reference.prepare(policy, {data: pairs}, objective.collate)
-    metrics = step.evaluate(objective.scorer(policy), reference, objective, pairs, data,
-                            batch_size, precision, prefix="", progress=progress)
+        own = config.ref is None and is_adapter(config.model)  # scored with its adapters switched off
+        reference = PrecomputedReference(tokenizer, precision, config.logprob_chunk, 4 * config.batch_size,
+                                         config.ref_cache, log=log,
+                                         load=None if own else lambda: load(config.ref or default_reference(config.model)))
+        reference.prepare(policy, {"eval": pairs}, objective.collate)
+    metrics = step.evaluate(objective.scorer(policy), reference, objective, pairs, "eval", config.batch_size,
+                            precision, prefix="", progress=progress)
     return {"pairs": len(pairs), **metrics}

@@ -6,13 +6,31 @@ from __future__ import annotations
 
 import contextlib
 import json
+import os
 from dataclasses import dataclass
 from pathlib import Path
-from statistics import fmean
 from typing import Callable
 
-from tiltlm.compare import mean_ci
+from tiltlm.config import ConfigError, TrainConfig, option
 from tiltlm.generate import Sample, sample, score_logps
+from tiltlm.stats import mean_ci, per_group_means
+
+
+@dataclass
+class ExperimentConfig:
+    """Options of every experiment here: the reference's samples labelled into pairs, LoRA runs on them."""
+
+    model: str = option("smollm2-135m", "reference model: directory, hub id or alias")
+    reward: str = option("vader", "vader, module:function, file.py:function, or a sequence-classifier directory")
+    output: str = option("runs/experiment", "directory for the report and everything it is computed from")
+    overwrite: bool = option(False, "replace a report already in --output")
+    samples: int = option(4, "continuations per training prompt (best and worst make its pair)", at_least=2)
+    max_new_tokens: int = option(24, "most tokens sampled per continuation", at_least=1)
+    lr: float = option(5e-4, "learning rate of every training run", above=0)
+    epochs: int = option(3, "epochs of every training run", at_least=1)
+    batch_size: int = option(6, "pairs per step of every training run", at_least=1)
+    lora_r: int = option(16, "LoRA rank of every training run (LoRA lets one CPU train several)", at_least=1)
+    seed: int = option(0, "seed of the first pairs' sampling and of training", at_least=0)
 
 
 @dataclass
@@ -24,19 +42,40 @@ class PolicyScore:
     kl: tuple[float, float, float]
     samples: list[Sample]
     rewards: list[float]
-    log_ratios: list[float]  # log pi(y|x) - log pi_ref(y|x) of each sample
+    policy_logps: list[float]  # log pi(y|x) of each sample
+    reference_logps: list[float]  # log pi_ref(y|x)
 
     def rows(self) -> list[dict]:
         """One JSON-ready row per sample, to save beside a report."""
-        return [{"prompt": s.prompt, "sample": s.sample, "completion": s.completion, "reward": reward,
-                 "log_ratio": ratio} for s, reward, ratio in zip(self.samples, self.rewards, self.log_ratios)]
+        return sample_rows(self.samples, self.rewards, self.policy_logps, self.reference_logps)
 
 
-def per_prompt_means(values: list[float], samples: list[Sample]) -> list[float]:
-    groups: dict[int, list[float]] = {}
-    for value, s in zip(values, samples):
-        groups.setdefault(s.index, []).append(value)
-    return [fmean(group) for _, group in sorted(groups.items())]
+# Every experiment's training runs: short prompts and continuations, one step per batch, no checkpoints.
+SEQUENCE = dict(max_length=256, max_prompt_length=64)
+
+
+def lora_run(config: ExperimentConfig, model: str, data: Path, output: Path, **settings) -> TrainConfig:
+    """The settings of a LoRA training run of an experiment, from ``model`` on the pairs in ``data``."""
+    shared = dict(model=model, data=str(data), output=str(output), overwrite=True, lr=config.lr, epochs=config.epochs,
+                  batch_size=config.batch_size, grad_accum=1, lora_r=config.lora_r, warmup_ratio=0.1, seed=config.seed,
+                  save_every=10_000, log_every=1, tensorboard=False, **SEQUENCE)
+    return TrainConfig(**{**shared, **settings})
+
+
+def sample_rows(samples: list[Sample], rewards: list[float], policy_logps: list[float] | None = None,
+                reference_logps: list[float] | None = None) -> list[dict]:
+    """Samples as JSONL rows with their rewards, the token ids the log-probs were computed on and, when
+    given, the log-probs and their difference ``log_ratio = log pi(y|x) - log pi_ref(y|x)``."""
+    rows = []
+    for i, s in enumerate(samples):
+        row = {"index": s.index, "sample": s.sample, "prompt": s.prompt, "completion": s.completion,
+               "reward": rewards[i], "prompt_ids": s.prompt_ids, "completion_ids": s.completion_ids,
+               "finished": s.finished}
+        if policy_logps is not None and reference_logps is not None:
+            row.update(logp_policy=policy_logps[i], logp_ref=reference_logps[i],
+                       log_ratio=policy_logps[i] - reference_logps[i])
+        rows.append(row)
+    return rows
 
 
 def preference_pairs(samples: list[Sample], rewards: list[float]) -> list[dict]:
@@ -55,33 +94,70 @@ def preference_pairs(samples: list[Sample], rewards: list[float]) -> list[dict]:
     return pairs
 
 
-def write_jsonl(path: Path, rows: list[dict]) -> Path:
-    path.write_text("".join(json.dumps(row, ensure_ascii=False) + "\n" for row in rows), encoding="utf-8")
+def rewarded_samples(policy, tokenizer, prompts: list, reward: Callable, samples_per_prompt: int,
+                     max_new_tokens: int, seed: int, batch_size: int) -> tuple[list[Sample], list[float]]:
+    """Continuations of ``prompts`` sampled from ``policy`` itself (temperature 1, no top-p: the draws a KL
+    estimate needs) and their rewards."""
+    samples = sample(policy, tokenizer, prompts, n=samples_per_prompt, max_new_tokens=max_new_tokens,
+                     temperature=1.0, top_p=1.0, seed=seed, batch_size=batch_size, progress=True)
+    return samples, reward([s.prompt for s in samples], [s.completion for s in samples])
+
+
+def label_pairs(policy, tokenizer, prompts: list, reward: Callable, samples_per_prompt: int, max_new_tokens: int,
+                seed: int, batch_size: int, path: Path) -> Path:
+    """Continuations of ``prompts`` from ``policy``, labelled by the reward into pairs (:func:`preference_pairs`)
+    written to ``path``; a ConfigError when no prompt gives a pair."""
+    pairs = preference_pairs(*rewarded_samples(policy, tokenizer, prompts, reward, samples_per_prompt, max_new_tokens,
+                                               seed, batch_size))
+    if not pairs:
+        raise ConfigError(f"the reward gave every continuation of each prompt the same score, so there is no "
+                          f"preference pair to train on ({path.name}); use more --samples or longer --max-new-tokens")
+    print(f"      {len(pairs)} preference pairs -> {path}")
+    return write_jsonl(path, pairs)
+
+
+def refuse_existing(config: ExperimentConfig, *names: str) -> Path:
+    """The output directory, unless it holds one of ``names`` (a report) and --overwrite was not given."""
+    out = Path(config.output)
+    existing = [name for name in names if (out / name).exists()]
+    if existing and not config.overwrite:
+        raise ConfigError(f"{out} already holds a report ({', '.join(existing)}); use --overwrite or another --output")
+    return out
+
+
+def write_markdown(path: Path, lines: list[str]) -> Path:
+    path.write_text("\n".join(lines) + "\n", encoding="utf-8")
     return path
 
 
-def adapters_disabled(model):
-    """A context in which a peft model scores as its base (its reference); a no-op for other models."""
-    return model.disable_adapter() if hasattr(model, "disable_adapter") else contextlib.nullcontext()
+def write_jsonl(path: Path, rows: list[dict]) -> Path:
+    """Write through a temporary file and rename, so the output is whole or absent; returns ``path``."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    temporary = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    with open(temporary, "w", encoding="utf-8") as handle:
+        for row in rows:
+            handle.write(json.dumps(row, ensure_ascii=False) + "\n")
+    os.replace(temporary, path)
+    return path
 
 
-def score_policy(policy, tokenizer, prompts: list[str], reward: Callable, samples_per_prompt: int,
+def score_policy(policy, tokenizer, prompts: list, reward: Callable, samples_per_prompt: int,
                  max_new_tokens: int, seed: int, batch_size: int = 16, reference=None) -> PolicyScore:
     """Sample from ``policy`` at temperature 1 (so the KL estimate is unbiased), reward the samples, and
     estimate KL(pi || pi_ref) = E_{y ~ pi}[log pi(y|x) - log pi_ref(y|x)] from the same samples. The
     reference is ``reference`` or, when None, ``policy`` with its adapters disabled."""
-    samples = sample(policy, tokenizer, prompts, n=samples_per_prompt, max_new_tokens=max_new_tokens,
-                     temperature=1.0, top_p=1.0, seed=seed, batch_size=batch_size, progress=True)
-    rewards = reward([s.prompt for s in samples], [s.completion for s in samples])
+    samples, rewards = rewarded_samples(policy, tokenizer, prompts, reward, samples_per_prompt, max_new_tokens, seed,
+                                        batch_size)
     policy_logps = score_logps(policy, tokenizer, samples, batch_size=batch_size)
     if reference is policy:  # the reference itself: KL is 0, no second pass needed
         reference_logps = policy_logps
     elif reference is not None:
         reference_logps = score_logps(reference, tokenizer, samples, batch_size=batch_size)
-    else:
-        with adapters_disabled(policy):
+    else:  # a peft policy with its adapters off is its own base
+        with policy.disable_adapter() if hasattr(policy, "disable_adapter") else contextlib.nullcontext():
             reference_logps = score_logps(policy, tokenizer, samples, batch_size=batch_size)
     log_ratios = [p - r for p, r in zip(policy_logps, reference_logps)]
-    return PolicyScore(reward=mean_ci(per_prompt_means(rewards, samples)),
-                       kl=mean_ci(per_prompt_means(log_ratios, samples)), samples=samples, rewards=rewards,
-                       log_ratios=log_ratios)
+    prompt_of = [s.index for s in samples]
+    return PolicyScore(reward=mean_ci(per_group_means(rewards, prompt_of)),
+                       kl=mean_ci(per_group_means(log_ratios, prompt_of)), samples=samples, rewards=rewards,
+                       policy_logps=policy_logps, reference_logps=reference_logps)

@@ -101,10 +101,25 @@ def is_adapter(name: str) -> bool:
 
 
 def adapter_base(name: str) -> str:
+    """The base model of the adapter directory ``name``, as :func:`load_model` loads it: peft records the
+    base's path, which for an alias is its package's directory, mapped back here to the alias."""
     import json
 
-    with open(os.path.join(name, "adapter_config.json"), encoding="utf-8") as handle:
-        return json.load(handle)["base_model_name_or_path"]
+    config_path = os.path.join(name, "adapter_config.json")
+    try:
+        with open(config_path, encoding="utf-8") as handle:
+            base = json.load(handle).get("base_model_name_or_path")
+    except (OSError, ValueError) as error:
+        raise ModelError(f"{config_path}: cannot read the adapter config ({error})") from None
+    if not base:
+        raise ModelError(f"{config_path} names no base model (base_model_name_or_path); pass --base")
+    for alias in ALIASES:
+        try:
+            if os.path.realpath(resolve(alias)[0]) == os.path.realpath(base):
+                return alias
+        except ModelError:
+            continue
+    return base
 
 
 def saved_dtype(name: str) -> torch.dtype:

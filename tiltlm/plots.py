@@ -15,9 +15,7 @@ through pyplot: no display and no global figure state is involved.
 
 from __future__ import annotations
 
-import argparse
 import math
-import sys
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -146,24 +144,3 @@ def plot_run(run_dir: str | Path, out_dir: str | Path | None = None) -> list[Pat
         figure.savefig(path, dpi=100)
         written.append(path)
     return written
-
-
-# --------------------------------------------------------------------------------------------- CLI
-
-
-def add_arguments(parser: argparse.ArgumentParser) -> None:
-    """``tiltlm plot RUN_DIR``: training curves as PNG files."""
-    parser.add_argument("run_dir", help="a run's output directory (holding metrics.jsonl)")
-    parser.add_argument("--output", default=None, help="directory for the PNG files (default RUN_DIR/plots)")
-
-
-def run(args: argparse.Namespace) -> int:
-    """Entry point of ``tiltlm plot``; returns the exit code."""
-    try:
-        written = plot_run(args.run_dir, args.output)
-    except PlotError as error:
-        print(f"tiltlm plot: error: {error}", file=sys.stderr)
-        return 2
-    for path in written:
-        print(path)
-    return 0

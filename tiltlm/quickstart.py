@@ -13,53 +13,42 @@ section 6.1), with SmolLM2-135M-Instruct as the reference and VADER as the rewar
 
 from __future__ import annotations
 
-import argparse
 import time
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
-from tiltlm.config import ConfigError, TrainConfig
+from tiltlm.config import ConfigError, check_options, option
 from tiltlm.evaluate import evaluate
-from tiltlm.experiment import PolicyScore, preference_pairs, score_policy, write_jsonl
+from tiltlm.experiment import (SEQUENCE, ExperimentConfig, PolicyScore, label_pairs, lora_run, preference_pairs,
+                               refuse_existing, score_policy, write_jsonl, write_markdown)
 from tiltlm.metrics import read_metrics
 from tiltlm.models import load_model, load_tokenizer
 from tiltlm.plots import plot_metrics
 from tiltlm.prompts import PROMPTS
 from tiltlm.rewards import load_reward
+from tiltlm.stats import format_interval
 from tiltlm.train import train
 
 
 @dataclass
-class QuickstartConfig:
-    model: str = "smollm2-135m"
-    reward: str = "vader"  # or module:function, or a reward-model directory (see tiltlm.rewards)
-    output: str = "runs/quickstart"
-    overwrite: bool = False
-    train_prompts: int = 36
-    heldout_prompts: int = 12
-    samples: int = 4  # continuations per prompt
-    max_new_tokens: int = 24
-    beta: float = 0.1
-    lr: float = 5e-4
-    epochs: int = 3
-    batch_size: int = 6
-    lora_r: int = 16
-    seed: int = 0
+class QuickstartConfig(ExperimentConfig):
+    output: str = option("runs/quickstart", "directory for the report, pairs, samples and the run")
+    train_prompts: int = option(36, "the first N embedded prompts make the preference pairs", at_least=1)
+    heldout_prompts: int = option(12, "the last N embedded prompts are held out for measuring", at_least=2)
+    beta: float = option(0.1, "DPO's beta", above=0)
 
 
+# Small enough for a first look or a test; explicit options still win.
 QUICK = dict(train_prompts=8, heldout_prompts=4, samples=2, max_new_tokens=12, epochs=1, batch_size=4)
 
 
 def run_quickstart(config: QuickstartConfig) -> Path:
     started = time.perf_counter()
-    out = Path(config.output)
-    if (out / "report.md").exists() and not config.overwrite:
-        raise ConfigError(f"{out} already holds a quickstart report; use --overwrite or another --output")
-    if config.train_prompts + config.heldout_prompts > len(PROMPTS):
+    out = refuse_existing(config, "report.md")  # written to only once the reward and the model have loaded
+    if check_options(config).train_prompts + config.heldout_prompts > len(PROMPTS):
         raise ConfigError(f"train_prompts + heldout_prompts must be at most {len(PROMPTS)}")
-    out.mkdir(parents=True, exist_ok=True)
     torch.manual_seed(config.seed)
     train_prompts = list(PROMPTS[:config.train_prompts])
     heldout = list(PROMPTS[len(PROMPTS) - config.heldout_prompts:])
@@ -68,23 +57,17 @@ def run_quickstart(config: QuickstartConfig) -> Path:
     base = load_model(config.model)
 
     print(f"[1/4] sampling {config.samples} continuations of {len(train_prompts)} training prompts")
-    train_score = score_policy(base, tokenizer, train_prompts, reward, config.samples, config.max_new_tokens,
-                               config.seed, reference=base)
-    pairs = preference_pairs(train_score.samples, train_score.rewards)
-    pairs_file = write_jsonl(out / "pairs.jsonl", pairs)
-    print(f"      {len(pairs)} preference pairs -> {pairs_file}")
+    pairs_file = label_pairs(base, tokenizer, train_prompts, reward, config.samples, config.max_new_tokens,
+                             config.seed, 16, out / "pairs.jsonl")
+    pair_count = len(pairs_file.read_text(encoding="utf-8").splitlines())
 
     print(f"[2/4] held-out prompts before training ({len(heldout)} prompts)")
     before = score_policy(base, tokenizer, heldout, reward, config.samples, config.max_new_tokens,
                           config.seed + 1, reference=base)
     heldout_file = write_jsonl(out / "heldout_pairs.jsonl", preference_pairs(before.samples, before.rewards))
 
-    print(f"[3/4] DPO with LoRA (r={config.lora_r}) on {len(pairs)} pairs")
-    run_dir = train(TrainConfig(
-        model=config.model, data=str(pairs_file), output=str(out / "run"), overwrite=True, beta=config.beta,
-        lr=config.lr, epochs=config.epochs, batch_size=config.batch_size, grad_accum=1, lora_r=config.lora_r,
-        warmup_ratio=0.1, max_length=256, max_prompt_length=64, save_every=10_000, seed=config.seed,
-        log_every=1, tensorboard=False))
+    print(f"[3/4] DPO with LoRA (r={config.lora_r}) on {pair_count} pairs")
+    run_dir = train(lora_run(config, config.model, pairs_file, out / "run", beta=config.beta))
 
     print("[4/4] held-out prompts after training")
     from peft import PeftModel
@@ -94,19 +77,13 @@ def run_quickstart(config: QuickstartConfig) -> Path:
                          config.seed + 1)
     write_jsonl(out / "heldout_before.jsonl", before.rows())
     write_jsonl(out / "heldout_after.jsonl", after.rows())
-    accuracy = evaluate(str(run_dir / "final"), str(heldout_file), beta=config.beta, max_length=256,
-                        max_prompt_length=64, progress=False)
+    accuracy = evaluate(str(run_dir / "final"), str(heldout_file), beta=config.beta, progress=False, **SEQUENCE)
     rows = read_metrics(run_dir / "metrics.jsonl")
     plot = plot_metrics(rows, out / "training.png")
-    report = write_report(out, config, len(pairs), before, after, accuracy, rows, plot,
+    report = write_report(out, config, pair_count, before, after, accuracy, rows, plot,
                           time.perf_counter() - started)
     print(report.read_text())
     return out
-
-
-def fmt(interval: tuple[float, float, float]) -> str:
-    mean, low, high = interval
-    return f"{mean:+.3f} (95% CI {low:+.3f} to {high:+.3f})"
 
 
 def write_report(out: Path, config: QuickstartConfig, pairs: int, before: PolicyScore, after: PolicyScore,
@@ -124,9 +101,9 @@ def write_report(out: Path, config: QuickstartConfig, pairs: int, before: Policy
         "",
         "| held-out prompts | value |",
         "|---|---|",
-        f"| mean reward before (reference) | {fmt(before.reward)} |",
-        f"| mean reward after (policy) | {fmt(after.reward)} |",
-        f"| KL(policy \\|\\| reference), nats per continuation | {fmt(after.kl)} |",
+        f"| mean reward before (reference) | {format_interval(before.reward, '95% CI ')} |",
+        f"| mean reward after (policy) | {format_interval(after.reward, '95% CI ')} |",
+        f"| KL(policy \\|\\| reference), nats per continuation | {format_interval(after.kl, '95% CI ')} |",
         f"| implicit-reward accuracy on held-out pairs | {heldout_eval['rewards/accuracies']:.3f} "
         f"({heldout_eval['pairs']} pairs) |",
         f"| final training loss / accuracy / margin | {last['loss']:.4f} / {last['rewards/accuracies']:.3f} / "
@@ -147,25 +124,4 @@ def write_report(out: Path, config: QuickstartConfig, pairs: int, before: Policy
         "`heldout_before.jsonl` and `heldout_after.jsonl` (every held-out sample with its reward and log-ratio), "
         "`run/` (config, metrics.jsonl, final/ adapter).",
     ]
-    path = out / "report.md"
-    path.write_text("\n".join(lines) + "\n", encoding="utf-8")
-    return path
-
-
-def add_arguments(parser: argparse.ArgumentParser) -> None:
-    for name, default in vars(QuickstartConfig()).items():
-        flag = "--" + name.replace("_", "-")
-        if isinstance(default, bool):
-            parser.add_argument(flag, action="store_true")
-        else:
-            parser.add_argument(flag, type=type(default), default=default)
-    parser.add_argument("--quick", action="store_true", help="a much smaller run (for tests): "
-                        + ", ".join(f"{k}={v}" for k, v in QUICK.items()))
-
-
-def run(args: argparse.Namespace) -> int:
-    config = QuickstartConfig(**{k: getattr(args, k) for k in vars(QuickstartConfig())})
-    if args.quick:
-        config = replace(config, **QUICK)
-    run_quickstart(config)
-    return 0
+    return write_markdown(out / "report.md", lines)

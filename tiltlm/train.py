@@ -24,7 +24,7 @@ from transformers import get_scheduler
 
 from tiltlm import checkpoint as ckpt
 from tiltlm import collectives, distributed, rundir, step
-from tiltlm.config import ConfigError, TrainConfig
+from tiltlm.config import ConfigError, TrainConfig, validate
 from tiltlm.data.order import DataOrder
 from tiltlm.metrics import MetricSums, MetricsWriter, displacement_warning, truncate_metrics
 from tiltlm.models import add_lora, disable_dropout, load_model, load_tokenizer, saved_dtype
@@ -92,6 +92,7 @@ def run_training(config: TrainConfig) -> Outcome:
 def setup(config: TrainConfig, runtime: Runtime) -> Run:
     """Check, load and build everything; write to the output directory only once all of it succeeded."""
     log = print if runtime.is_main else (lambda *args, **kwargs: None)
+    validate(config)  # the command line validated already; a config built in Python is checked here
     if config.release_memory:
         return_freed_memory()
     seed_everything(config.seed)

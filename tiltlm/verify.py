@@ -21,9 +21,7 @@ a Reward Model") can be computed exactly and compared with what minimising the l
 
 from __future__ import annotations
 
-import argparse
 import math
-import time
 from dataclasses import dataclass
 from typing import Callable
 
@@ -455,21 +453,3 @@ def format_table(checks: list[Check]) -> str:
     lines.append("")
     lines += [f"{c.name}: {c.detail}" for c in checks]
     return "\n".join(lines)
-
-
-def main(argv: list[str] | None = None) -> int:
-    """``tiltlm verify``: run the checks, print the table, exit 0 only if every check passed."""
-    parser = argparse.ArgumentParser(prog="tiltlm verify", description=__doc__.splitlines()[0])
-    parser.add_argument("--seed", type=int, default=0, help="seed of the random table (default 0)")
-    args = parser.parse_args(argv)
-    start = time.perf_counter()
-    checks = run_checks(args.seed)
-    print(format_table(checks))
-    failed = [c.name for c in checks if not c.passed]
-    print(f"\n{len(checks) - len(failed)}/{len(checks)} checks passed in {time.perf_counter() - start:.1f} s"
-          + (f"; FAILED: {', '.join(failed)}" if failed else ""))
-    return 1 if failed else 0
-
-
-if __name__ == "__main__":
-    raise SystemExit(main())

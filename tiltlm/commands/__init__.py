@@ -1,0 +1,18 @@
+"""The ``tiltlm`` commands, one module each, with ``add_arguments(parser)`` and ``run(args) -> int``.
+
+Commands turn flags into library calls and print; the library never imports them.
+"""
+
+# (name, module, one-line summary), in the order ``tiltlm --help`` lists them
+COMMANDS = (
+    ("train", "tiltlm.commands.train", "train a policy on preference pairs"),
+    ("eval", "tiltlm.commands.eval", "loss and reward metrics of a policy against a reference"),
+    ("quickstart", "tiltlm.commands.quickstart", "DPO end to end on the embedded default (SmolLM2-135M, VADER)"),
+    ("generate", "tiltlm.commands.generate", "sample completions from a policy, with log-probs"),
+    ("compare", "tiltlm.commands.compare", "win rate of policy A over policy B under a reward"),
+    ("plot", "tiltlm.commands.plot", "training curves of a run as PNG"),
+    ("frontier", "tiltlm.commands.frontier",
+     "reward against KL(pi || pi_ref) for DPO at several betas, preferred-FT and best-of-N"),
+    ("verify", "tiltlm.commands.verify",
+     "check on an exactly solvable problem that DPO reaches the optimum pi_ref * exp(r / beta) / Z"),
+)
