@@ -30,11 +30,11 @@ from jinja2 import TemplateError
 from tqdm.auto import tqdm
 
 from tiltlm.config import check_options, option
-from tiltlm.data.collate import collate_shared
+from tiltlm.data.collate import PromptCompletions, collate_prompt_completions
 from tiltlm.data.formats import checked_text, pair_from_row
 from tiltlm.data.io import read_rows
 from tiltlm.data.tokenize import adds_bos
-from tiltlm.data.types import DataError, Text, TokenizedPair
+from tiltlm.data.types import DataError, Text
 from tiltlm.logprobs import CompletionLogps
 from tiltlm.models import ModelError, adapter_base, is_adapter, load_model, load_tokenizer
 from tiltlm.models import eval_mode
@@ -226,9 +226,8 @@ def score_logps(model, tokenizer, samples: list[Sample], batch_size: int = 8, pr
     """``log p(completion_ids | prompt_ids)`` under ``model`` at temperature 1, summed over completion
     tokens (EOS included when the sample ended with it), one float per sample, ``batch_size`` at a time.
 
-    Scored as training scores pairs (:func:`tiltlm.data.collate.collate_shared` and
-    :class:`tiltlm.logprobs.CompletionLogps`): each sample is the chosen side of a pair whose rejected
-    side, one token that is never read, is there because a pair needs one.
+    Scored as training scores completions (:func:`tiltlm.data.collate.collate_prompt_completions` and
+    :class:`tiltlm.logprobs.CompletionLogps`): each sample is a prompt with one completion.
     """
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
     scorer = CompletionLogps(model)
@@ -236,16 +235,17 @@ def score_logps(model, tokenizer, samples: list[Sample], batch_size: int = 8, pr
     with eval_mode(model), torch.inference_mode():
         for start in tqdm(range(0, len(samples), batch_size), desc="scoring", unit="batch", disable=not progress):
             chunk = samples[start:start + batch_size]
-            logps, _ = scorer(collate_shared([as_pair(s) for s in chunk], pad_id).to(model.device))
-            scores += logps[:len(chunk)].tolist()
+            examples = [as_example(s, i) for i, s in enumerate(chunk)]
+            logps, _ = scorer(collate_prompt_completions(examples, pad_id).to(model.device))
+            scores += logps.tolist()
     return scores
 
 
-def as_pair(s: Sample) -> TokenizedPair:
+def as_example(s: Sample, sequence: int) -> PromptCompletions:
     if not s.prompt_ids:
         raise ValueError(f"sample {s.index}/{s.sample} has no prompt tokens; the first completion "
                          f"token would have nothing to be predicted from")
-    return TokenizedPair(s.prompt_ids, s.completion_ids, s.completion_ids[:1] or s.prompt_ids[-1:])
+    return PromptCompletions(s.prompt_ids, [s.completion_ids], [sequence])
 
 
 # ---------------------------------------------------------------------------------- loading models

@@ -189,7 +189,7 @@ def _lay_out(example: PromptCompletions, index: int, row: int, start: int, tenso
         part_ids[row, c0:c1] = k
         # each completion's first token is predicted from the last prompt token, the others from the
         # completion's own previous token
-        targets.add(row, [last_prompt] + list(range(c0, c1 - 1)), completion, sequence)
+        targets.add(row, ([last_prompt] + list(range(c0, c1 - 1)))[:len(completion)], completion, sequence)
         end = c1
     return end
 
