@@ -38,7 +38,9 @@ for i, micro in enumerate(micro_batches):
     with distributed.accumulating(scorer, i < len(micro_batches) - 1):
         scorer(collate_shared(micro, 0))[0].sum().backward()
     if i == 0:
-        unsharded = sum(p.unsharded_accumulated_grad is not None for p in fsdp_params(scorer))
+        unsharded = sum(p.unsharded_accumulated_grad is not None
+                        or getattr(getattr(p, "_unsharded_param", None), "grad", None) is not None
+                        for p in fsdp_params(scorer))
         sharded = all(isinstance(p.grad, DTensor) and p.grad.to_local().shape == p.to_local().shape
                       for p in scorer.parameters())
         print(f"between micro-batches: {unsharded} unsharded gradients, all sharded: {sharded}")
@@ -56,7 +58,7 @@ def run_worker(tmp_path: Path, mode: str) -> str:
     script = tmp_path / "worker.py"
     script.write_text(WORKER)
     torchrun = str(Path(sys.executable).with_name("torchrun"))
-    done = subprocess.run([torchrun, "--nproc-per-node", "2", "--master-port", "0", str(script), mode],
+    done = subprocess.run([torchrun, "--standalone", "--nproc-per-node", "2", str(script), mode],
                           capture_output=True, text=True, timeout=300,
                           env={**__import__("os").environ, "OMP_NUM_THREADS": "1"})
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
