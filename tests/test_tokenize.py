@@ -334,3 +334,28 @@ def test_hh_loads_and_tokenises_quickly_with_smollm2(smol):
         wrong += [] if exact else [result.source]
     assert wrong == []
     assert summary.truncated == sum(r.truncated for r in kept) > 0
+
+
+# issue 15, item 1: an empty prompt leaves the first completion token without a token to predict it from
+
+
+def test_empty_text_prompt_gets_bos_when_the_tokenizer_has_one(bpe):
+    # bpe adds no BOS by default but has one: the first completion token is then scored after BOS
+    assert bpe("a")["input_ids"][:1] != [bpe.bos_token_id]
+    for prompt in ("",):
+        kept, summary = tokenize_pairs([Pair(prompt, " sun", " dog", "a.jsonl:1")], bpe, BIG, BIG - 1)
+        assert [p.prompt_ids for p in kept] == [[bpe.bos_token_id]]
+        assert tokenize_pair(Pair(prompt, " sun", " dog", "a.jsonl:1"), bpe, BIG, BIG - 1).prompt_ids == [bpe.bos_token_id]
+
+
+def test_empty_prompt_without_bos_is_skipped_and_counted(bpe):
+    import copy
+
+    no_bos = copy.deepcopy(bpe)
+    no_bos.bos_token = None
+    assert no_bos.bos_token_id is None
+    pairs = [Pair("", " sun", " dog", "a.jsonl:1"), Pair("q", " sun", " dog", "a.jsonl:2")]
+    kept, summary = tokenize_pairs(pairs, no_bos, BIG, BIG - 1)
+    assert [p.source for p in kept] == ["a.jsonl:2"]
+    assert summary.skipped == {"empty prompt (no BOS token to start from)": 1}
+    assert tokenize_pair(pairs[0], no_bos, BIG, BIG - 1) == "empty prompt (no BOS token to start from)"

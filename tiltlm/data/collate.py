@@ -69,8 +69,19 @@ class _Targets:
                 "target_seq": torch.tensor(self.seq, dtype=torch.long)}
 
 
+def _check_prompts(pairs: list[TokenizedPair]) -> None:
+    """The first completion token is predicted from the last prompt token: with no prompt token it
+    would be read from column -1 (padding, or another pair's token). Tokenisation never makes such
+    pairs (it starts an empty prompt with BOS, or skips the pair); this guards hand-made ones."""
+    for pair in pairs:
+        if not pair.prompt_ids:
+            raise ValueError(f"{pair.source or 'a pair'}: empty prompt_ids; a completion needs a token before "
+                             f"it (start the prompt with BOS)")
+
+
 def collate_concatenated(pairs: list[TokenizedPair], pad_id: int) -> Batch:
     """Rows ``[prompt | chosen]`` for every pair, then ``[prompt | rejected]``, right-padded."""
+    _check_prompts(pairs)
     sequences = [(p.prompt_ids, p.chosen_ids) for p in pairs] + [(p.prompt_ids, p.rejected_ids) for p in pairs]
     length = max(len(prompt) + len(completion) for prompt, completion in sequences)
     input_ids = torch.full((len(sequences), length), pad_id, dtype=torch.long)
@@ -110,6 +121,7 @@ def pack_rows(lengths: list[int], row_tokens: int) -> list[list[int]]:
 def collate_shared(pairs: list[TokenizedPair], pad_id: int, row_tokens: int | None = None) -> Batch:
     """Prefix-shared rows ``[prompt | chosen | rejected]``, packed several to a row when ``row_tokens``
     is given; see the module docstring for the mask."""
+    _check_prompts(pairs)
     lengths = [len(p.prompt_ids) + len(p.chosen_ids) + len(p.rejected_ids) for p in pairs]
     groups = pack_rows(lengths, row_tokens) if row_tokens else [[i] for i in range(len(pairs))]
     length = max(sum(lengths[i] for i in group) for group in groups)

@@ -19,7 +19,9 @@ Rules, and why:
   ``max_prompt_length``, keeping a leading BOS; then each completion, keeping its start, to fit
   ``max_length`` together with the prompt. A cut completion loses its EOS.
 * Skipping, counted by reason: an empty (or whitespace-only) completion, chosen identical to rejected,
-  no room left for a completion token, and completions that become identical once truncated (their
+  no room left for a completion token, an empty prompt with no BOS token to put there instead (the
+  first completion token needs a token to be predicted from: an empty prompt becomes ``[BOS]`` when the
+  tokenizer has a BOS token, whether or not it adds one by default), and completions that become identical once truncated (their
   log-ratios would cancel: the pair would teach nothing).
 """
 
@@ -34,6 +36,7 @@ from tiltlm.data.types import DataError, DataSummary, Messages, Pair, Text, Toke
 EMPTY = "empty completion"
 IDENTICAL = "chosen identical to rejected"
 NO_ROOM = "no completion token left"
+EMPTY_PROMPT = "empty prompt (no BOS token to start from)"
 IDENTICAL_AFTER_TRUNCATION = "identical after truncation"
 
 
@@ -150,6 +153,12 @@ def _assemble(chat: bool, prompt: list[int], chosen: list[int], rejected: list[i
     if eos is None:
         raise DataError("the tokenizer has no EOS token: completions must end with one; set tokenizer.eos_token")
     head = [tokenizer.bos_token_id] if bos and not chat else []
+    if not head and not prompt:
+        # The first completion token is predicted from the token before it; with none, a batch would
+        # score it from padding or from another pair. BOS is the one token any text may follow.
+        if tokenizer.bos_token_id is None:
+            return EMPTY_PROMPT
+        head = [tokenizer.bos_token_id]
     return fit(head, prompt, with_eos(chosen, eos), with_eos(rejected, eos), max_length, max_prompt_length, source)
 
 
