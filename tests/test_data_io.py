@@ -277,7 +277,20 @@ def test_directory_not_written_by_save_to_disk(tmp_path):
 
 
 def test_missing_local_file_is_not_sent_to_the_hub(tmp_path):
-    assert error_of(str(tmp_path / "nope.jsonl")) == f"{tmp_path / 'nope.jsonl'}: no such file or directory"
+    assert error_of(str(tmp_path / "nope.jsonl")).startswith(f"{tmp_path / 'nope.jsonl'}: no such file or directory;")
+
+
+@pytest.mark.parametrize("name", ["data/explict", "./explicit", "data/a/b", "~/no-such-data-1234"])
+def test_mistyped_local_names_fail_at_once_without_the_hub(name, tmp_path, monkeypatch):
+    """issue 15, item 12: ``data/explict`` where ``data/`` is a local directory is a path, not a hub id."""
+    import time
+
+    (tmp_path / "data").mkdir()
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
+    started = time.perf_counter()
+    assert f"{name}: no such file or directory" in error_of(name)
+    assert time.perf_counter() - started < 2
 
 
 def test_hub_name_without_network_says_not_found_locally(monkeypatch):

@@ -46,7 +46,7 @@ from tiltlm.data.io import read_rows
 from tiltlm.data.tokenize import adds_bos
 from tiltlm.data.types import DataError, Text
 from tiltlm.logprobs import backbone_and_head, chunked_token_logps, logit_modifiers
-from tiltlm.models import ALIASES, ModelError, load_model, load_tokenizer, parse_dtype, resolve
+from tiltlm.models import ALIASES, ModelError, check_same_tokenizer, load_model, load_tokenizer, parse_dtype, resolve
 from tiltlm.runtime import pick_device
 
 
@@ -349,14 +349,6 @@ def load_policy(name: str, dtype: torch.dtype = torch.float32, device: torch.dev
     return model.to(device), tokenizer
 
 
-def check_same_vocabulary(tokenizer, other, names: tuple[str, str]) -> None:
-    """Log-probs of one model's token ids under another only mean something if ids name the same
-    strings in both."""
-    if tokenizer.get_vocab() != other.get_vocab():
-        raise ModelError(f"{names[0]} and {names[1]} have different tokenizers; the reference must score "
-                         f"the policy's token ids, so both need the same vocabulary")
-
-
 # --------------------------------------------------------------------------------------------- CLI
 
 
@@ -433,7 +425,7 @@ def run(args: argparse.Namespace) -> int:
         if args.ref:
             del model  # one model in memory at a time
             ref_model, ref_tokenizer = load_policy(args.ref, dtype, device, None, args.trust_remote_code)
-            check_same_vocabulary(tokenizer, ref_tokenizer, (args.model, args.ref))
+            check_same_tokenizer(tokenizer, ref_tokenizer, (args.model, args.ref))
             ref_logps = score_logps(ref_model, tokenizer, samples, args.batch_size, progress)
     except (DataError, ModelError, ValueError, FileExistsError) as error:
         print(f"tiltlm generate: error: {error}", file=sys.stderr)

@@ -10,10 +10,13 @@ from __future__ import annotations
 
 import importlib.util
 import os
+import pickle
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+
+from tiltlm.paths import looks_like_path, missing_path_message
 
 
 @dataclass(frozen=True)
@@ -32,11 +35,29 @@ class ModelError(ValueError):
     """A model or tokenizer that cannot be loaded as asked, with what to do about it."""
 
 
+# Files a model name may end with when it is meant as a local file (never a hub id).
+MODEL_FILE_TYPES = (".safetensors", ".bin", ".pt", ".pth", ".ckpt", ".gguf", ".json", ".yaml", ".txt")
+
+
+def canonical_name(name: str) -> str:
+    """``name`` as a run should store it: an existing local path made absolute (so the run, its
+    ``config.yaml`` and an adapter's ``base_model_name_or_path`` work from any directory); an alias or
+    a hub id as written. An alias wins over a directory of the same name, as in :func:`resolve`."""
+    if name in ALIASES:
+        return name
+    path = os.path.expanduser(name)
+    return os.path.abspath(path) if os.path.exists(path) else name
+
+
 def resolve(name: str) -> tuple[str, dict]:
-    """Map a model name to ``(path_or_hub_id, extra from_pretrained kwargs)``."""
+    """Map a model name to ``(path_or_hub_id, extra from_pretrained kwargs)``. A name meant as a local
+    path (:mod:`tiltlm.paths`) that does not exist is an error here, before the hub is tried."""
     alias = ALIASES.get(name)
     if alias is None:
-        return name, {}
+        path = os.path.expanduser(name)
+        if not os.path.exists(path) and looks_like_path(name, MODEL_FILE_TYPES):
+            raise ModelError(f"model {missing_path_message(name)}")
+        return path, {}
     # find_spec locates the package without importing it (its __init__ imports llama.cpp bindings).
     spec = importlib.util.find_spec(alias.package)
     if spec is None or not spec.submodule_search_locations:
@@ -74,7 +95,7 @@ def load_tokenizer(name: str, trust_remote_code: bool = False):
     what counts), so reusing EOS as pad is safe."""
     from transformers import AutoTokenizer
 
-    if is_adapter(name) and not os.path.isfile(os.path.join(name, "tokenizer_config.json")):
+    if is_adapter(name) and not os.path.isfile(os.path.join(os.path.expanduser(name), "tokenizer_config.json")):
         name = adapter_base(name)
     path, extra = resolve(name)
     try:
@@ -91,13 +112,13 @@ def load_tokenizer(name: str, trust_remote_code: bool = False):
 
 def is_adapter(name: str) -> bool:
     """A directory holding a peft adapter (as tiltlm writes to ``final/`` when training with LoRA)."""
-    return os.path.isfile(os.path.join(name, "adapter_config.json"))
+    return os.path.isfile(os.path.join(os.path.expanduser(name), "adapter_config.json"))
 
 
 def adapter_base(name: str) -> str:
     import json
 
-    with open(os.path.join(name, "adapter_config.json"), encoding="utf-8") as handle:
+    with open(os.path.join(os.path.expanduser(name), "adapter_config.json"), encoding="utf-8") as handle:
         return json.load(handle)["base_model_name_or_path"]
 
 
@@ -111,7 +132,7 @@ def load_model(name: str, dtype: torch.dtype = torch.float32, trust_remote_code:
         from peft import PeftModel
 
         base = load_model(adapter_base(name), dtype, trust_remote_code, attn_implementation)
-        return PeftModel.from_pretrained(base, name)
+        return PeftModel.from_pretrained(base, os.path.expanduser(name))
     path, extra = resolve(name)
     if not os.path.isdir(path) and os.path.exists(path):
         raise ModelError(f"model {name!r} is a file; expected a model directory, a hub id or an alias "
@@ -121,14 +142,55 @@ def load_model(name: str, dtype: torch.dtype = torch.float32, trust_remote_code:
             path, dtype=dtype, trust_remote_code=trust_remote_code,
             attn_implementation=attn_implementation, **extra,
         )
+    except pickle.UnpicklingError as error:
+        # torch's message goes on to suggest weights_only=False, i.e. running the file's code: never that.
+        raise ModelError(f"model {name!r}: its weights file (pytorch_model.bin) holds more than tensors "
+                         f"(a pickle that would run code on loading), so it is refused; convert it to "
+                         f"safetensors where it came from, or use a model published as safetensors") from None
     except (OSError, ValueError) as error:
-        raise ModelError(f"cannot load a causal LM from {name!r}: {error}") from error
+        raise ModelError(load_failure(name, error, attn_implementation)) from error
     if "gguf_file" in extra:
         plain_after_gguf(model)
     alias = ALIASES.get(name)
     if alias is not None:
         model.generation_config.pad_token_id = model.config.eos_token_id
     return model
+
+
+def load_failure(name: str, error: Exception, attn_implementation: str | None) -> str:
+    """One line for a failed ``from_pretrained``, saying what to do where we know it."""
+    text = " ".join(str(error).split())
+    if attn_implementation == "sdpa" and "scaled_dot_product_attention" in text:
+        return (f"cannot load {name!r}: its architecture has no SDPA attention, which tiltlm asks for; load "
+                f"it with attn_implementation='eager' (tiltlm.models.load_model(name, attn_implementation="
+                f"'eager')), or use a model family that supports SDPA")
+    return f"cannot load a causal LM from {name!r}: {text}"
+
+
+def check_same_tokenizer(policy_tokenizer, reference_tokenizer, names: tuple[str, str]) -> None:
+    """Refuse a reference whose vocabulary differs from the policy's: the reference scores the policy's
+    token ids, which only mean the same strings when both map every token to the same id."""
+    if policy_tokenizer.get_vocab() != reference_tokenizer.get_vocab():
+        raise ModelError(f"{names[0]!r} and {names[1]!r} have different tokenizers (vocabularies); the "
+                         f"reference must score the policy's token ids, so both need the same vocabulary")
+
+
+DEVICE_TYPES = ("cpu", "cuda", "mps", "xpu")
+
+
+def parse_device(name: str = "auto") -> torch.device:
+    """``auto`` (CUDA when there is one, else CPU) or a device torch knows, e.g. ``cuda:1``; anything else
+    is a one-line :class:`ModelError` instead of torch's list of twenty internal backends."""
+    if name in ("", "auto"):
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        device = torch.device(name)
+    except RuntimeError:
+        device = None
+    if device is None or device.type not in DEVICE_TYPES:
+        raise ModelError(f"device {name!r}: expected auto, {', '.join(DEVICE_TYPES)} or one with an index "
+                         f"such as cuda:1")
+    return device
 
 
 def plain_after_gguf(model) -> None:
@@ -166,7 +228,22 @@ def add_lora(model, r: int, alpha: float | None, dropout: float, targets: str):
     target_modules = targets if targets == "all-linear" else [t.strip() for t in targets.split(",")]
     config = LoraConfig(r=r, lora_alpha=alpha if alpha is not None else 2 * r, lora_dropout=dropout,
                         target_modules=target_modules, task_type="CAUSAL_LM")
-    return get_peft_model(model, config)
+    try:
+        return get_peft_model(model, config)
+    except ValueError as error:
+        if "not found in the base model" not in str(error):
+            raise
+        raise ModelError(f"lora_targets = {targets!r}: no such module in {type(model).__name__}; its linear "
+                         f"layers are named {', '.join(linear_names(model))} (or use all-linear)") from None
+
+
+def linear_names(model) -> list[str]:
+    """The distinct last components of the names of the linear layers LoRA can wrap, in model order."""
+    names: dict[str, None] = {}
+    for name, module in model.named_modules():
+        if isinstance(module, torch.nn.Linear) or type(module).__name__ == "Conv1D":  # GPT-2's linear
+            names[name.rsplit(".", 1)[-1]] = None
+    return list(names)
 
 
 def disable_dropout(model) -> None:

@@ -17,8 +17,8 @@ Accepted inputs, chosen by the path:
 * ``.parquet``: through ``datasets``; ``"data.parquet:row 3"``.
 * a directory written by ``Dataset.save_to_disk`` or ``DatasetDict.save_to_disk`` (``split``, default
   ``"train"``, picks the split of a DatasetDict); ``"dir:row 3"`` or ``"dir[test]:row 3"``.
-* anything else that does not exist locally and does not look like a file path is taken as a hub
-  dataset name for ``datasets.load_dataset`` (``split`` default ``"train"``); ``"name[train]:row 3"``.
+* anything else that does not exist locally and does not look like a local path (``tiltlm.paths``
+  says what does) is taken as a hub dataset name for ``datasets.load_dataset`` (``split`` default ``"train"``); ``"name[train]:row 3"``.
 """
 
 from __future__ import annotations
@@ -32,6 +32,7 @@ from pathlib import Path
 from typing import Any
 
 from tiltlm.data.types import DataError
+from tiltlm.paths import looks_like_path, missing_path_message
 
 Row = tuple[str, dict[str, Any]]
 
@@ -43,24 +44,18 @@ def read_rows(source: str, split: str | None = None, limit: int | None = None) -
     """All rows of ``source`` (at most ``limit``), each with the label that names where it came from."""
     if limit is not None and limit < 1:
         raise DataError(f"{source}: limit = {limit}: expected a positive number of rows, or None for all")
-    path = Path(source)
+    path = Path(source).expanduser()
     if path.is_dir():
         rows = _read_saved(path, source, split)
     elif path.is_file():
         rows = _read_file(path, source, split, limit)
-    elif _looks_like_path(source):
-        raise DataError(f"{source}: no such file or directory")
+    elif looks_like_path(source, FILE_TYPES):
+        raise DataError(missing_path_message(source))
     else:
         rows = _read_hub(source, split)
     if not rows:
         raise DataError(f"{source}: empty, no rows found")
     return rows if limit is None else rows[:limit]
-
-
-def _looks_like_path(source: str) -> bool:
-    """A name the user meant as a local path: never sent to the hub, whose names are ``owner/name``."""
-    return (source.startswith(("/", ".", "~")) or source.lower().endswith(FILE_TYPES)
-            or "\\" in source or source.count("/") > 1)
 
 
 def _read_file(path: Path, source: str, split: str | None, limit: int | None) -> list[Row]:

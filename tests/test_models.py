@@ -1,0 +1,152 @@
+"""Loading models and tokenizers as a demanding user meets it (tiltlm issue 15): mistyped paths fail at
+once, relative paths are stored absolute, a reference with another vocabulary is refused, and errors
+from upstream libraries become one line that says what to do (never "weights_only=False")."""
+
+from __future__ import annotations
+
+import copy
+import os
+import shutil
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from conftest import build_tokenizer
+from tiltlm.models import (MODEL_FILE_TYPES, ModelError, add_lora, canonical_name, check_same_tokenizer, load_model, load_tokenizer,
+                           parse_device)
+from tiltlm.paths import looks_like_path
+from tokenizer_builders import byte_bpe_tokenizer
+
+
+# item 3: a reference with another vocabulary would score the wrong token ids
+
+
+def test_same_tokenizer_passes_and_a_copy_passes():
+    tokenizer = build_tokenizer()
+    check_same_tokenizer(tokenizer, copy.deepcopy(tokenizer), ("policy", "ref"))
+
+
+def test_different_vocabularies_are_refused_naming_both():
+    with pytest.raises(ModelError, match="'pol'.*'other'.*vocabular"):
+        check_same_tokenizer(build_tokenizer(), byte_bpe_tokenizer(), ("pol", "other"))
+
+
+def test_one_added_token_is_a_different_vocabulary():
+    tokenizer = build_tokenizer()
+    grown = copy.deepcopy(tokenizer)
+    grown.add_tokens(["<|new|>"])
+    with pytest.raises(ModelError):
+        check_same_tokenizer(tokenizer, grown, ("a", "b"))
+
+
+# item 10: a relative local path is stored absolute; hub ids and aliases as they are
+
+
+def test_canonical_name(tmp_path, monkeypatch):
+    (tmp_path / "models" / "tiny").mkdir(parents=True)
+    monkeypatch.chdir(tmp_path)
+    expected = str(tmp_path / "models" / "tiny")
+    assert canonical_name("models/tiny") == expected
+    assert canonical_name("./models/tiny/") == expected
+    assert canonical_name(expected) == expected
+    monkeypatch.setenv("HOME", str(tmp_path))
+    assert canonical_name("~/models/tiny") == expected
+    assert canonical_name("smollm2-135m") == "smollm2-135m"
+    assert canonical_name("HuggingFaceTB/SmolLM2-135M") == "HuggingFaceTB/SmolLM2-135M"
+    assert canonical_name("gpt2") == "gpt2"
+
+
+def test_canonical_name_leaves_an_alias_even_when_a_directory_has_its_name(tmp_path, monkeypatch):
+    (tmp_path / "smollm2-135m").mkdir()
+    monkeypatch.chdir(tmp_path)
+    assert canonical_name("smollm2-135m") == "smollm2-135m"
+
+
+# item 12: a path-like name that does not exist fails at once, without trying the hub
+
+
+@pytest.mark.parametrize("name", ["./model", "../model", "/no/such/model", "~/model", "a/b/c", "model.safetensors",
+                                  "model/", "run\\final", ".hidden"])
+def test_path_like_names(name):
+    assert looks_like_path(name, MODEL_FILE_TYPES)
+
+
+@pytest.mark.parametrize("name", ["gpt2", "HuggingFaceTB/SmolLM2-135M", "Qwen/Qwen2.5-0.5B", "smollm2-135m"])
+def test_hub_like_names(name, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    assert not looks_like_path(name, MODEL_FILE_TYPES)
+
+
+def test_owner_name_whose_owner_is_a_local_directory_is_a_path(tmp_path, monkeypatch):
+    (tmp_path / "model").mkdir()
+    monkeypatch.chdir(tmp_path)
+    assert looks_like_path("model/llama")
+    assert not looks_like_path("meta-llama/llama")
+
+
+@pytest.mark.parametrize("name", ["./model/llama", "model/llama", "runs/dpo/final", "~/nothing-here-1234"])
+def test_missing_local_model_fails_at_once(name, tmp_path, monkeypatch):
+    (tmp_path / "model").mkdir()
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)  # where the hub would be tried, it is not
+    for load in (load_model, load_tokenizer):
+        started = time.perf_counter()
+        with pytest.raises(ModelError, match="no such file or directory"):
+            load(name)
+        assert time.perf_counter() - started < 2
+
+
+# item 11: devices and LoRA targets that do not exist, pickled weights
+
+
+def test_unknown_device_is_one_line():
+    with pytest.raises(ModelError, match=r"^device 'tpu': expected auto, cpu, cuda") as caught:
+        parse_device("tpu")
+    assert "\n" not in str(caught.value)
+    assert parse_device("cpu") == torch.device("cpu")
+    assert parse_device("auto").type in ("cpu", "cuda")
+
+
+def test_unknown_lora_target_names_the_existing_modules(tiny_model_dir):
+    model = load_model(str(tiny_model_dir))
+    with pytest.raises(ModelError) as caught:
+        add_lora(model, 4, None, 0.0, "nonexistent_proj")
+    message = str(caught.value)
+    assert "\n" not in message and "nonexistent_proj" in message
+    for name in ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"):
+        assert name in message
+
+
+class _Payload:
+    def __reduce__(self):
+        return (print, ("code ran",))
+
+
+def test_pickled_weights_are_refused_without_suggesting_weights_only_false(tiny_model_dir, tmp_path, capsys):
+    directory = tmp_path / "pickled"
+    shutil.copytree(tiny_model_dir, directory)
+    weights = load_model(str(tiny_model_dir)).state_dict()
+    os.remove(directory / "model.safetensors")
+    torch.save({**weights, "payload": _Payload()}, directory / "pytorch_model.bin")
+    with pytest.raises(ModelError) as caught:
+        load_model(str(directory))
+    message = str(caught.value)
+    assert "weights_only" not in message and "\n" not in message
+    assert "pytorch_model.bin" in message or "pickle" in message
+    assert "code ran" not in capsys.readouterr().out
+
+
+# item 15: an architecture without SDPA attention: the error says what to do
+
+
+def test_architecture_without_sdpa_says_what_to_do(tiny_model_dir, monkeypatch):
+    from transformers import LlamaForCausalLM
+
+    monkeypatch.setattr(LlamaForCausalLM, "_supports_sdpa", False)
+    with pytest.raises(ModelError) as caught:
+        load_model(str(tiny_model_dir))
+    message = str(caught.value)
+    assert "\n" not in message and "attn_implementation" in message and "eager" in message
+    assert "whisper" not in message  # transformers' example names another model
