@@ -308,3 +308,27 @@ def test_hub_name_without_network_says_not_found_locally(monkeypatch):
 def test_limit_must_be_positive(tmp_path):
     path = write_jsonl(tmp_path / "pairs.jsonl", TEXT_ROWS)
     assert "limit = 0" in error_of(str(path), limit=0)
+
+
+# issue 15, item 14: CSV errors name the line
+
+
+@pytest.mark.parametrize("content, line, what", [
+    (b'prompt,chosen,rejected\nq1,a,b\nq2,"unclosed,b\nq3,c,d\n', 3, "never closed"),
+    (b'prompt,chosen,rejected\n"q1\nstill q1",a,b\nq2,"x"y,b\n', 4, "quote"),
+    (b'prompt,chosen,rejected\nq1,a,b\n\nq2,a,b,extra\n', 4, "4 cells, the header has 3"),
+    (b'prompt,chosen,rejected\nq1,a\n', 2, "2 cells, the header has 3"),
+])
+def test_csv_errors_name_the_line(tmp_path, content, line, what):
+    path = tmp_path / "bad.csv"
+    path.write_bytes(content)
+    message = error_of(str(path))
+    assert message.startswith(f"{path}:{line}: ") and what in message and "\n" not in message
+
+
+def test_csv_quoted_cells_span_lines_and_blank_lines_are_skipped(tmp_path):
+    path = tmp_path / "ok.csv"
+    path.write_bytes(b'prompt,chosen,rejected\r\n"two\nlines","a, b",""""\r\n\r\nq,,c\n')
+    pairs = load_pairs(str(path))
+    assert [(p.prompt, p.chosen, p.rejected, p.source) for p in pairs] == [
+        ("two\nlines", "a, b", '"', f"{path}:row 1"), ("q", "", "c", f"{path}:row 2")]
