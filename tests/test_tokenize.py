@@ -359,3 +359,45 @@ def test_empty_prompt_without_bos_is_skipped_and_counted(bpe):
     assert [p.source for p in kept] == ["a.jsonl:2"]
     assert summary.skipped == {"empty prompt (no BOS token to start from)": 1}
     assert tokenize_pair(pairs[0], no_bos, BIG, BIG - 1) == "empty prompt (no BOS token to start from)"
+
+
+# issue 15, item 7: the work per row is bounded by the limits, not by the row's length
+
+
+WORDS = st.sampled_from(["the", " quick", " brown", " fox", "!", " ", "\n", "Human:", " Paris", "é", "日本",
+                         "  ", "####", "123", "<|end|>", "\t"])
+
+
+@settings(max_examples=60, deadline=None)
+@given(texts=st.lists(st.lists(WORDS, max_size=400).map("".join), min_size=3, max_size=3),
+       max_length=st.integers(2, 24), prompt_share=st.floats(0.05, 0.95), use_sp=st.booleans())
+def test_cutting_text_to_the_budget_never_changes_the_kept_ids(bpe, sp, texts, max_length, prompt_share, use_sp):
+    """Texts are cut to a character budget before tokenising; the ids kept equal those of tokenising the
+    whole text and then truncating (small limits, so long texts are cut)."""
+    from tiltlm.data.tokenize import fit, with_eos
+
+    tokenizer = sp if use_sp else bpe
+    prompt, chosen, rejected = texts[0], texts[1] + " a", texts[2] + " b"
+    max_prompt_length = max(1, min(max_length - 1, round(prompt_share * max_length)))
+    result = tokenize_pair(Pair(prompt, chosen, rejected, "x"), tokenizer, max_length, max_prompt_length)
+
+    def whole(text):
+        return tokenizer(text, add_special_tokens=False)["input_ids"]
+
+    head = [tokenizer.bos_token_id] if use_sp or not whole(prompt) else []
+    eos = tokenizer.eos_token_id
+    expected = fit(head, whole(prompt), with_eos(whole(chosen), eos), with_eos(whole(rejected), eos),
+                   max_length, max_prompt_length, "x")
+    assert result == expected
+
+
+def test_a_huge_row_costs_what_the_limits_allow(bpe):
+    """One row of 12 MB of text with max_length 128: tokenising it whole took ~13 s and 1.3 GB."""
+    import time
+
+    row = Pair("the quick brown fox " * 300_000, " yes" * 1_000_000, " no" * 1_000_000, "big.jsonl:1")
+    started = time.perf_counter()
+    kept, summary = tokenize_pairs([row], bpe, 128, 64)
+    assert time.perf_counter() - started < 1.0
+    assert summary.truncated == 1 and len(kept[0].prompt_ids) == 64
+    assert len(kept[0].chosen_ids) == 64 and len(kept[0].rejected_ids) == 64
