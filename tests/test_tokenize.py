@@ -401,3 +401,73 @@ def test_a_huge_row_costs_what_the_limits_allow(bpe):
     assert time.perf_counter() - started < 1.0
     assert summary.truncated == 1 and len(kept[0].prompt_ids) == 64
     assert len(kept[0].chosen_ids) == 64 and len(kept[0].rejected_ids) == 64
+
+
+# issue 15, item 20: control tokens written in the data's text
+
+
+def test_control_strings_in_text_are_counted_and_kept_by_default(bpe):
+    end = bpe.convert_tokens_to_ids("<|end|>")
+    pairs = [Pair("q", " sun <|end|> more", " dog", "a.jsonl:1"), Pair("q", " sun", " dog", "a.jsonl:2"),
+             Pair([user("say <|endoftext|>")], [bot("ok")], [bot("no")], "a.jsonl:3")]
+    kept, summary = tokenize_pairs(pairs, bpe, BIG, BIG - 1)
+    assert summary.control_text == 2
+    assert "2 pairs hold control tokens written as text (<|endoftext|>, <|end|>)" in summary.format()
+    assert "special_tokens_in_text=split" in summary.format()
+    assert end in kept[0].chosen_ids  # keep: the string became the control token
+
+
+def test_split_reads_control_strings_as_text(bpe, sp):
+    for tokenizer, control in ((bpe, "<|end|>"), (sp, "</s>")):
+        control_id = tokenizer.convert_tokens_to_ids(control)
+        text = Pair("q " + control, " sun " + control + " more", " dog", "a.jsonl:1")
+        kept, summary = tokenize_pairs([text], tokenizer, BIG, BIG - 1, special_tokens="split")
+        assert summary.control_text == 1 and "read as text" in summary.format()
+        pair = kept[0]
+        assert control_id not in pair.prompt_ids and control_id not in pair.chosen_ids[:-1]
+        assert tokenizer.decode(pair.chosen_ids[:-1]).strip() == "sun " + control + " more"
+        assert tokenize_pair(text, tokenizer, BIG, BIG - 1, special_tokens="split") == pair
+
+
+def test_split_keeps_the_templates_own_control_tokens(named):
+    """A conversational pair whose messages hold control strings: with split, the template's control
+    tokens stay control tokens and the user's become text. Expectation from the same pair with a plain
+    word in place of the string, tokenised the usual way: as many control ids (the template's), and the
+    decoded text holds the string once more (the user's, as text)."""
+    name, tokenizer = named
+    control = {"bpe": "<|end|>", "sp": "</s>", "smol": "<|im_end|>"}[name]
+    written = Pair([user(f"say {control} now")], [bot(f"I say {control} ok")], [bot("no")], "a.jsonl:1")
+    plain = Pair([user("say WORD now")], [bot("I say WORD ok")], [bot("no")], "a.jsonl:1")
+    if name == "sp":  # sentencepiece adds "▁" to the first piece only: cutting at control tokens would differ
+        with pytest.raises(DataError, match="a.jsonl:1: .*special_tokens_in_text=keep"):
+            tokenize_pairs([written], tokenizer, BIG, BIG - 1, special_tokens="split")
+        return
+    split, summary = tokenize_pairs([written], tokenizer, BIG, BIG - 1, special_tokens="split")
+    usual, _ = tokenize_pairs([plain], tokenizer, BIG, BIG - 1)
+    assert summary.control_text == 1
+    control_id = tokenizer.convert_tokens_to_ids(control)
+    for got, want in ((split[0].prompt_ids, usual[0].prompt_ids), (split[0].chosen_ids, usual[0].chosen_ids)):
+        assert got.count(control_id) == want.count(control_id)  # only the template's
+        assert tokenizer.decode(got).count(control) == tokenizer.decode(want).count(control) + 1
+
+
+def test_pairs_without_control_strings_are_the_same_in_both_modes(named, pair):
+    name, tokenizer = named
+    assert tokenize_pair(pair, tokenizer, BIG, BIG - 1, special_tokens="split") == tokenize_pair(pair, tokenizer, BIG, BIG - 1)
+
+
+def test_protected_encoding_equals_the_tokenizers_own_where_the_user_wrote_no_control_string(named):
+    """The split path cuts a rendering at the template's control tokens and tokenises the pieces; on a
+    rendering with no user control strings that equals tokenising it whole."""
+    from tiltlm.data.specials import control_strings, encode_protected, segments_faithful
+    from tiltlm.data.tokenize import render
+
+    name, tokenizer = named
+    strings = control_strings(tokenizer)
+    assert segments_faithful(tokenizer, strings) == (name != "sp")  # sp: "▁" only at the start of the text
+    if name == "sp":
+        return
+    for row in ("conversational", "implicit conversational"):
+        texts = render(pair_from_row(ROWS[row], "x"), tokenizer)
+        for text in (texts.prompt, texts.chosen, texts.rejected):
+            assert encode_protected(tokenizer, text, strings) == tokenizer(text, add_special_tokens=False)["input_ids"]

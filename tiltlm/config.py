@@ -54,6 +54,7 @@ class TrainConfig:
     layout: str = "packed"  # packed | shared (prompt once per pair) | concatenated (two rows per pair)
     pack_tokens: int = 0  # packed rows hold up to this many tokens; 0: max_length
     group_by_length: bool = True  # micro-batches of pairs of similar length: less padding (data/order.py)
+    special_tokens_in_text: str = "keep"  # control-token strings in the data's text: keep (as control tokens) | split (as text)
 
     # optimisation
     lr: float = 5e-7

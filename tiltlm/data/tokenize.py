@@ -25,6 +25,8 @@ Rules, and why:
   ``limit`` tokens then end (or start) at least ``limit + 16`` tokens away from the cut, so the cut
   cannot change them (tokenisers look ahead a word or a few merges, not hundreds of tokens; a property
   test checks the ids against tokenising whole). Normal rows are shorter than the budget and untouched.
+* Control tokens written as text (``<|im_end|>`` inside a completion) are counted in the summary and
+  read as control tokens (``special_tokens="keep"``) or as text (``"split"``): :mod:`tiltlm.data.specials`.
 * Skipping, counted by reason: an empty (or whitespace-only) completion, chosen identical to rejected,
   no room left for a completion token, an empty prompt with no BOS token to put there instead (the
   first completion token needs a token to be predicted from: an empty prompt becomes ``[BOS]`` when the
@@ -34,10 +36,12 @@ Rules, and why:
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 from jinja2 import TemplateError
 
+from tiltlm.data.specials import (MODES, control_strings, encode_protected, found_controls, protect,
+                                   segments_faithful)
 from tiltlm.data.types import DataError, DataSummary, Messages, Pair, Text, TokenizedPair
 
 EMPTY = "empty completion"
@@ -55,39 +59,69 @@ class Rendered:
     chosen: str
     rejected: str
     chat: bool
+    protected: bool = False  # control strings of the user's text stand as private-use characters (split)
+    quotes_control: tuple[str, ...] = ()  # the control-token strings the user's text holds
 
 
-def tokenize_pair(pair: Pair, tokenizer, max_length: int, max_prompt_length: int) -> TokenizedPair | str:
-    """One pair's :class:`TokenizedPair`, or the reason it is skipped. The plain, unbatched path."""
-    _check_lengths(max_length, max_prompt_length)
-    reason = skip_reason(pair)
-    if reason is not None:
-        return reason
-    texts = bounded(render(pair, tokenizer), chars_per_token(tokenizer), max_length, max_prompt_length)
-    prompt, chosen, rejected = (_encode(tokenizer, [text])[0] for text in (texts.prompt, texts.chosen, texts.rejected))
+def tokenize_pair(pair: Pair, tokenizer, max_length: int, max_prompt_length: int,
+                  special_tokens: str = "keep") -> TokenizedPair | str:
+    """One pair's :class:`TokenizedPair`, or the reason it is skipped. The plain, unbatched path.
+    ``special_tokens``: how control-token strings in the pair's text are read (:mod:`tiltlm.data.specials`)."""
+    _check_lengths(max_length, max_prompt_length, special_tokens)
+    strings = control_strings(tokenizer)
+    texts = _prepare(pair, tokenizer, strings, special_tokens, chars_per_token(tokenizer), max_length, max_prompt_length)
+    if isinstance(texts, str):
+        return texts
+    if texts.protected:
+        prompt, chosen, rejected = (encode_protected(tokenizer, t, strings) for t in (texts.prompt, texts.chosen, texts.rejected))
+    else:
+        prompt, chosen, rejected = (_encode(tokenizer, [t])[0] for t in (texts.prompt, texts.chosen, texts.rejected))
     return _assemble(texts.chat, prompt, chosen, rejected, tokenizer, adds_bos(tokenizer),
                      max_length, max_prompt_length, pair.source)
 
 
-def tokenize_pairs(pairs: list[Pair], tokenizer, max_length: int,
-                   max_prompt_length: int) -> tuple[list[TokenizedPair], DataSummary]:
+def tokenize_pairs(pairs: list[Pair], tokenizer, max_length: int, max_prompt_length: int,
+                   special_tokens: str = "keep") -> tuple[list[TokenizedPair], DataSummary]:
     """The pairs that survive, tokenised (in batches: one tokenizer call for all prompts, one for all
     completions), and a :class:`DataSummary` of what was kept and skipped."""
-    _check_lengths(max_length, max_prompt_length)
-    results: list[TokenizedPair | str | Rendered] = []
-    per_token = chars_per_token(tokenizer)
-    for pair in pairs:
-        reason = skip_reason(pair)
-        results.append(reason if reason is not None
-                       else bounded(render(pair, tokenizer), per_token, max_length, max_prompt_length))
+    _check_lengths(max_length, max_prompt_length, special_tokens)
+    strings, per_token = control_strings(tokenizer), chars_per_token(tokenizer)
+    results: list[TokenizedPair | str | Rendered] = [
+        _prepare(pair, tokenizer, strings, special_tokens, per_token, max_length, max_prompt_length) for pair in pairs]
     rendered = [(index, texts) for index, texts in enumerate(results) if isinstance(texts, Rendered)]
-    prompts = _encode(tokenizer, [texts.prompt for _, texts in rendered])
-    completions = _encode(tokenizer, [text for _, texts in rendered for text in (texts.chosen, texts.rejected)])
+    plain = [(index, texts) for index, texts in rendered if not texts.protected]
+    prompts = _encode(tokenizer, [texts.prompt for _, texts in plain])
+    completions = _encode(tokenizer, [text for _, texts in plain for text in (texts.chosen, texts.rejected)])
+    ids = {index: (prompts[k], completions[2 * k], completions[2 * k + 1]) for k, (index, _) in enumerate(plain)}
+    for index, texts in rendered:
+        if texts.protected:  # one at a time: only pairs that quote control tokens, with split
+            ids[index] = tuple(encode_protected(tokenizer, t, strings) for t in (texts.prompt, texts.chosen, texts.rejected))
     bos = adds_bos(tokenizer)
-    for k, (index, texts) in enumerate(rendered):
-        results[index] = _assemble(texts.chat, prompts[k], completions[2 * k], completions[2 * k + 1],
-                                   tokenizer, bos, max_length, max_prompt_length, pairs[index].source)
-    return [r for r in results if isinstance(r, TokenizedPair)], summarize(results)
+    for index, texts in rendered:
+        results[index] = _assemble(texts.chat, *ids[index], tokenizer, bos, max_length, max_prompt_length,
+                                   pairs[index].source)
+    summary = summarize(results)
+    summary.control_text = sum(bool(texts.quotes_control) for _, texts in rendered)
+    summary.control_found = sorted({s for _, texts in rendered for s in texts.quotes_control})
+    summary.special_tokens = special_tokens
+    return [r for r in results if isinstance(r, TokenizedPair)], summary
+
+
+def _prepare(pair: Pair, tokenizer, strings: list[str], special_tokens: str, per_token: int, max_length: int,
+             max_prompt_length: int) -> Rendered | str:
+    """A pair's texts ready to encode (rendered, protected when split asks, cut to the budget), or why
+    it is skipped."""
+    reason = skip_reason(pair)
+    if reason is not None:
+        return reason
+    quotes = tuple(found_controls(pair, strings))
+    protected = bool(quotes) and special_tokens == "split"
+    if protected and not isinstance(pair.prompt, str) and not segments_faithful(tokenizer, strings):
+        raise DataError(f"{pair.source}: the messages hold control tokens written as text ({', '.join(quotes)}), "
+                        f"and with this tokenizer special_tokens_in_text=split cannot read them as text inside "
+                        f"a chat template; use special_tokens_in_text=keep, or remove them from the data")
+    texts = render(protect(pair, strings) if protected else pair, tokenizer)
+    return bounded(replace(texts, protected=protected, quotes_control=quotes), per_token, max_length, max_prompt_length)
 
 
 def skip_reason(pair: Pair) -> str | None:
@@ -128,8 +162,8 @@ def bounded(texts: Rendered, per_token: int, max_length: int, max_prompt_length:
     the module docstring): the prompt keeps its end, the completions their start."""
     prompt_chars = (2 * max_prompt_length + 16) * per_token
     completion_chars = (2 * max_length + 16) * per_token
-    return Rendered(texts.prompt[-prompt_chars:], texts.chosen[:completion_chars], texts.rejected[:completion_chars],
-                    texts.chat)
+    return replace(texts, prompt=texts.prompt[-prompt_chars:], chosen=texts.chosen[:completion_chars],
+                   rejected=texts.rejected[:completion_chars])
 
 
 def completion_text(tokenizer, prompt: Messages, completion: Messages, prompt_text: str, source: str) -> str:
@@ -225,7 +259,9 @@ def summarize(results: list[TokenizedPair | str]) -> DataSummary:
     return summary
 
 
-def _check_lengths(max_length: int, max_prompt_length: int) -> None:
+def _check_lengths(max_length: int, max_prompt_length: int, special_tokens: str = "keep") -> None:
+    if special_tokens not in MODES:
+        raise ValueError(f"special_tokens_in_text = {special_tokens!r}: expected {' or '.join(MODES)}")
     if max_prompt_length < 1 or max_length < 2:
         raise ValueError(f"max_length = {max_length}, max_prompt_length = {max_prompt_length}: expected "
                          f"max_prompt_length >= 1 and max_length >= 2")
