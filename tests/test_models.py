@@ -150,3 +150,66 @@ def test_architecture_without_sdpa_says_what_to_do(tiny_model_dir, monkeypatch):
     message = str(caught.value)
     assert "\n" not in message and "attn_implementation" in message and "eager" in message
     assert "whisper" not in message  # transformers' example names another model
+
+
+# item 18: a user sees tiltlm's lines, not upstream warnings about upstream code
+
+
+def test_peft_deprecation_warning_is_hidden_and_only_it(tiny_model_dir):
+    import warnings
+
+    from tiltlm.models import hide_known_warnings
+
+    def lora_warnings(hidden: bool) -> list[str]:
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            if hidden:
+                hide_known_warnings()
+            add_lora(load_model(str(tiny_model_dir)), 4, None, 0.0, "all-linear")
+            warnings.warn("is_gradient_checkpointing, but a UserWarning", UserWarning)  # other kinds still show
+        return [f"{w.category.__name__}: {w.message}" for w in caught]
+
+    assert any("FutureWarning: `is_gradient_checkpointing` is deprecated" in w for w in lora_warnings(False))
+    assert lora_warnings(True) == ["UserWarning: is_gradient_checkpointing, but a UserWarning"]
+
+
+def test_saving_an_adapter_whose_base_is_an_alias_looks_nothing_up(tiny_model_dir, tmp_path, monkeypatch):
+    """peft's save looks the base name up on the hub to see whether the vocabulary grew; for an alias
+    that is "Unable to fetch remote file ... smollm2-135m". tiltlm never resizes the vocabulary."""
+    import warnings
+
+    from safetensors.torch import load_file
+
+    from tiltlm.models import save_options
+
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    model = add_lora(load_model(str(tiny_model_dir)), 4, None, 0.0, "all-linear")
+    for adapter in model.peft_config.values():
+        adapter.base_model_name_or_path = "smollm2-135m"
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        model.save_pretrained(tmp_path / "plain")
+    assert any("smollm2-135m" in str(w.message) for w in caught)  # what the quickstart printed
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        model.save_pretrained(tmp_path / "quiet", **save_options(model))
+    assert [str(w.message) for w in caught] == []
+    plain, quiet = (load_file(tmp_path / d / "adapter_model.safetensors") for d in ("plain", "quiet"))
+    assert plain.keys() == quiet.keys() and all((plain[k] == quiet[k]).all() for k in plain)
+    assert save_options(load_model(str(tiny_model_dir))) == {}
+
+
+def test_a_lora_run_prints_no_upstream_warning(tiny_model_dir, tmp_path):
+    """In a fresh process (pytest resets warning filters around collection, so only a subprocess sees
+    what a user sees), with Python's default warning display."""
+    import subprocess
+    import sys
+
+    code = ("from tiltlm.models import add_lora, load_model, save_options\n"
+            f"model = add_lora(load_model({str(tiny_model_dir)!r}), 4, None, 0.0, 'all-linear')\n"
+            "model.peft_config['default'].base_model_name_or_path = 'smollm2-135m'\n"
+            f"model.save_pretrained({str(tmp_path / 'adapter')!r}, **save_options(model))\n")
+    result = subprocess.run([sys.executable, "-W", "default", "-c", code], capture_output=True, text=True,
+                            env={**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1])}, timeout=300)
+    assert result.returncode == 0, result.stderr
+    assert "Warning" not in result.stderr, result.stderr

