@@ -134,7 +134,7 @@ def test_pickled_weights_are_refused_without_suggesting_weights_only_false(tiny_
         load_model(str(directory))
     message = str(caught.value)
     assert "weights_only" not in message and "\n" not in message
-    assert "pytorch_model.bin" in message or "pickle" in message
+    assert message.startswith(f"{str(directory)!r}: a weights file") and "pickle" in message
     assert "code ran" not in capsys.readouterr().out
 
 
@@ -213,3 +213,18 @@ def test_a_lora_run_prints_no_upstream_warning(tiny_model_dir, tmp_path):
                             env={**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1])}, timeout=300)
     assert result.returncode == 0, result.stderr
     assert "Warning" not in result.stderr, result.stderr
+
+
+def test_pickled_adapter_weights_are_refused_too(tiny_model_dir, tmp_path, capsys):
+    model = add_lora(load_model(str(tiny_model_dir)), 4, None, 0.0, "all-linear")
+    adapter = tmp_path / "adapter"
+    model.save_pretrained(adapter)
+    from safetensors.torch import load_file
+
+    weights = load_file(adapter / "adapter_model.safetensors")
+    os.remove(adapter / "adapter_model.safetensors")
+    torch.save({**weights, "payload": _Payload()}, adapter / "adapter_model.bin")
+    with pytest.raises(ModelError) as caught:
+        load_model(str(adapter))
+    assert "weights_only" not in str(caught.value) and "\n" not in str(caught.value)
+    assert "code ran" not in capsys.readouterr().out

@@ -8,12 +8,14 @@ template ends every turn with ``<|im_end|>`` (id 2), which is also the model's E
 
 from __future__ import annotations
 
+import contextlib
 import importlib.util
 import os
 import pickle
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Iterator
 
 import torch
 
@@ -146,21 +148,20 @@ def load_model(name: str, dtype: torch.dtype = torch.float32, trust_remote_code:
         from peft import PeftModel
 
         base = load_model(adapter_base(name), dtype, trust_remote_code, attn_implementation)
-        return PeftModel.from_pretrained(base, os.path.expanduser(name))
+        with refusing_pickles(name):
+            return PeftModel.from_pretrained(base, os.path.expanduser(name))
     path, extra = resolve(name)
     if not os.path.isdir(path) and os.path.exists(path):
         raise ModelError(f"model {name!r} is a file; expected a model directory, a hub id or an alias "
                          f"({', '.join(ALIASES)})")
     try:
-        model = AutoModelForCausalLM.from_pretrained(
-            path, dtype=dtype, trust_remote_code=trust_remote_code,
-            attn_implementation=attn_implementation, **extra,
-        )
-    except pickle.UnpicklingError as error:
-        # torch's message goes on to suggest weights_only=False, i.e. running the file's code: never that.
-        raise ModelError(f"model {name!r}: its weights file (pytorch_model.bin) holds more than tensors "
-                         f"(a pickle that would run code on loading), so it is refused; convert it to "
-                         f"safetensors where it came from, or use a model published as safetensors") from None
+        with refusing_pickles(name):
+            model = AutoModelForCausalLM.from_pretrained(
+                path, dtype=dtype, trust_remote_code=trust_remote_code,
+                attn_implementation=attn_implementation, **extra,
+            )
+    except ModelError:
+        raise
     except (OSError, ValueError) as error:
         raise ModelError(load_failure(name, error, attn_implementation)) from error
     if "gguf_file" in extra:
@@ -169,6 +170,19 @@ def load_model(name: str, dtype: torch.dtype = torch.float32, trust_remote_code:
     if alias is not None:
         model.generation_config.pad_token_id = model.config.eos_token_id
     return model
+
+
+@contextlib.contextmanager
+def refusing_pickles(name: str) -> Iterator[None]:
+    """Turn torch's refusal of a pickled weights file (``weights_only=True`` met more than tensors) into a
+    one-line :class:`ModelError`. torch's own message suggests ``weights_only=False``, which would run
+    the file's code: tiltlm never suggests it (nor does it)."""
+    try:
+        yield
+    except pickle.UnpicklingError:
+        raise ModelError(f"{name!r}: a weights file (.bin/.pt) holds more than tensors (a pickle that would "
+                         f"run code on loading), so it is refused; use a copy saved as safetensors (convert "
+                         f"it where you trust it came from)") from None
 
 
 def load_failure(name: str, error: Exception, attn_implementation: str | None) -> str:
