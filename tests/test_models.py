@@ -228,3 +228,14 @@ def test_pickled_adapter_weights_are_refused_too(tiny_model_dir, tmp_path, capsy
         load_model(str(adapter))
     assert "weights_only" not in str(caught.value) and "\n" not in str(caught.value)
     assert "code ran" not in capsys.readouterr().out
+
+
+def test_cuda_without_a_gpu_is_one_line(monkeypatch):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    with pytest.raises(ModelError, match=r"^device 'cuda:0': no CUDA device is available here"):
+        parse_device("cuda:0")
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
+    assert parse_device("cuda:1") == torch.device("cuda:1")
+    with pytest.raises(ModelError, match="there are 2 CUDA devices"):
+        parse_device("cuda:2")

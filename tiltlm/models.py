@@ -218,6 +218,11 @@ def parse_device(name: str = "auto") -> torch.device:
     if device is None or device.type not in DEVICE_TYPES:
         raise ModelError(f"device {name!r}: expected auto, {', '.join(DEVICE_TYPES)} or one with an index "
                          f"such as cuda:1")
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ModelError(f"device {name!r}: no CUDA device is available here (torch {torch.__version__}"
+                         f"{'' if torch.version.cuda else ', built without CUDA'}); use --device cpu or auto")
+    if device.type == "cuda" and device.index is not None and device.index >= torch.cuda.device_count():
+        raise ModelError(f"device {name!r}: there are {torch.cuda.device_count()} CUDA devices (cuda:0 ...)")
     return device
 
 
