@@ -239,3 +239,14 @@ def test_cuda_without_a_gpu_is_one_line(monkeypatch):
     assert parse_device("cuda:1") == torch.device("cuda:1")
     with pytest.raises(ModelError, match="there are 2 CUDA devices"):
         parse_device("cuda:2")
+
+
+def test_one_unknown_lora_target_among_known_ones_is_refused(tiny_model_dir):
+    """peft refuses only when no target matches; a typo beside a real name would be dropped silently."""
+    model = load_model(str(tiny_model_dir))
+    with pytest.raises(ModelError, match=r"lora_targets = 'q_proj,v_prj': no module named v_prj"):
+        add_lora(model, 4, None, 0.0, "q_proj,v_prj")
+    wrapped = add_lora(load_model(str(tiny_model_dir)), 4, None, 0.0, "q_proj, model.layers.0.self_attn.v_proj")
+    lora = {name.split(".lora_A")[0] for name, _ in wrapped.named_parameters() if "lora_A" in name}
+    assert sorted(lora) == ["base_model.model.model.layers.0.self_attn.q_proj", "base_model.model.model.layers.0.self_attn.v_proj",
+                            "base_model.model.model.layers.1.self_attn.q_proj"]

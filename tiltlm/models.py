@@ -258,7 +258,9 @@ def add_lora(model, r: int, alpha: float | None, dropout: float, targets: str):
     model is exactly the base, which is what makes it its own reference (no second copy in memory)."""
     from peft import LoraConfig, get_peft_model
 
-    target_modules = targets if targets == "all-linear" else [t.strip() for t in targets.split(",")]
+    target_modules = targets if targets == "all-linear" else [t.strip() for t in targets.split(",") if t.strip()]
+    if target_modules != "all-linear":
+        _check_targets(model, targets, target_modules)
     config = LoraConfig(r=r, lora_alpha=alpha if alpha is not None else 2 * r, lora_dropout=dropout,
                         target_modules=target_modules, task_type="CAUSAL_LM")
     try:
@@ -277,6 +279,16 @@ def save_options(model) -> dict:
     vocabulary grew, to save the embeddings too. tiltlm never resizes the vocabulary, so there is nothing
     to look up; LoRA weights on embedding layers, when targeted, are saved either way."""
     return {"save_embedding_layers": False} if hasattr(model, "peft_config") else {}
+
+
+def _check_targets(model, targets: str, names: list[str]) -> None:
+    """Every name must match a module the way peft matches it (the full name, or its end after a dot):
+    peft refuses only when none does, so a typo beside a real name would be dropped silently."""
+    modules = [name for name, _ in model.named_modules()]
+    for target in names:
+        if not any(name == target or name.endswith("." + target) for name in modules):
+            raise ModelError(f"lora_targets = {targets!r}: no module named {target} in {type(model).__name__}; "
+                             f"its linear layers are named {', '.join(linear_names(model))} (or use all-linear)")
 
 
 def linear_names(model) -> list[str]:
