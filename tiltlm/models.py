@@ -155,13 +155,12 @@ def load_model(name: str, dtype: torch.dtype = torch.float32, trust_remote_code:
         raise ModelError(f"model {name!r} is a file; expected a model directory, a hub id or an alias "
                          f"({', '.join(ALIASES)})")
     try:
-        with refusing_pickles(name):
-            model = AutoModelForCausalLM.from_pretrained(
-                path, dtype=dtype, trust_remote_code=trust_remote_code,
-                attn_implementation=attn_implementation, **extra,
-            )
-    except ModelError:
-        raise
+        model = AutoModelForCausalLM.from_pretrained(
+            path, dtype=dtype, trust_remote_code=trust_remote_code,
+            attn_implementation=attn_implementation, **extra,
+        )
+    except pickle.UnpicklingError:
+        raise pickled_weights(name) from None
     except (OSError, ValueError) as error:
         raise ModelError(load_failure(name, error, attn_implementation)) from error
     if "gguf_file" in extra:
@@ -180,9 +179,13 @@ def refusing_pickles(name: str) -> Iterator[None]:
     try:
         yield
     except pickle.UnpicklingError:
-        raise ModelError(f"{name!r}: a weights file (.bin/.pt) holds more than tensors (a pickle that would "
-                         f"run code on loading), so it is refused; use a copy saved as safetensors (convert "
-                         f"it where you trust it came from)") from None
+        raise pickled_weights(name) from None
+
+
+def pickled_weights(name: str) -> ModelError:
+    return ModelError(f"{name!r}: a weights file (.bin/.pt) holds more than tensors (a pickle that would run "
+                      f"code on loading), so it is refused; use a copy saved as safetensors (convert it where "
+                      f"you trust it came from)")
 
 
 def load_failure(name: str, error: Exception, attn_implementation: str | None) -> str:
