@@ -332,3 +332,11 @@ def test_csv_quoted_cells_span_lines_and_blank_lines_are_skipped(tmp_path):
     pairs = load_pairs(str(path))
     assert [(p.prompt, p.chosen, p.rejected, p.source) for p in pairs] == [
         ("two\nlines", "a, b", '"', f"{path}:row 1"), ("q", "", "c", f"{path}:row 2")]
+
+
+@pytest.mark.parametrize("writer, suffix", [(write_jsonl, ".jsonl"), (write_csv, ".csv"), (write_parquet, ".parquet")])
+def test_reading_a_local_file_prints_nothing(tmp_path, capfd, writer, suffix):
+    """issue 15, item 18, of its kind: no upstream progress bar ("Generating train split") while reading."""
+    path = writer(tmp_path / f"pairs{suffix}", TEXT_ROWS)
+    assert len(load_pairs(str(path))) == len(TEXT_ROWS)
+    assert capfd.readouterr() == ("", "")

@@ -15,7 +15,7 @@ Accepted inputs, chosen by the path:
   string written (empty cells are ``""``), blank lines are skipped, a row must have as many cells as
   the header. Cells are text, so CSV holds the text formats only. ``source`` is ``"data.csv:row 3"``,
   rows counted from 1 after the header; errors name the line (``"data.csv:7: ..."``).
-* ``.parquet``: through ``datasets``; ``"data.parquet:row 3"``.
+* ``.parquet``: through pyarrow; ``"data.parquet:row 3"``.
 * a directory written by ``Dataset.save_to_disk`` or ``DatasetDict.save_to_disk`` (``split``, default
   ``"train"``, picks the split of a DatasetDict); ``"dir:row 3"`` or ``"dir[test]:row 3"``.
 * anything else that does not exist locally and does not look like a local path (``tiltlm.paths``
@@ -199,18 +199,17 @@ def _csv_problem(message: str) -> str:
 
 
 def _read_parquet(path: Path, source: str) -> list[Row]:
-    import datasets
+    """Rows of a Parquet file, through pyarrow (what ``datasets`` uses underneath, without its cache
+    and its "Generating train split" progress bar)."""
     import pyarrow.parquet
 
     try:
-        if pyarrow.parquet.ParquetFile(path).metadata.num_rows == 0:
-            raise DataError(f"{source}: empty, no rows found")
-        table = datasets.Dataset.from_parquet(str(path), keep_in_memory=True)
-    except DataError:
-        raise
+        records = pyarrow.parquet.read_table(path).to_pylist()
     except Exception as error:  # arrow raises many types for a damaged file
         raise DataError(f"{source}: cannot read as Parquet: {error}") from error
-    return _numbered(table, source)
+    if not records:
+        raise DataError(f"{source}: empty, no rows found")
+    return [(f"{source}:row {i}", record) for i, record in enumerate(records, start=1)]
 
 
 def _read_saved(path: Path, source: str, split: str | None) -> list[Row]:
