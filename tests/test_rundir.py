@@ -77,7 +77,10 @@ def test_a_lock_that_created_the_directory_leaves_nothing_when_nothing_was_writt
     out = tmp_path / "a" / "run"
     with rundir.locked(out):
         assert out.is_dir()
-    assert not out.exists()
+    assert not (tmp_path / "a").exists()
+    with rundir.locked(out):
+        (out / "config.yaml").write_text("x")
+    assert sorted(p.name for p in out.iterdir()) == ["config.yaml"]
 
 
 # item 9: only what a run writes is a run

@@ -104,7 +104,7 @@ def locked(output: str | Path) -> Iterator[Path]:
     A directory created just for the lock is removed again if the run wrote nothing into it."""
     out = Path(output)
     _check_is_directory(out)
-    created = not out.exists()
+    created = [p for p in (out, *out.parents) if not p.exists()]  # innermost first
     out.mkdir(parents=True, exist_ok=True)
     path = out / LOCK
     handle = _acquire(path, out)
@@ -113,9 +113,11 @@ def locked(output: str | Path) -> Iterator[Path]:
     finally:
         path.unlink(missing_ok=True)  # before the unlock: a waiting opener finds the file gone (see _acquire)
         handle.close()
-        if created:
-            with contextlib.suppress(OSError):
-                out.rmdir()  # only if empty
+        for directory in created:
+            try:
+                directory.rmdir()  # only if empty
+            except OSError:
+                break
 
 
 def _acquire(path: Path, out: Path):
