@@ -14,8 +14,8 @@ import pytest
 import torch
 
 from conftest import build_tokenizer
-from tiltlm.models import (MODEL_FILE_TYPES, ModelError, add_lora, canonical_name, check_same_tokenizer, load_model, load_tokenizer,
-                           parse_device)
+from tiltlm.models import (MODEL_FILE_TYPES, ModelError, add_lora, canonical_name, check_same_tokenizer, load_model,
+                           load_tokenizer, parse_device)
 from tiltlm.paths import looks_like_path
 from tokenizer_builders import byte_bpe_tokenizer
 
@@ -248,5 +248,5 @@ def test_one_unknown_lora_target_among_known_ones_is_refused(tiny_model_dir):
         add_lora(model, 4, None, 0.0, "q_proj,v_prj")
     wrapped = add_lora(load_model(str(tiny_model_dir)), 4, None, 0.0, "q_proj, model.layers.0.self_attn.v_proj")
     lora = {name.split(".lora_A")[0] for name, _ in wrapped.named_parameters() if "lora_A" in name}
-    assert sorted(lora) == ["base_model.model.model.layers.0.self_attn.q_proj", "base_model.model.model.layers.0.self_attn.v_proj",
-                            "base_model.model.model.layers.1.self_attn.q_proj"]
+    prefix = "base_model.model.model.layers."
+    assert sorted(lora) == [prefix + "0.self_attn.q_proj", prefix + "0.self_attn.v_proj", prefix + "1.self_attn.q_proj"]

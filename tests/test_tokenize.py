@@ -342,10 +342,11 @@ def test_hh_loads_and_tokenises_quickly_with_smollm2(smol):
 def test_empty_text_prompt_gets_bos_when_the_tokenizer_has_one(bpe):
     # bpe adds no BOS by default but has one: the first completion token is then scored after BOS
     assert bpe("a")["input_ids"][:1] != [bpe.bos_token_id]
-    for prompt in ("",):
-        kept, summary = tokenize_pairs([Pair(prompt, " sun", " dog", "a.jsonl:1")], bpe, BIG, BIG - 1)
-        assert [p.prompt_ids for p in kept] == [[bpe.bos_token_id]]
-        assert tokenize_pair(Pair(prompt, " sun", " dog", "a.jsonl:1"), bpe, BIG, BIG - 1).prompt_ids == [bpe.bos_token_id]
+    pair = Pair("", " sun", " dog", "a.jsonl:1")
+    kept, summary = tokenize_pairs([pair], bpe, BIG, BIG - 1)
+    assert [p.prompt_ids for p in kept] == [[bpe.bos_token_id]]
+    assert tokenize_pair(pair, bpe, BIG, BIG - 1).prompt_ids == [bpe.bos_token_id]
+    assert tokenize_pair(pair, bpe, BIG, 1).prompt_ids == [bpe.bos_token_id]  # BOS survives prompt truncation
 
 
 def test_empty_prompt_without_bos_is_skipped_and_counted(bpe):
@@ -453,7 +454,8 @@ def test_split_keeps_the_templates_own_control_tokens(named):
 
 def test_pairs_without_control_strings_are_the_same_in_both_modes(named, pair):
     name, tokenizer = named
-    assert tokenize_pair(pair, tokenizer, BIG, BIG - 1, special_tokens="split") == tokenize_pair(pair, tokenizer, BIG, BIG - 1)
+    split = tokenize_pair(pair, tokenizer, BIG, BIG - 1, special_tokens="split")
+    assert split == tokenize_pair(pair, tokenizer, BIG, BIG - 1)
 
 
 def test_protected_encoding_equals_the_tokenizers_own_where_the_user_wrote_no_control_string(named):

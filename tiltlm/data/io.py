@@ -19,7 +19,8 @@ Accepted inputs, chosen by the path:
 * a directory written by ``Dataset.save_to_disk`` or ``DatasetDict.save_to_disk`` (``split``, default
   ``"train"``, picks the split of a DatasetDict); ``"dir:row 3"`` or ``"dir[test]:row 3"``.
 * anything else that does not exist locally and does not look like a local path (``tiltlm.paths``
-  says what does) is taken as a hub dataset name for ``datasets.load_dataset`` (``split`` default ``"train"``); ``"name[train]:row 3"``.
+  says what does) is taken as a hub dataset name for ``datasets.load_dataset`` (``split`` default
+  ``"train"``); ``"name[train]:row 3"``.
 """
 
 from __future__ import annotations

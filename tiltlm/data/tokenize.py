@@ -29,9 +29,9 @@ Rules, and why:
   read as control tokens (``special_tokens="keep"``) or as text (``"split"``): :mod:`tiltlm.data.specials`.
 * Skipping, counted by reason: an empty (or whitespace-only) completion, chosen identical to rejected,
   no room left for a completion token, an empty prompt with no BOS token to put there instead (the
-  first completion token needs a token to be predicted from: an empty prompt becomes ``[BOS]`` when the
-  tokenizer has a BOS token, whether or not it adds one by default), and completions that become identical once truncated (their
-  log-ratios would cancel: the pair would teach nothing).
+  first completion token needs a token to be predicted from: an empty prompt becomes ``[BOS]`` when
+  the tokenizer has a BOS token, whether or not it adds one by default), and completions that become
+  identical once truncated (their log-ratios would cancel: the pair would teach nothing).
 """
 
 from __future__ import annotations
@@ -66,16 +66,19 @@ class Rendered:
 def tokenize_pair(pair: Pair, tokenizer, max_length: int, max_prompt_length: int,
                   special_tokens: str = "keep") -> TokenizedPair | str:
     """One pair's :class:`TokenizedPair`, or the reason it is skipped. The plain, unbatched path.
-    ``special_tokens``: how control-token strings in the pair's text are read (:mod:`tiltlm.data.specials`)."""
+    ``special_tokens``: how control-token strings in the pair's text are read
+    (:mod:`tiltlm.data.specials`)."""
     _check_lengths(max_length, max_prompt_length, special_tokens)
     strings = control_strings(tokenizer)
-    texts = _prepare(pair, tokenizer, strings, special_tokens, chars_per_token(tokenizer), max_length, max_prompt_length)
+    per_token = chars_per_token(tokenizer)
+    texts = _prepare(pair, tokenizer, strings, special_tokens, per_token, max_length, max_prompt_length)
     if isinstance(texts, str):
         return texts
+    three = (texts.prompt, texts.chosen, texts.rejected)
     if texts.protected:
-        prompt, chosen, rejected = (encode_protected(tokenizer, t, strings) for t in (texts.prompt, texts.chosen, texts.rejected))
+        prompt, chosen, rejected = (encode_protected(tokenizer, t, strings) for t in three)
     else:
-        prompt, chosen, rejected = (_encode(tokenizer, [t])[0] for t in (texts.prompt, texts.chosen, texts.rejected))
+        prompt, chosen, rejected = (_encode(tokenizer, [t])[0] for t in three)
     return _assemble(texts.chat, prompt, chosen, rejected, tokenizer, adds_bos(tokenizer),
                      max_length, max_prompt_length, pair.source)
 
@@ -95,7 +98,8 @@ def tokenize_pairs(pairs: list[Pair], tokenizer, max_length: int, max_prompt_len
     ids = {index: (prompts[k], completions[2 * k], completions[2 * k + 1]) for k, (index, _) in enumerate(plain)}
     for index, texts in rendered:
         if texts.protected:  # one at a time: only pairs that quote control tokens, with split
-            ids[index] = tuple(encode_protected(tokenizer, t, strings) for t in (texts.prompt, texts.chosen, texts.rejected))
+            three = (texts.prompt, texts.chosen, texts.rejected)
+            ids[index] = tuple(encode_protected(tokenizer, t, strings) for t in three)
     bos = adds_bos(tokenizer)
     for index, texts in rendered:
         results[index] = _assemble(texts.chat, *ids[index], tokenizer, bos, max_length, max_prompt_length,
