@@ -277,7 +277,20 @@ def test_directory_not_written_by_save_to_disk(tmp_path):
 
 
 def test_missing_local_file_is_not_sent_to_the_hub(tmp_path):
-    assert error_of(str(tmp_path / "nope.jsonl")) == f"{tmp_path / 'nope.jsonl'}: no such file or directory"
+    assert error_of(str(tmp_path / "nope.jsonl")).startswith(f"{tmp_path / 'nope.jsonl'}: no such file or directory;")
+
+
+@pytest.mark.parametrize("name", ["data/explict", "./explicit", "data/a/b", "~/no-such-data-1234"])
+def test_mistyped_local_names_fail_at_once_without_the_hub(name, tmp_path, monkeypatch):
+    """issue 15, item 12: ``data/explict`` where ``data/`` is a local directory is a path, not a hub id."""
+    import time
+
+    (tmp_path / "data").mkdir()
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
+    started = time.perf_counter()
+    assert f"{name}: no such file or directory" in error_of(name)
+    assert time.perf_counter() - started < 2
 
 
 def test_hub_name_without_network_says_not_found_locally(monkeypatch):
@@ -295,3 +308,35 @@ def test_hub_name_without_network_says_not_found_locally(monkeypatch):
 def test_limit_must_be_positive(tmp_path):
     path = write_jsonl(tmp_path / "pairs.jsonl", TEXT_ROWS)
     assert "limit = 0" in error_of(str(path), limit=0)
+
+
+# issue 15, item 14: CSV errors name the line
+
+
+@pytest.mark.parametrize("content, line, what", [
+    (b'prompt,chosen,rejected\nq1,a,b\nq2,"unclosed,b\nq3,c,d\n', 3, "never closed"),
+    (b'prompt,chosen,rejected\n"q1\nstill q1",a,b\nq2,"x"y,b\n', 4, "quote"),
+    (b'prompt,chosen,rejected\nq1,a,b\n\nq2,a,b,extra\n', 4, "4 cells, the header has 3"),
+    (b'prompt,chosen,rejected\nq1,a\n', 2, "2 cells, the header has 3"),
+])
+def test_csv_errors_name_the_line(tmp_path, content, line, what):
+    path = tmp_path / "bad.csv"
+    path.write_bytes(content)
+    message = error_of(str(path))
+    assert message.startswith(f"{path}:{line}: ") and what in message and "\n" not in message
+
+
+def test_csv_quoted_cells_span_lines_and_blank_lines_are_skipped(tmp_path):
+    path = tmp_path / "ok.csv"
+    path.write_bytes(b'prompt,chosen,rejected\r\n"two\nlines","a, b",""""\r\n\r\nq,,c\n')
+    pairs = load_pairs(str(path))
+    assert [(p.prompt, p.chosen, p.rejected, p.source) for p in pairs] == [
+        ("two\nlines", "a, b", '"', f"{path}:row 1"), ("q", "", "c", f"{path}:row 2")]
+
+
+@pytest.mark.parametrize("writer, suffix", [(write_jsonl, ".jsonl"), (write_csv, ".csv"), (write_parquet, ".parquet")])
+def test_reading_a_local_file_prints_nothing(tmp_path, capfd, writer, suffix):
+    """issue 15, item 18, of its kind: no upstream progress bar ("Generating train split") while reading."""
+    path = writer(tmp_path / f"pairs{suffix}", TEXT_ROWS)
+    assert len(load_pairs(str(path))) == len(TEXT_ROWS)
+    assert capfd.readouterr() == ("", "")

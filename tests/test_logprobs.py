@@ -135,3 +135,39 @@ def test_additive_mask_gives_the_boolean_mask_results(model):
         direct = [model.model(input_ids=batch.input_ids, attention_mask=m, position_ids=batch.position_ids)
                   .last_hidden_state for m in (mask, additive)]
     torch.testing.assert_close(direct[0], direct[1], rtol=1e-6, atol=1e-6)
+
+
+# issue 15, item 1: a pair whose prompt is empty has no token to predict its first completion token from
+
+
+@pytest.mark.parametrize("layout", ["concatenated", "shared", "packed"])
+def test_empty_prompt_ids_are_refused_by_every_layout(layout):
+    pairs = [TokenizedPair([5, 6], [7, 8], [9]), TokenizedPair([], [7, 8], [9], source="a.jsonl:2")]
+    with pytest.raises(ValueError, match="a.jsonl:2"):
+        if layout == "concatenated":
+            collate_concatenated(pairs, pad_id=0)
+        else:
+            collate_shared(pairs, pad_id=0, row_tokens=48 if layout == "packed" else None)
+
+
+@pytest.mark.parametrize("layout", ["concatenated", "shared", "packed"])
+def test_empty_text_prompt_tokenised_then_scored_equals_by_hand(layout):
+    """The tokeniser turns an empty prompt into [BOS]; every layout then equals the textbook score."""
+    import sys
+    from pathlib import Path
+
+    sys.path.insert(0, str(Path(__file__).parent))
+    from tokenizer_builders import byte_bpe_tokenizer
+    from tiltlm.data import Pair, tokenize_pairs
+
+    tokenizer = byte_bpe_tokenizer()
+    model = tiny_llama(vocab_size=len(tokenizer), seed=1)
+    texts = [Pair("", " Paris is", " I do not"), Pair("Human: hello", " the fox", " the cat"), Pair("", " yes", " no")]
+    pairs, _ = tokenize_pairs(texts, tokenizer, 64, 32)
+    assert len(pairs) == 3 and all(p.prompt_ids for p in pairs)
+    if layout == "concatenated":
+        batch = collate_concatenated(pairs, pad_id=0)
+    else:
+        batch = collate_shared(pairs, pad_id=0, row_tokens=48 if layout == "packed" else None)
+    logps, _ = sequence_logps(model, batch, chunk_size=5)
+    torch.testing.assert_close(logps.double(), by_hand(model, pairs), rtol=1e-5, atol=1e-5)

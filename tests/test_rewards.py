@@ -100,3 +100,22 @@ def test_classifier_directory_scores_like_a_direct_forward(tmp_path, labels):
     got = load_reward(str(tmp_path), batch_size=2)(prompts, completions)  # batches of 2 get padded
     assert got == pytest.approx(expected, abs=1e-5)
     assert all(math.isfinite(value) for value in got)
+
+
+def test_pickled_classifier_weights_are_refused_without_suggesting_weights_only_false(tmp_path, capsys):
+    """issue 15, item 11, of its kind: a reward model's pytorch_model.bin holding a pickle payload."""
+    import os
+
+    from tiltlm.models import ModelError
+
+    class Payload:
+        def __reduce__(self):
+            return (print, ("code ran",))
+
+    model = save_classifier(tmp_path, 1)
+    os.remove(tmp_path / "model.safetensors")
+    torch.save({**model.state_dict(), "payload": Payload()}, tmp_path / "pytorch_model.bin")
+    with pytest.raises((RewardError, ModelError)) as caught:
+        load_reward(str(tmp_path))
+    assert "weights_only" not in str(caught.value) and "\n" not in str(caught.value)
+    assert "code ran" not in capsys.readouterr().out

@@ -334,3 +334,142 @@ def test_hh_loads_and_tokenises_quickly_with_smollm2(smol):
         wrong += [] if exact else [result.source]
     assert wrong == []
     assert summary.truncated == sum(r.truncated for r in kept) > 0
+
+
+# issue 15, item 1: an empty prompt leaves the first completion token without a token to predict it from
+
+
+def test_empty_text_prompt_gets_bos_when_the_tokenizer_has_one(bpe):
+    # bpe adds no BOS by default but has one: the first completion token is then scored after BOS
+    assert bpe("a")["input_ids"][:1] != [bpe.bos_token_id]
+    pair = Pair("", " sun", " dog", "a.jsonl:1")
+    kept, summary = tokenize_pairs([pair], bpe, BIG, BIG - 1)
+    assert [p.prompt_ids for p in kept] == [[bpe.bos_token_id]]
+    assert tokenize_pair(pair, bpe, BIG, BIG - 1).prompt_ids == [bpe.bos_token_id]
+    assert tokenize_pair(pair, bpe, BIG, 1).prompt_ids == [bpe.bos_token_id]  # BOS survives prompt truncation
+
+
+def test_empty_prompt_without_bos_is_skipped_and_counted(bpe):
+    import copy
+
+    no_bos = copy.deepcopy(bpe)
+    no_bos.bos_token = None
+    assert no_bos.bos_token_id is None
+    pairs = [Pair("", " sun", " dog", "a.jsonl:1"), Pair("q", " sun", " dog", "a.jsonl:2")]
+    kept, summary = tokenize_pairs(pairs, no_bos, BIG, BIG - 1)
+    assert [p.source for p in kept] == ["a.jsonl:2"]
+    assert summary.skipped == {"empty prompt (no BOS token to start from)": 1}
+    assert tokenize_pair(pairs[0], no_bos, BIG, BIG - 1) == "empty prompt (no BOS token to start from)"
+
+
+# issue 15, item 7: the work per row is bounded by the limits, not by the row's length
+
+
+WORDS = st.sampled_from(["the", " quick", " brown", " fox", "!", " ", "\n", "Human:", " Paris", "é", "日本",
+                         "  ", "####", "123", "<|end|>", "\t"])
+
+
+@settings(max_examples=60, deadline=None)
+@given(texts=st.lists(st.lists(WORDS, max_size=400).map("".join), min_size=3, max_size=3),
+       max_length=st.integers(2, 24), prompt_share=st.floats(0.05, 0.95), use_sp=st.booleans())
+def test_cutting_text_to_the_budget_never_changes_the_kept_ids(bpe, sp, texts, max_length, prompt_share, use_sp):
+    """Texts are cut to a character budget before tokenising; the ids kept equal those of tokenising the
+    whole text and then truncating (small limits, so long texts are cut)."""
+    from tiltlm.data.tokenize import fit, with_eos
+
+    tokenizer = sp if use_sp else bpe
+    prompt, chosen, rejected = texts[0], texts[1] + " a", texts[2] + " b"
+    max_prompt_length = max(1, min(max_length - 1, round(prompt_share * max_length)))
+    result = tokenize_pair(Pair(prompt, chosen, rejected, "x"), tokenizer, max_length, max_prompt_length)
+
+    def whole(text):
+        return tokenizer(text, add_special_tokens=False)["input_ids"]
+
+    head = [tokenizer.bos_token_id] if use_sp or not whole(prompt) else []
+    eos = tokenizer.eos_token_id
+    expected = fit(head, whole(prompt), with_eos(whole(chosen), eos), with_eos(whole(rejected), eos),
+                   max_length, max_prompt_length, "x")
+    assert result == expected
+
+
+def test_a_huge_row_costs_what_the_limits_allow(bpe):
+    """One row of 12 MB of text with max_length 128: tokenising it whole took ~13 s and 1.3 GB."""
+    import time
+
+    row = Pair("the quick brown fox " * 300_000, " yes" * 1_000_000, " no" * 1_000_000, "big.jsonl:1")
+    started = time.perf_counter()
+    kept, summary = tokenize_pairs([row], bpe, 128, 64)
+    assert time.perf_counter() - started < 1.0
+    assert summary.truncated == 1 and len(kept[0].prompt_ids) == 64
+    assert len(kept[0].chosen_ids) == 64 and len(kept[0].rejected_ids) == 64
+
+
+# issue 15, item 20: control tokens written in the data's text
+
+
+def test_control_strings_in_text_are_counted_and_kept_by_default(bpe):
+    end = bpe.convert_tokens_to_ids("<|end|>")
+    pairs = [Pair("q", " sun <|end|> more", " dog", "a.jsonl:1"), Pair("q", " sun", " dog", "a.jsonl:2"),
+             Pair([user("say <|endoftext|>")], [bot("ok")], [bot("no")], "a.jsonl:3")]
+    kept, summary = tokenize_pairs(pairs, bpe, BIG, BIG - 1)
+    assert summary.control_text == 2
+    assert "2 pairs hold control tokens written as text (<|endoftext|>, <|end|>)" in summary.format()
+    assert "special_tokens_in_text=split" in summary.format()
+    assert end in kept[0].chosen_ids  # keep: the string became the control token
+
+
+def test_split_reads_control_strings_as_text(bpe, sp):
+    for tokenizer, control in ((bpe, "<|end|>"), (sp, "</s>")):
+        control_id = tokenizer.convert_tokens_to_ids(control)
+        text = Pair("q " + control, " sun " + control + " more", " dog", "a.jsonl:1")
+        kept, summary = tokenize_pairs([text], tokenizer, BIG, BIG - 1, special_tokens="split")
+        assert summary.control_text == 1 and "read as text" in summary.format()
+        pair = kept[0]
+        assert control_id not in pair.prompt_ids and control_id not in pair.chosen_ids[:-1]
+        assert tokenizer.decode(pair.chosen_ids[:-1]).strip() == "sun " + control + " more"
+        assert tokenize_pair(text, tokenizer, BIG, BIG - 1, special_tokens="split") == pair
+
+
+def test_split_keeps_the_templates_own_control_tokens(named):
+    """A conversational pair whose messages hold control strings: with split, the template's control
+    tokens stay control tokens and the user's become text. Expectation from the same pair with a plain
+    word in place of the string, tokenised the usual way: as many control ids (the template's), and the
+    decoded text holds the string once more (the user's, as text)."""
+    name, tokenizer = named
+    control = {"bpe": "<|end|>", "sp": "</s>", "smol": "<|im_end|>"}[name]
+    written = Pair([user(f"say {control} now")], [bot(f"I say {control} ok")], [bot("no")], "a.jsonl:1")
+    plain = Pair([user("say WORD now")], [bot("I say WORD ok")], [bot("no")], "a.jsonl:1")
+    if name == "sp":  # sentencepiece adds "▁" to the first piece only: cutting at control tokens would differ
+        with pytest.raises(DataError, match="a.jsonl:1: .*special_tokens_in_text=keep"):
+            tokenize_pairs([written], tokenizer, BIG, BIG - 1, special_tokens="split")
+        return
+    split, summary = tokenize_pairs([written], tokenizer, BIG, BIG - 1, special_tokens="split")
+    usual, _ = tokenize_pairs([plain], tokenizer, BIG, BIG - 1)
+    assert summary.control_text == 1
+    control_id = tokenizer.convert_tokens_to_ids(control)
+    for got, want in ((split[0].prompt_ids, usual[0].prompt_ids), (split[0].chosen_ids, usual[0].chosen_ids)):
+        assert got.count(control_id) == want.count(control_id)  # only the template's
+        assert tokenizer.decode(got).count(control) == tokenizer.decode(want).count(control) + 1
+
+
+def test_pairs_without_control_strings_are_the_same_in_both_modes(named, pair):
+    name, tokenizer = named
+    split = tokenize_pair(pair, tokenizer, BIG, BIG - 1, special_tokens="split")
+    assert split == tokenize_pair(pair, tokenizer, BIG, BIG - 1)
+
+
+def test_protected_encoding_equals_the_tokenizers_own_where_the_user_wrote_no_control_string(named):
+    """The split path cuts a rendering at the template's control tokens and tokenises the pieces; on a
+    rendering with no user control strings that equals tokenising it whole."""
+    from tiltlm.data.specials import control_strings, encode_protected, segments_faithful
+    from tiltlm.data.tokenize import render
+
+    name, tokenizer = named
+    strings = control_strings(tokenizer)
+    assert segments_faithful(tokenizer, strings) == (name != "sp")  # sp: "▁" only at the start of the text
+    if name == "sp":
+        return
+    for row in ("conversational", "implicit conversational"):
+        texts = render(pair_from_row(ROWS[row], "x"), tokenizer)
+        for text in (texts.prompt, texts.chosen, texts.rejected):
+            assert encode_protected(tokenizer, text, strings) == tokenizer(text, add_special_tokens=False)["input_ids"]

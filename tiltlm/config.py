@@ -117,6 +117,9 @@ class TrainConfig:
     layout: str = option("packed", "rows of a batch (data/collate.py)", choices=("packed", "shared", "concatenated"))
     pack_tokens: int = option(0, "tokens per packed row (0: max_length)", at_least=0)
     group_by_length: bool = option(True, "micro-batches of pairs of similar length: less padding")
+    special_tokens_in_text: str = option("keep", "control-token strings inside the data's text (e.g. <|im_end|>): "
+                                                 "keep (read as control tokens) or split (read as text)",
+                                         choices=("keep", "split"))
 
     # optimisation
     lr: float = option(5e-7, "peak learning rate of AdamW", above=0)

@@ -46,7 +46,7 @@ from tiltlm.experiment import (ExperimentConfig, label_pairs, lora_run, refuse_e
                                score_policy, write_jsonl)
 from tiltlm.frontier_report import Point, render, write_json
 from tiltlm.generate import read_prompts
-from tiltlm.models import ALIASES, load_model, load_tokenizer, parse_dtype
+from tiltlm.models import ALIASES, load_model, load_tokenizer, parse_dtype, refusing_pickles
 from tiltlm.prompts import PROMPTS
 from tiltlm.rewards import load_reward
 from tiltlm.runtime import pick_device
@@ -239,7 +239,8 @@ def measure_trained(bench: Bench, name: str, method: str, adapter: Path, train_s
     from peft import PeftModel
 
     started = time.perf_counter()
-    policy = PeftModel.from_pretrained(base, str(adapter)).merge_and_unload()  # one plain model to sample
+    with refusing_pickles(str(adapter)):
+        policy = PeftModel.from_pretrained(base, str(adapter)).merge_and_unload()  # one plain model to sample
     run_name = adapter.parent.name
     score = score_policy(policy, bench.tokenizer, bench.plan.heldout, bench.reward, bench.config.eval_samples,
                          bench.config.max_new_tokens, bench.eval_seed, bench.config.gen_batch_size,

@@ -36,8 +36,8 @@ from tiltlm.data.io import read_rows
 from tiltlm.data.tokenize import adds_bos
 from tiltlm.data.types import DataError, Text
 from tiltlm.logprobs import CompletionLogps
-from tiltlm.models import ModelError, adapter_base, is_adapter, load_model, load_tokenizer
-from tiltlm.models import eval_mode
+from tiltlm.models import (ModelError, adapter_base, eval_mode, is_adapter, load_model, load_tokenizer,
+                           refusing_pickles)
 
 
 @dataclass
@@ -262,16 +262,11 @@ def load_policy(name: str, dtype: torch.dtype = torch.float32, device: torch.dev
 
     base_name = base or adapter_base(name)
     try:
-        model = PeftModel.from_pretrained(load_model(base_name, dtype, trust_remote_code), name).merge_and_unload()
+        with refusing_pickles(name):
+            model = PeftModel.from_pretrained(load_model(base_name, dtype, trust_remote_code), name).merge_and_unload()
     except (OSError, ValueError, RuntimeError) as error:
         raise ModelError(f"cannot apply the LoRA adapter in {name} to {base_name!r}: {error}") from error
     has_tokenizer = any((Path(name) / f).is_file() for f in ("tokenizer.json", "tokenizer_config.json"))
     return model.to(device), load_tokenizer(name if has_tokenizer else base_name, trust_remote_code)
 
 
-def check_same_vocabulary(tokenizer, other, names: tuple[str, str]) -> None:
-    """Log-probs of one model's token ids under another only mean something if ids name the same
-    strings in both."""
-    if tokenizer.get_vocab() != other.get_vocab():
-        raise ModelError(f"{names[0]} and {names[1]} have different tokenizers; the reference must score "
-                         f"the policy's token ids, so both need the same vocabulary")

@@ -8,15 +8,20 @@ template ends every turn with ``<|im_end|>`` (id 2), which is also the model's E
 
 from __future__ import annotations
 
+import contextlib
 import importlib.util
 import logging
 import os
+import pickle
+import warnings
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterator
 
 import torch
+
+from tiltlm.paths import looks_like_path, missing_path_message
 
 logger = logging.getLogger(__name__)
 
@@ -32,15 +37,46 @@ ALIASES: dict[str, Alias] = {
 }
 
 
+def hide_known_warnings() -> None:
+    """Hide upstream warnings about upstream code that a tiltlm user can do nothing about, each by its
+    exact message and category (anything else still shows).
+
+    * peft 0.21 reads ``model.is_gradient_checkpointing``, which transformers 5 deprecates with a
+      FutureWarning, on every LoRA model it wraps or loads.
+    """
+    warnings.filterwarnings("ignore", message=r"`is_gradient_checkpointing` is deprecated", category=FutureWarning)
+
+
+hide_known_warnings()
+
+
 class ModelError(ValueError):
     """A model or tokenizer that cannot be loaded as asked, with what to do about it."""
 
 
+# Files a model name may end with when it is meant as a local file (never a hub id).
+MODEL_FILE_TYPES = (".safetensors", ".bin", ".pt", ".pth", ".ckpt", ".gguf", ".json", ".yaml", ".txt")
+
+
+def canonical_name(name: str) -> str:
+    """``name`` as a run should store it: an existing local path made absolute (so the run, its
+    ``config.yaml`` and an adapter's ``base_model_name_or_path`` work from any directory); an alias or
+    a hub id as written. An alias wins over a directory of the same name, as in :func:`resolve`."""
+    if name in ALIASES:
+        return name
+    path = os.path.expanduser(name)
+    return os.path.abspath(path) if os.path.exists(path) else name
+
+
 def resolve(name: str) -> tuple[str, dict]:
-    """Map a model name to ``(path_or_hub_id, extra from_pretrained kwargs)``."""
+    """Map a model name to ``(path_or_hub_id, extra from_pretrained kwargs)``. A name meant as a local
+    path (:mod:`tiltlm.paths`) that does not exist is an error here, before the hub is tried."""
     alias = ALIASES.get(name)
     if alias is None:
-        return name, {}
+        path = os.path.expanduser(name)
+        if not os.path.exists(path) and looks_like_path(name, MODEL_FILE_TYPES):
+            raise ModelError(f"model {missing_path_message(name)}")
+        return path, {}
     # find_spec locates the package without importing it (its __init__ imports llama.cpp bindings).
     spec = importlib.util.find_spec(alias.package)
     if spec is None or not spec.submodule_search_locations:
@@ -80,7 +116,7 @@ def load_tokenizer(name: str, trust_remote_code: bool = False):
     what counts), so reusing EOS as pad is safe."""
     from transformers import AutoTokenizer
 
-    if is_adapter(name) and not os.path.isfile(os.path.join(name, "tokenizer_config.json")):
+    if is_adapter(name) and not os.path.isfile(os.path.join(os.path.expanduser(name), "tokenizer_config.json")):
         name = adapter_base(name)
     path, extra = resolve(name)
     try:
@@ -97,7 +133,7 @@ def load_tokenizer(name: str, trust_remote_code: bool = False):
 
 def is_adapter(name: str) -> bool:
     """A directory holding a peft adapter (as tiltlm writes to ``final/`` when training with LoRA)."""
-    return os.path.isfile(os.path.join(name, "adapter_config.json"))
+    return os.path.isfile(os.path.join(os.path.expanduser(name), "adapter_config.json"))
 
 
 def adapter_base(name: str) -> str:
@@ -105,7 +141,7 @@ def adapter_base(name: str) -> str:
     base's path, which for an alias is its package's directory, mapped back here to the alias."""
     import json
 
-    config_path = os.path.join(name, "adapter_config.json")
+    config_path = os.path.join(os.path.expanduser(name), "adapter_config.json")
     try:
         with open(config_path, encoding="utf-8") as handle:
             base = json.load(handle).get("base_model_name_or_path")
@@ -155,7 +191,8 @@ def load_model(name: str, dtype: torch.dtype = torch.float32, trust_remote_code:
         from peft import PeftModel
 
         base = load_model(adapter_base(name), dtype, trust_remote_code, attn_implementation, attention, device)
-        return PeftModel.from_pretrained(base, name)
+        with refusing_pickles(name):
+            return PeftModel.from_pretrained(base, os.path.expanduser(name))
     path, extra = resolve(name)
     if not os.path.isdir(path) and os.path.exists(path):
         raise ModelError(f"model {name!r} is a file; expected a model directory, a hub id or an alias "
@@ -165,8 +202,10 @@ def load_model(name: str, dtype: torch.dtype = torch.float32, trust_remote_code:
             path, dtype=dtype, trust_remote_code=trust_remote_code,
             attn_implementation=attn_implementation, **extra,
         )
+    except pickle.UnpicklingError:
+        raise pickled_weights(name) from None
     except (OSError, ValueError) as error:
-        raise ModelError(f"cannot load a causal LM from {name!r}: {error}") from error
+        raise ModelError(load_failure(name, error, attn_implementation)) from error
     if "gguf_file" in extra:
         plain_after_gguf(model)
     alias = ALIASES.get(name)
@@ -203,6 +242,62 @@ def set_attention(model, kernel: str) -> None:
     base = model.get_base_model() if hasattr(model, "get_base_model") else model
     base.set_attn_implementation(IMPLEMENTATION[kernel])
     logger.info("attention kernel for %s: %s", type(base).__name__, kernel)
+@contextlib.contextmanager
+def refusing_pickles(name: str) -> Iterator[None]:
+    """Turn torch's refusal of a pickled weights file (``weights_only=True`` met more than tensors) into a
+    one-line :class:`ModelError`. torch's own message suggests ``weights_only=False``, which would run
+    the file's code: tiltlm never suggests it (nor does it)."""
+    try:
+        yield
+    except pickle.UnpicklingError:
+        raise pickled_weights(name) from None
+
+
+def pickled_weights(name: str) -> ModelError:
+    return ModelError(f"{name!r}: a weights file (.bin/.pt) holds more than tensors (a pickle that would run "
+                      f"code on loading), so it is refused; use a copy saved as safetensors (convert it where "
+                      f"you trust it came from)")
+
+
+def load_failure(name: str, error: Exception, attn_implementation: str | None) -> str:
+    """One line for a failed ``from_pretrained``, saying what to do where we know it."""
+    text = " ".join(str(error).split())
+    if attn_implementation == "sdpa" and "scaled_dot_product_attention" in text:
+        return (f"cannot load {name!r}: its architecture has no SDPA attention, which tiltlm asks for; load "
+                f"it with attn_implementation='eager' (tiltlm.models.load_model(name, attn_implementation="
+                f"'eager')), or use a model family that supports SDPA")
+    return f"cannot load a causal LM from {name!r}: {text}"
+
+
+def check_same_tokenizer(policy_tokenizer, reference_tokenizer, names: tuple[str, str]) -> None:
+    """Refuse a reference whose vocabulary differs from the policy's: the reference scores the policy's
+    token ids, which only mean the same strings when both map every token to the same id."""
+    if policy_tokenizer.get_vocab() != reference_tokenizer.get_vocab():
+        raise ModelError(f"{names[0]!r} and {names[1]!r} have different tokenizers (vocabularies); the "
+                         f"reference must score the policy's token ids, so both need the same vocabulary")
+
+
+DEVICE_TYPES = ("cpu", "cuda", "mps", "xpu")
+
+
+def parse_device(name: str = "auto") -> torch.device:
+    """``auto`` (CUDA when there is one, else CPU) or a device torch knows, e.g. ``cuda:1``; anything else
+    is a one-line :class:`ModelError` instead of torch's list of twenty internal backends."""
+    if name in ("", "auto"):
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        device = torch.device(name)
+    except RuntimeError:
+        device = None
+    if device is None or device.type not in DEVICE_TYPES:
+        raise ModelError(f"device {name!r}: expected auto, {', '.join(DEVICE_TYPES)} or one with an index "
+                         f"such as cuda:1")
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ModelError(f"device {name!r}: no CUDA device is available here (torch {torch.__version__}"
+                         f"{'' if torch.version.cuda else ', built without CUDA'}); use --device cpu or auto")
+    if device.type == "cuda" and device.index is not None and device.index >= torch.cuda.device_count():
+        raise ModelError(f"device {name!r}: there are {torch.cuda.device_count()} CUDA devices (cuda:0 ...)")
+    return device
 
 
 def plain_after_gguf(model) -> None:
@@ -237,10 +332,46 @@ def add_lora(model, r: int, alpha: float | None, dropout: float, targets: str):
     model is exactly the base, which is what makes it its own reference (no second copy in memory)."""
     from peft import LoraConfig, get_peft_model
 
-    target_modules = targets if targets == "all-linear" else [t.strip() for t in targets.split(",")]
+    target_modules = targets if targets == "all-linear" else [t.strip() for t in targets.split(",") if t.strip()]
+    if target_modules != "all-linear":
+        _check_targets(model, targets, target_modules)
     config = LoraConfig(r=r, lora_alpha=alpha if alpha is not None else 2 * r, lora_dropout=dropout,
                         target_modules=target_modules, task_type="CAUSAL_LM")
-    return get_peft_model(model, config)
+    try:
+        return get_peft_model(model, config)
+    except ValueError as error:
+        if "not found in the base model" not in str(error):
+            raise
+        raise ModelError(f"lora_targets = {targets!r}: no such module in {type(model).__name__}; its linear "
+                         f"layers are named {', '.join(linear_names(model))} (or use all-linear)") from None
+
+
+def save_options(model) -> dict:
+    """Extra ``save_pretrained`` arguments for ``model``. For a peft model, ``save_embedding_layers=False``:
+    with its default ("auto") peft looks the base model's name up (on the hub when it is not a local
+    directory, so for an alias: "Unable to fetch remote file ... smollm2-135m") to see whether the
+    vocabulary grew, to save the embeddings too. tiltlm never resizes the vocabulary, so there is nothing
+    to look up; LoRA weights on embedding layers, when targeted, are saved either way."""
+    return {"save_embedding_layers": False} if hasattr(model, "peft_config") else {}
+
+
+def _check_targets(model, targets: str, names: list[str]) -> None:
+    """Every name must match a module the way peft matches it (the full name, or its end after a dot):
+    peft refuses only when none does, so a typo beside a real name would be dropped silently."""
+    modules = [name for name, _ in model.named_modules()]
+    for target in names:
+        if not any(name == target or name.endswith("." + target) for name in modules):
+            raise ModelError(f"lora_targets = {targets!r}: no module named {target} in {type(model).__name__}; "
+                             f"its linear layers are named {', '.join(linear_names(model))} (or use all-linear)")
+
+
+def linear_names(model) -> list[str]:
+    """The distinct last components of the names of the linear layers LoRA can wrap, in model order."""
+    names: dict[str, None] = {}
+    for name, module in model.named_modules():
+        if isinstance(module, torch.nn.Linear) or type(module).__name__ == "Conv1D":  # GPT-2's linear
+            names[name.rsplit(".", 1)[-1]] = None
+    return list(names)
 
 
 def disable_dropout(model) -> None:

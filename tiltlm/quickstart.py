@@ -24,7 +24,7 @@ from tiltlm.evaluate import evaluate
 from tiltlm.experiment import (SEQUENCE, ExperimentConfig, PolicyScore, label_pairs, lora_run, preference_pairs,
                                refuse_existing, score_policy, write_jsonl, write_markdown)
 from tiltlm.metrics import read_metrics
-from tiltlm.models import load_model, load_tokenizer
+from tiltlm.models import load_model, load_tokenizer, refusing_pickles
 from tiltlm.plots import plot_metrics
 from tiltlm.prompts import PROMPTS
 from tiltlm.rewards import load_reward
@@ -72,7 +72,8 @@ def run_quickstart(config: QuickstartConfig) -> Path:
     print("[4/4] held-out prompts after training")
     from peft import PeftModel
 
-    policy = PeftModel.from_pretrained(base, str(run_dir / "final"))
+    with refusing_pickles(str(run_dir / "final")):
+        policy = PeftModel.from_pretrained(base, str(run_dir / "final"))
     after = score_policy(policy, tokenizer, heldout, reward, config.samples, config.max_new_tokens,
                          config.seed + 1)
     write_jsonl(out / "heldout_before.jsonl", before.rows())

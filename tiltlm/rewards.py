@@ -154,9 +154,12 @@ def classifier_reward(directory: str, device: torch.device | str = "cpu", batch_
     """A batch reward from a sequence-classification model directory (see the module docstring)."""
     from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
+    from tiltlm.models import refusing_pickles
+
     try:
         tokenizer = AutoTokenizer.from_pretrained(directory)
-        model = AutoModelForSequenceClassification.from_pretrained(directory, dtype=torch.float32)
+        with refusing_pickles(f"reward {directory}"):
+            model = AutoModelForSequenceClassification.from_pretrained(directory, dtype=torch.float32)
     except (OSError, ValueError) as error:
         raise RewardError(f"reward {directory!r}: cannot load a sequence-classification model and its "
                           f"tokenizer: {error}") from error

@@ -7,7 +7,8 @@ from pathlib import Path
 from tiltlm.commands.options import add_options, from_args
 from tiltlm.config import ConfigError, TrainConfig, check_options
 from tiltlm.experiment import write_jsonl
-from tiltlm.generate import SamplingConfig, check_same_vocabulary, load_policy, read_prompts, sample, score_logps
+from tiltlm.generate import SamplingConfig, load_policy, read_prompts, sample, score_logps
+from tiltlm.models import check_same_tokenizer
 from tiltlm.models import parse_dtype
 from tiltlm.runtime import pick_device
 from tiltlm.stats import mean_ci, per_group_means
@@ -75,7 +76,7 @@ def run(args: argparse.Namespace) -> int:
     if args.ref:
         del model  # one model in memory at a time
         ref_model, ref_tokenizer = load(args.ref, args)
-        check_same_vocabulary(tokenizer, ref_tokenizer, (args.model, args.ref))
+        check_same_tokenizer(tokenizer, ref_tokenizer, (args.model, args.ref))
         ref_logps = score_logps(ref_model, tokenizer, samples, config.batch_size, args.progress)
     rows = []
     for i, s in enumerate(samples):

@@ -95,8 +95,19 @@ class _Targets:
                 "target_seq": torch.tensor(self.seq, dtype=torch.long)}
 
 
+def _check_prompts(pairs: list) -> None:
+    """The first completion token is predicted from the last prompt token: with no prompt token it
+    would be read from column -1 (padding, or another pair's token). Tokenisation never makes such
+    pairs (it starts an empty prompt with BOS, or skips the pair); this guards hand-made ones."""
+    for pair in pairs:
+        if not pair.prompt_ids:
+            raise ValueError(f"{pair.source or 'a pair'}: empty prompt_ids; a completion needs a token before "
+                             f"it (start the prompt with BOS)")
+
+
 def collate_concatenated(pairs: list[TokenizedPair], pad_id: int) -> Batch:
     """Rows ``[prompt | chosen]`` for every pair, then ``[prompt | rejected]``, right-padded."""
+    _check_prompts(pairs)
     sequences = [(p.prompt_ids, p.chosen_ids) for p in pairs] + [(p.prompt_ids, p.rejected_ids) for p in pairs]
     length = max(len(prompt) + len(completion) for prompt, completion in sequences)
     input_ids = torch.full((len(sequences), length), pad_id, dtype=torch.long)
@@ -152,6 +163,7 @@ def collate_prompt_completions(examples: list[PromptCompletions], pad_id: int,
     """Rows ``[prompt | completion 1 | ... | completion K]`` per example, packed several to a row when
     ``row_tokens`` is given, with segment and part ids (module docstring). ``num_pairs`` is the number of
     examples; ``num_sequences`` one more than the largest sequence id."""
+    _check_prompts(examples)
     lengths = [len(e.prompt_ids) + sum(len(c) for c in e.completions) for e in examples]
     groups = pack_rows(lengths, row_tokens) if row_tokens else [[i] for i in range(len(examples))]
     length = max(sum(lengths[i] for i in group) for group in groups)

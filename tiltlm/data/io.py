@@ -11,14 +11,16 @@ Accepted inputs, chosen by the path:
 * ``.json``: a list of objects, or an object holding that list under the key ``split`` (when given),
   else ``"train"``, else ``"data"``. A ``.json`` file that is really JSON Lines is read as such.
   ``source`` is ``"data.json:row 3"`` (1-based position in the list).
-* ``.csv``: a header line, then one pair a row, through ``datasets`` with every column read as a string
-  and empty cells kept as ``""`` (not NaN). Cells are text, so CSV holds the text formats only.
-  ``source`` is ``"data.csv:row 3"``, rows counted from 1 after the header.
-* ``.parquet``: through ``datasets``; ``"data.parquet:row 3"``.
+* ``.csv``: a header line, then one pair a row, read with Python's ``csv`` module: every cell is the
+  string written (empty cells are ``""``), blank lines are skipped, a row must have as many cells as
+  the header. Cells are text, so CSV holds the text formats only. ``source`` is ``"data.csv:row 3"``,
+  rows counted from 1 after the header; errors name the line (``"data.csv:7: ..."``).
+* ``.parquet``: through pyarrow; ``"data.parquet:row 3"``.
 * a directory written by ``Dataset.save_to_disk`` or ``DatasetDict.save_to_disk`` (``split``, default
   ``"train"``, picks the split of a DatasetDict); ``"dir:row 3"`` or ``"dir[test]:row 3"``.
-* anything else that does not exist locally and does not look like a file path is taken as a hub
-  dataset name for ``datasets.load_dataset`` (``split`` default ``"train"``); ``"name[train]:row 3"``.
+* anything else that does not exist locally and does not look like a local path (``tiltlm.paths``
+  says what does) is taken as a hub dataset name for ``datasets.load_dataset`` (``split`` default
+  ``"train"``); ``"name[train]:row 3"``.
 """
 
 from __future__ import annotations
@@ -26,12 +28,14 @@ from __future__ import annotations
 import codecs
 import csv
 import gzip
+import io
 import json
 import zlib
 from pathlib import Path
 from typing import Any
 
 from tiltlm.data.types import DataError
+from tiltlm.paths import looks_like_path, missing_path_message
 
 Row = tuple[str, dict[str, Any]]
 
@@ -43,24 +47,18 @@ def read_rows(source: str, split: str | None = None, limit: int | None = None) -
     """All rows of ``source`` (at most ``limit``), each with the label that names where it came from."""
     if limit is not None and limit < 1:
         raise DataError(f"{source}: limit = {limit}: expected a positive number of rows, or None for all")
-    path = Path(source)
+    path = Path(source).expanduser()
     if path.is_dir():
         rows = _read_saved(path, source, split)
     elif path.is_file():
         rows = _read_file(path, source, split, limit)
-    elif _looks_like_path(source):
-        raise DataError(f"{source}: no such file or directory")
+    elif looks_like_path(source, FILE_TYPES):
+        raise DataError(missing_path_message(source))
     else:
         rows = _read_hub(source, split)
     if not rows:
         raise DataError(f"{source}: empty, no rows found")
     return rows if limit is None else rows[:limit]
-
-
-def _looks_like_path(source: str) -> bool:
-    """A name the user meant as a local path: never sent to the hub, whose names are ``owner/name``."""
-    return (source.startswith(("/", ".", "~")) or source.lower().endswith(FILE_TYPES)
-            or "\\" in source or source.count("/") > 1)
 
 
 def _read_file(path: Path, source: str, split: str | None, limit: int | None) -> list[Row]:
@@ -163,37 +161,56 @@ def _as_object(record: Any, where: str) -> dict[str, Any]:
 
 
 def _read_csv(path: Path, source: str) -> list[Row]:
-    import datasets
-
-    raw = path.read_bytes()
-    _decode(raw, source)  # pandas reports bad bytes without a line: find it first
-    header, _, body = _without_bom(raw).partition(b"\n")
-    if not body.strip():
+    """Rows of a CSV file with a header line, read with Python's ``csv`` module, which knows the line
+    each record starts on, so every error names it (pandas reports neither an unclosed quote's line nor
+    a ragged row's). Cells are strings as written; blank lines are skipped."""
+    text = _decode(_without_bom(path.read_bytes()), source)
+    reader = csv.reader(io.StringIO(text, newline=""), strict=True)
+    rows: list[Row] = []
+    header: list[str] | None = None
+    while True:
+        line = reader.line_num + 1  # the record about to be read starts on this line
+        try:
+            cells = next(reader)
+        except StopIteration:
+            break
+        except csv.Error as error:
+            raise DataError(f"{source}:{line}: {_csv_problem(str(error))}") from None
+        if not cells:
+            continue  # a blank line
+        if header is None:
+            header = cells
+        elif len(cells) != len(header):
+            raise DataError(f"{source}:{line}: {len(cells)} cells, the header has {len(header)} "
+                            f"({', '.join(header)}); quote cells that hold commas")
+        else:
+            rows.append((f"{source}:row {len(rows) + 1}", dict(zip(header, cells))))
+    if not rows:
         raise DataError(f"{source}: empty, no rows found after the header line")
-    header = _decode(header, source).rstrip("\r")
-    columns = next(csv.reader([header]), [])
-    features = datasets.Features({column: datasets.Value("string") for column in columns})
-    try:
-        table = datasets.Dataset.from_csv(str(path), features=features, na_filter=False, keep_in_memory=True,
-                                          encoding="utf-8-sig")
-    except Exception as error:  # pandas and arrow raise many types; all mean "this CSV cannot be read"
-        raise DataError(f"{source}: cannot read as CSV with a header line: {error}") from error
-    return _numbered(table, source)
+    return rows
+
+
+def _csv_problem(message: str) -> str:
+    """The csv module's complaint, said for a user who edits CSV files."""
+    if "unexpected end of data" in message:
+        return "a quoted cell opened on this line is never closed (no closing '\"' before the end of the file)"
+    if "expected after" in message:  # "',' expected after '\"'"
+        return "a quote inside a quoted cell must be doubled (\"\"), or the cell must end after its closing quote"
+    return f"cannot read as CSV: {message}"
 
 
 def _read_parquet(path: Path, source: str) -> list[Row]:
-    import datasets
+    """Rows of a Parquet file, through pyarrow (what ``datasets`` uses underneath, without its cache
+    and its "Generating train split" progress bar)."""
     import pyarrow.parquet
 
     try:
-        if pyarrow.parquet.ParquetFile(path).metadata.num_rows == 0:
-            raise DataError(f"{source}: empty, no rows found")
-        table = datasets.Dataset.from_parquet(str(path), keep_in_memory=True)
-    except DataError:
-        raise
+        records = pyarrow.parquet.read_table(path).to_pylist()
     except Exception as error:  # arrow raises many types for a damaged file
         raise DataError(f"{source}: cannot read as Parquet: {error}") from error
-    return _numbered(table, source)
+    if not records:
+        raise DataError(f"{source}: empty, no rows found")
+    return [(f"{source}:row {i}", record) for i, record in enumerate(records, start=1)]
 
 
 def _read_saved(path: Path, source: str, split: str | None) -> list[Row]:

@@ -18,23 +18,37 @@ Rules, and why:
 * Truncating. First the prompt, keeping its end (the latest turns matter most), down to
   ``max_prompt_length``, keeping a leading BOS; then each completion, keeping its start, to fit
   ``max_length`` together with the prompt. A cut completion loses its EOS.
+* Bounding the work. A text far longer than the limits is cut to a character budget *before* it is
+  tokenised (one 60 MB row with ``max_length`` 128 took minutes and 15 GB when tokenised whole): the
+  prompt keeps its last, a completion its first ``(2 * limit + 16) * K`` characters, where ``K``, the
+  longest vocabulary entry in characters, bounds the characters one token stands for. The kept
+  ``limit`` tokens then end (or start) at least ``limit + 16`` tokens away from the cut, so the cut
+  cannot change them (tokenisers look ahead a word or a few merges, not hundreds of tokens; a property
+  test checks the ids against tokenising whole). Normal rows are shorter than the budget and untouched.
+* Control tokens written as text (``<|im_end|>`` inside a completion) are counted in the summary and
+  read as control tokens (``special_tokens="keep"``) or as text (``"split"``): :mod:`tiltlm.data.specials`.
 * Skipping, counted by reason: an empty (or whitespace-only) completion, chosen identical to rejected,
-  no room left for a completion token, and completions that become identical once truncated (their
-  log-ratios would cancel: the pair would teach nothing).
+  no room left for a completion token, an empty prompt with no BOS token to put there instead (the
+  first completion token needs a token to be predicted from: an empty prompt becomes ``[BOS]`` when
+  the tokenizer has a BOS token, whether or not it adds one by default), and completions that become
+  identical once truncated (their log-ratios would cancel: the pair would teach nothing).
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 from jinja2 import TemplateError
 
+from tiltlm.data.specials import (MODES, control_strings, encode_protected, found_controls, protect,
+                                   segments_faithful)
 from tiltlm.data.types import (DataError, DataSummary, Example, Messages, Pair, RankedList, Text, TokenizedExample,
                                TokenizedList, TokenizedPair, TokenizedUnpaired, Unpaired)
 
 EMPTY = "empty completion"
 IDENTICAL = "chosen identical to rejected"
 NO_ROOM = "no completion token left"
+EMPTY_PROMPT = "empty prompt (no BOS token to start from)"
 IDENTICAL_AFTER_TRUNCATION = "identical after truncation"
 DUPLICATE = "duplicate completions in a list"
 DUPLICATE_AFTER_TRUNCATION = "duplicate completions in a list after truncation"
@@ -48,38 +62,73 @@ class Rendered:
     chosen: str
     rejected: str
     chat: bool
+    protected: bool = False  # control strings of the user's text stand as private-use characters (split)
+    quotes_control: tuple[str, ...] = ()  # the control-token strings the user's text holds
 
 
-def tokenize_pair(pair: Pair, tokenizer, max_length: int, max_prompt_length: int) -> TokenizedPair | str:
-    """One pair's :class:`TokenizedPair`, or the reason it is skipped. The plain, unbatched path."""
-    _check_lengths(max_length, max_prompt_length)
-    reason = skip_reason(pair)
-    if reason is not None:
-        return reason
-    texts = render(pair, tokenizer)
-    prompt, chosen, rejected = (_encode(tokenizer, [text])[0] for text in (texts.prompt, texts.chosen, texts.rejected))
+def tokenize_pair(pair: Pair, tokenizer, max_length: int, max_prompt_length: int,
+                  special_tokens: str = "keep") -> TokenizedPair | str:
+    """One pair's :class:`TokenizedPair`, or the reason it is skipped. The plain, unbatched path.
+    ``special_tokens``: how control-token strings in the pair's text are read
+    (:mod:`tiltlm.data.specials`)."""
+    _check_lengths(max_length, max_prompt_length, special_tokens)
+    strings = control_strings(tokenizer)
+    per_token = chars_per_token(tokenizer)
+    texts = _prepare(pair, tokenizer, strings, special_tokens, per_token, max_length, max_prompt_length)
+    if isinstance(texts, str):
+        return texts
+    three = (texts.prompt, texts.chosen, texts.rejected)
+    if texts.protected:
+        prompt, chosen, rejected = (encode_protected(tokenizer, t, strings) for t in three)
+    else:
+        prompt, chosen, rejected = (_encode(tokenizer, [t])[0] for t in three)
     return _assemble(texts.chat, prompt, chosen, rejected, tokenizer, adds_bos(tokenizer),
                      max_length, max_prompt_length, pair.source, pair.weight)
 
 
-def tokenize_pairs(pairs: list[Pair], tokenizer, max_length: int,
-                   max_prompt_length: int) -> tuple[list[TokenizedPair], DataSummary]:
+def tokenize_pairs(pairs: list[Pair], tokenizer, max_length: int, max_prompt_length: int,
+                   special_tokens: str = "keep") -> tuple[list[TokenizedPair], DataSummary]:
     """The pairs that survive, tokenised (in batches: one tokenizer call for all prompts, one for all
     completions), and a :class:`DataSummary` of what was kept and skipped."""
-    _check_lengths(max_length, max_prompt_length)
-    results: list[TokenizedPair | str | Rendered] = []
-    for pair in pairs:
-        reason = skip_reason(pair)
-        results.append(reason if reason is not None else render(pair, tokenizer))
+    _check_lengths(max_length, max_prompt_length, special_tokens)
+    strings, per_token = control_strings(tokenizer), chars_per_token(tokenizer)
+    results: list[TokenizedPair | str | Rendered] = [
+        _prepare(pair, tokenizer, strings, special_tokens, per_token, max_length, max_prompt_length) for pair in pairs]
     rendered = [(index, texts) for index, texts in enumerate(results) if isinstance(texts, Rendered)]
-    prompts = _encode(tokenizer, [texts.prompt for _, texts in rendered])
-    completions = _encode(tokenizer, [text for _, texts in rendered for text in (texts.chosen, texts.rejected)])
+    plain = [(index, texts) for index, texts in rendered if not texts.protected]
+    prompts = _encode(tokenizer, [texts.prompt for _, texts in plain])
+    completions = _encode(tokenizer, [text for _, texts in plain for text in (texts.chosen, texts.rejected)])
+    ids = {index: (prompts[k], completions[2 * k], completions[2 * k + 1]) for k, (index, _) in enumerate(plain)}
+    for index, texts in rendered:
+        if texts.protected:  # one at a time: only pairs that quote control tokens, with split
+            three = (texts.prompt, texts.chosen, texts.rejected)
+            ids[index] = tuple(encode_protected(tokenizer, t, strings) for t in three)
     bos = adds_bos(tokenizer)
-    for k, (index, texts) in enumerate(rendered):
-        results[index] = _assemble(texts.chat, prompts[k], completions[2 * k], completions[2 * k + 1],
-                                   tokenizer, bos, max_length, max_prompt_length, pairs[index].source,
-                                   pairs[index].weight)
-    return [r for r in results if isinstance(r, TokenizedPair)], summarize(results)
+    for index, texts in rendered:
+        results[index] = _assemble(texts.chat, *ids[index], tokenizer, bos, max_length, max_prompt_length,
+                                   pairs[index].source, pairs[index].weight)
+    summary = summarize(results)
+    summary.control_text = sum(bool(texts.quotes_control) for _, texts in rendered)
+    summary.control_found = sorted({s for _, texts in rendered for s in texts.quotes_control})
+    summary.special_tokens = special_tokens
+    return [r for r in results if isinstance(r, TokenizedPair)], summary
+
+
+def _prepare(pair: Pair, tokenizer, strings: list[str], special_tokens: str, per_token: int, max_length: int,
+             max_prompt_length: int) -> Rendered | str:
+    """A pair's texts ready to encode (rendered, protected when split asks, cut to the budget), or why
+    it is skipped."""
+    reason = skip_reason(pair)
+    if reason is not None:
+        return reason
+    quotes = tuple(found_controls(pair, strings))
+    protected = bool(quotes) and special_tokens == "split"
+    if protected and not isinstance(pair.prompt, str) and not segments_faithful(tokenizer, strings):
+        raise DataError(f"{pair.source}: the messages hold control tokens written as text ({', '.join(quotes)}), "
+                        f"and with this tokenizer special_tokens_in_text=split cannot read them as text inside "
+                        f"a chat template; use special_tokens_in_text=keep, or remove them from the data")
+    texts = render(protect(pair, strings) if protected else pair, tokenizer)
+    return bounded(replace(texts, protected=protected, quotes_control=quotes), per_token, max_length, max_prompt_length)
 
 
 def skip_reason(pair: Pair) -> str | None:
@@ -113,6 +162,21 @@ def render_texts(prompt: Text, completions: list[Text], tokenizer, source: str) 
         return prompt, list(completions), False
     prompt_text = _apply_template(tokenizer, prompt, True, source)
     return prompt_text, [completion_text(tokenizer, prompt, c, prompt_text, source) for c in completions], True
+
+
+def chars_per_token(tokenizer) -> int:
+    """The most characters one token can stand for: its longest vocabulary entry (byte-level entries
+    spell one character per byte, so they over-count multi-byte characters; safe)."""
+    return max(1, max(map(len, tokenizer.get_vocab())))
+
+
+def bounded(texts: Rendered, per_token: int, max_length: int, max_prompt_length: int) -> Rendered:
+    """``texts`` cut to what the limits can use, with a margin that leaves the kept tokens unchanged (see
+    the module docstring): the prompt keeps its end, the completions their start."""
+    prompt_chars = (2 * max_prompt_length + 16) * per_token
+    completion_chars = (2 * max_length + 16) * per_token
+    return replace(texts, prompt=texts.prompt[-prompt_chars:], chosen=texts.chosen[:completion_chars],
+                   rejected=texts.rejected[:completion_chars])
 
 
 def completion_text(tokenizer, prompt: Messages, completion: Messages, prompt_text: str, source: str) -> str:
@@ -156,9 +220,11 @@ def _encode(tokenizer, texts: list[str]) -> list[list[int]]:
 
 def _assemble(chat: bool, prompt: list[int], chosen: list[int], rejected: list[int], tokenizer, bos: bool,
               max_length: int, max_prompt_length: int, source: str, weight: float = 1.0) -> TokenizedPair | str:
-    eos = _eos(tokenizer)
-    return fit(_head(tokenizer, bos, chat), prompt, with_eos(chosen, eos), with_eos(rejected, eos), max_length,
-               max_prompt_length, source, weight)
+    eos, head = _eos(tokenizer), _head(tokenizer, bos, chat, prompt)
+    if head is None:
+        return EMPTY_PROMPT
+    return fit(head, prompt, with_eos(chosen, eos), with_eos(rejected, eos), max_length, max_prompt_length, source,
+               weight)
 
 
 def _eos(tokenizer) -> int:
@@ -168,9 +234,17 @@ def _eos(tokenizer) -> int:
     return eos
 
 
-def _head(tokenizer, bos: bool, chat: bool) -> list[int]:
-    """BOS before a text prompt when the tokenizer's default encoding adds one; none after a chat template."""
-    return [tokenizer.bos_token_id] if bos and not chat else []
+def _head(tokenizer, bos: bool, chat: bool, prompt: list[int]) -> list[int] | None:
+    """BOS before a text prompt when the tokenizer's default encoding adds one; none after a chat template.
+    None when the prompt is empty and there is no BOS to put before the first completion token."""
+    head = [tokenizer.bos_token_id] if bos and not chat else []
+    if not head and not prompt:
+        # The first completion token is predicted from the token before it; with none, a batch would
+        # score it from padding or from another pair. BOS is the one token any text may follow.
+        if tokenizer.bos_token_id is None:
+            return None
+        head = [tokenizer.bos_token_id]
+    return head
 
 
 def with_eos(ids: list[int], eos: int) -> list[int]:
@@ -246,7 +320,9 @@ def completion_ids(result: TokenizedExample) -> list[list[int]]:
     return [result.completion_ids]
 
 
-def _check_lengths(max_length: int, max_prompt_length: int) -> None:
+def _check_lengths(max_length: int, max_prompt_length: int, special_tokens: str = "keep") -> None:
+    if special_tokens not in MODES:
+        raise ValueError(f"special_tokens_in_text = {special_tokens!r}: expected {' or '.join(MODES)}")
     if max_prompt_length < 1 or max_length < 2:
         raise ValueError(f"max_length = {max_length}, max_prompt_length = {max_prompt_length}: expected "
                          f"max_prompt_length >= 1 and max_length >= 2")
@@ -259,12 +335,15 @@ def _check_lengths(max_length: int, max_prompt_length: int) -> None:
 # two identical completions is skipped whole: dropping one completion would change what its ranking says.
 
 
-def tokenize_examples(examples: list[Example], tokenizer, max_length: int,
-                      max_prompt_length: int) -> tuple[list[TokenizedExample], DataSummary]:
+def tokenize_examples(examples: list[Example], tokenizer, max_length: int, max_prompt_length: int,
+                      special_tokens: str = "keep") -> tuple[list[TokenizedExample], DataSummary]:
     """Pairs, ranked lists and unpaired rows, tokenised in two tokenizer calls (all prompts, all
     completions); the survivors in order and a :class:`DataSummary` that counts each kind. Pairs come
-    out exactly as from :func:`tokenize_pairs`."""
-    _check_lengths(max_length, max_prompt_length)
+    out exactly as from :func:`tokenize_pairs` (a file of pairs goes through it, control tokens and
+    all)."""
+    if all(isinstance(example, Pair) for example in examples):
+        return tokenize_pairs(examples, tokenizer, max_length, max_prompt_length, special_tokens)
+    _check_lengths(max_length, max_prompt_length, special_tokens)
     results: list[TokenizedExample | str | None] = []
     rendered: list[tuple[int, str, list[str], bool]] = []
     for index, example in enumerate(examples):
@@ -277,8 +356,9 @@ def tokenize_examples(examples: list[Example], tokenizer, max_length: int,
     bos, eos = adds_bos(tokenizer), _eos(tokenizer)
     for k, (index, _, texts, chat) in enumerate(rendered):
         ids = [with_eos(next(completions), eos) for _ in texts]
-        results[index] = fit_example(examples[index], _head(tokenizer, bos, chat), prompts[k], ids,
-                                     max_length, max_prompt_length)
+        head = _head(tokenizer, bos, chat, prompts[k])
+        results[index] = EMPTY_PROMPT if head is None else fit_example(examples[index], head, prompts[k], ids,
+                                                                       max_length, max_prompt_length)
     return [r for r in results if not isinstance(r, str)], summarize(results)
 
 

@@ -141,26 +141,29 @@ class DataSummary:
     prompt_lengths: list[int] = field(default_factory=list)
     completion_lengths: list[int] = field(default_factory=list)
     kinds: dict[str, int] = field(default_factory=dict)  # kept rows by kind; empty when all are pairs
+    control_text: int = 0  # pairs whose own text holds control-token strings (data/specials.py)
+    control_found: list[str] = field(default_factory=list)  # which strings
+    special_tokens: str = "keep"  # how those strings were read: keep (as control tokens) or split (as text)
 
     def format(self) -> str:
         """A few lines for the log: rows read, kept, skipped by reason, truncations, and the p50/p90/max of
         prompt and completion lengths, so a bad max_length or a mostly skipped file shows before training."""
         reasons = ", ".join(f"{reason}: {count}" for reason, count in sorted(self.skipped.items()))
         skipped = f"skipped {sum(self.skipped.values())}" + (f" ({reasons})" if reasons else "")
-        if not self.kinds:
-            return "\n".join([
-                f"rows read {self.rows}, kept {self.kept}, {skipped}",
-                f"truncated {self.truncated} of {self.kept} kept pairs",
-                f"prompt tokens: {spread(self.prompt_lengths)}",
-                f"completion tokens (chosen and rejected): {spread(self.completion_lengths)}",
-            ])
         kinds = ", ".join(f"{kind} {count}" for kind, count in sorted(self.kinds.items()))
-        return "\n".join([
-            f"rows read {self.rows}, kept {self.kept} ({kinds}), {skipped}",
-            f"truncated {self.truncated} of {self.kept} kept rows",
+        lines = [
+            f"rows read {self.rows}, kept {self.kept}{f' ({kinds})' if kinds else ''}, {skipped}",
+            f"truncated {self.truncated} of {self.kept} kept {'rows' if kinds else 'pairs'}",
             f"prompt tokens: {spread(self.prompt_lengths)}",
-            f"completion tokens (every completion): {spread(self.completion_lengths)}",
-        ])
+            f"completion tokens ({'every completion' if kinds else 'chosen and rejected'}): "
+            f"{spread(self.completion_lengths)}",
+        ]
+        if self.control_text:
+            how = ("read as control tokens; set special_tokens_in_text=split to read them as text"
+                   if self.special_tokens == "keep" else "read as text (special_tokens_in_text=split)")
+            lines.append(f"warning: {self.control_text} pairs hold control tokens written as text "
+                         f"({', '.join(self.control_found)}), {how}")
+        return "\n".join(lines)
 
 
 def percentile(values: list[int], percent: float) -> int:
