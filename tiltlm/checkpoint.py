@@ -24,6 +24,8 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from torch import nn
 
+from tiltlm.models import canonical_name, save_options
+
 MANIFEST = "manifest.json"
 
 
@@ -223,7 +225,7 @@ def save_pretrained_atomically(directory: Path, model, tokenizer, weights: dict 
     ``weights``: the state dict to save instead of the model's own (gathered or cast); ``dtype``: what
     config.json then says they are (transformers writes the dtype of the model in memory)."""
     def write(tmp: Path) -> None:
-        model.save_pretrained(tmp, safe_serialization=True, state_dict=weights)
+        model.save_pretrained(tmp, safe_serialization=True, state_dict=weights, **save_options(model))
         tokenizer.save_pretrained(tmp)
         if dtype is not None:
             config = json.loads((tmp / "config.json").read_text())
@@ -240,7 +242,7 @@ def save_final(out: Path, policy, tokenizer, base_model: str, dtype: torch.dtype
     adapter directory (and with ``merge_lora`` also ``merged/``, the adapters folded into the base
     weights, in ``dtype``). ``weights``: the full state dict of a sharded policy."""
     for adapter in getattr(policy, "peft_config", {}).values():
-        adapter.base_model_name_or_path = base_model  # as the user named it: an alias stays loadable
+        adapter.base_model_name_or_path = canonical_name(base_model)  # an alias stays one; a path, absolute
     adapter = hasattr(policy, "peft_config")
     if not adapter:
         weights = cast(weights if weights is not None else policy.state_dict(), dtype)

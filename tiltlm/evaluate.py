@@ -13,7 +13,7 @@ from omegaconf import OmegaConf
 
 from tiltlm import step
 from tiltlm.config import ConfigError, TrainConfig, validate
-from tiltlm.models import frozen, is_adapter, load_model, load_tokenizer
+from tiltlm.models import check_same_tokenizer, frozen, is_adapter, load_model, load_tokenizer
 from tiltlm.objectives import make_objective
 from tiltlm.reference import PrecomputedReference, Reference
 from tiltlm.runtime import pick_device, training_precision
@@ -48,6 +48,8 @@ def evaluate_config(config: TrainConfig, progress: bool = True) -> dict[str, flo
     precision = training_precision(config.dtype, False, pick_device(config.device))
     log = (lambda message: print(message, file=sys.stderr)) if progress else (lambda message: None)
     tokenizer = load_tokenizer(config.model, config.trust_remote_code)
+    if config.ref:
+        check_same_tokenizer(tokenizer, load_tokenizer(config.ref, config.trust_remote_code), (config.model, config.ref))
     objective = make_objective(config, tokenizer)
     pairs = step.read_examples(config.data, tokenizer, config, log)
 

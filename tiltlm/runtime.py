@@ -29,9 +29,10 @@ class Runtime:
 
 
 def pick_device(name: str = "auto") -> torch.device:
-    if name != "auto":
-        return torch.device(name)
-    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    """``auto`` (CUDA when there is one, else CPU) or a device this machine has; else a one-line error."""
+    from tiltlm.models import parse_device
+
+    return parse_device(name)
 
 
 def return_freed_memory(threshold: int = 64 * 1024) -> bool:

@@ -40,7 +40,8 @@ def score(policy: Callable[[Batch], tuple], reference: Reference, objective, bat
 
 def read_examples(source: str, tokenizer, config: TrainConfig, log) -> list:
     """Tokenized pairs of ``source`` with the data summary logged; an error when none is usable."""
-    pairs, summary = tokenize_pairs(load_pairs(source), tokenizer, config.max_length, config.max_prompt_length)
+    pairs, summary = tokenize_pairs(load_pairs(source), tokenizer, config.max_length, config.max_prompt_length,
+                                    config.special_tokens_in_text)
     log(f"data {source} (prompts cut to {config.max_prompt_length} tokens, prompt + completion to "
         f"{config.max_length}):\n{summary.format()}")
     if not pairs:

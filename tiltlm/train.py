@@ -10,6 +10,7 @@ are skipped and counted.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import signal
@@ -27,7 +28,7 @@ from tiltlm import collectives, distributed, rundir, step
 from tiltlm.config import ConfigError, TrainConfig, validate
 from tiltlm.data.order import DataOrder
 from tiltlm.metrics import MetricSums, MetricsWriter, displacement_warning, truncate_metrics
-from tiltlm.models import add_lora, disable_dropout, load_model, load_tokenizer, saved_dtype
+from tiltlm.models import add_lora, check_same_tokenizer, disable_dropout, load_model, load_tokenizer, saved_dtype
 from tiltlm.objectives import PairObjective, make_objective
 from tiltlm.reference import (AdaptersOffReference, OnlineReference, PrecomputedReference, Reference,
                               choose_mode)
@@ -80,8 +81,9 @@ def train(config: TrainConfig) -> Path:
 def run_training(config: TrainConfig) -> Outcome:
     runtime = start(config.device)
     try:
-        run = setup(config, runtime)
-        return loop(run)
+        # one run at a time in an output directory: a second is refused with this one's pid
+        with rundir.locked(config.output) if runtime.is_main else contextlib.nullcontext():
+            return loop(setup(config, runtime))
     finally:
         stop(runtime)
 
@@ -101,6 +103,8 @@ def setup(config: TrainConfig, runtime: Runtime) -> Run:
     sharded = distributed.uses_fsdp(config, runtime)  # also refuses settings FSDP cannot run, before loading
     precision = training_precision(config.dtype, config.bf16_weights, runtime.device)
     tokenizer = load_tokenizer(config.model, config.trust_remote_code)
+    if config.ref:  # the reference scores the policy's token ids: they must name the same strings
+        check_same_tokenizer(tokenizer, load_tokenizer(config.ref, config.trust_remote_code), (config.model, config.ref))
     objective = make_objective(config, tokenizer)
     datasets = {role: step.read_examples(source, tokenizer, config, log)
                 for role, source in (("train", config.data), ("eval", config.eval_data)) if source}
