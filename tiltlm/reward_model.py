@@ -27,7 +27,7 @@ import torch
 from torch import Tensor, nn
 
 from tiltlm.data.collate import Batch
-from tiltlm.logprobs import additive_mask
+from tiltlm.logprobs import backbone_states
 from tiltlm.models import ModelError, plain_after_gguf, resolve
 
 
@@ -95,10 +95,9 @@ def score_sequences(model: nn.Module, batch: Batch, sequences: int | None = None
     """One reward per sequence of ``batch`` (shape [sequences], float32 or wider): the score head
     applied to the hidden state at the sequence's last completion token, the body run once."""
     body, head = body_and_score_head(model)
-    hidden = body(
-        input_ids=batch.input_ids, attention_mask=additive_mask(batch.attention_mask, head.weight.dtype),
-        position_ids=batch.position_ids, use_cache=False,
-    ).last_hidden_state
+    # the same attention as the policy's log-probs: segment metadata to tiltlm's kernels, else the dense
+    # mask of the segment rule (a 2D padding mask would let a shared prompt's completions see each other)
+    hidden = backbone_states(body, body.config, batch, head.weight.dtype)
     rows, cols = last_token_positions(batch, sequences)
     scores = head(hidden[rows, cols]).squeeze(-1)
     return scores.to(torch.promote_types(scores.dtype, torch.float32))
