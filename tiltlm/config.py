@@ -47,6 +47,12 @@ class TrainConfig:
     ipo_average: bool = True  # ipo: per-token (not summed) log-ratios, as the IPO authors advise
     simpo_gamma: float = 1.0  # simpo: target reward margin (paper: beta 2.0, gamma/beta ~ 0.5)
     orpo_lambda: float = 0.1  # orpo: weight of the odds-ratio term
+    objective: str = "auto"  # auto (by the data's rows: pairs, ranked lists, unpaired) | reward-model
+    pairs: str = "ranked"  # ranked lists: ranked (Plackett-Luce over each list) | all (every pair they imply)
+    kto_desirable_weight: float = 1.0  # unpaired rows (KTO): lambda_D, the weight of desirable rows
+    kto_undesirable_weight: float = 1.0  # lambda_U, the weight of undesirable rows
+    reward_margin: float = 0.0  # reward model: Llama 2's margin m, subtracted from every pair's difference
+    reward_centering: float = 0.0  # reward model: coefficient of (r_w + r_l)^2 (Eisenstein et al.), e.g. 0.01
 
     # data shaping
     max_length: int = 1024
@@ -151,6 +157,13 @@ def validate(config: TrainConfig) -> None:
         raise ConfigError(f"simpo_gamma = {config.simpo_gamma}: expected a margin >= 0")
     if config.orpo_lambda < 0:
         raise ConfigError(f"orpo_lambda = {config.orpo_lambda}: expected a weight >= 0")
+    if config.objective not in ("auto", "reward-model"):
+        raise ConfigError(f"objective = {config.objective!r}: expected auto or reward-model")
+    if config.pairs not in ("ranked", "all"):
+        raise ConfigError(f"pairs = {config.pairs!r}: expected ranked (Plackett-Luce over each list) or all")
+    for name in ("kto_desirable_weight", "kto_undesirable_weight", "reward_margin", "reward_centering"):
+        if getattr(config, name) < 0:
+            raise ConfigError(f"{name} = {getattr(config, name)}: expected a number >= 0")
     if config.scheduler not in ("linear", "cosine", "constant"):
         raise ConfigError(f"scheduler = {config.scheduler!r}: expected linear, cosine or constant")
     if config.ref_mode not in ("auto", "online", "precompute", "adapters-off", "none"):
