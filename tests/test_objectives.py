@@ -276,12 +276,51 @@ def test_bad_rows_stop_the_trainer_with_one_line_naming_file_line_and_field(tiny
     assert not (tmp_path / "run").exists()  # nothing written
 
 
-def test_ranked_lists_cannot_use_a_precomputed_reference_and_auto_picks_online(tiny_model_dir, tmp_path):
-    data = write_rows(tmp_path / "lists.jsonl", [RANKED] * 4)
-    with pytest.raises(ConfigError, match="ref_mode = precompute"):
+def test_unpaired_rows_refuse_a_precomputed_reference_and_batches_of_one(tiny_model_dir, tmp_path):
+    data = write_rows(tmp_path / "u.jsonl", [UNPAIRED] * 4)
+    with pytest.raises(ConfigError, match="ref_mode = precompute: KTO"):
         train(settings(tiny_model_dir, data, tmp_path / "run", ref_mode="precompute"))
     with pytest.raises(ConfigError, match="batch_size = 1"):
-        train(settings(tiny_model_dir, write_rows(tmp_path / "u.jsonl", [UNPAIRED] * 4), tmp_path / "run", batch_size=1))
+        train(settings(tiny_model_dir, data, tmp_path / "run", batch_size=1))
+    assert not (tmp_path / "run").exists()
+
+
+def test_precomputed_list_table_equals_the_online_reference_on_any_batch(tiny_model_dir):
+    from tiltlm.models import load_model
+    from tiltlm.refcache import lookup_reference, precompute_reference
+
+    rng = random.Random(6)
+    lists = [TokenizedList(ids(rng, 1, 5), [ids(rng, 1, 4) for _ in range(k)], ranking=list(range(k)))
+             for k in (2, 4, 3, 2, 5, 3)]
+    reference = model(1)
+    online = CompletionLogps(reference)
+    table = precompute_reference(online, lists, ListObjective(PAD, layout="packed", pack_tokens=25).collate, 4,
+                                 progress=False)
+    assert table.shape == (6, 10)
+    assert table[:, 5:].tolist() == [[len(c) for c in item.completions] + [0] * (5 - len(item.completions))
+                                     for item in lists]
+    lookup = lookup_reference(table)
+    for layout in LAYOUTS:
+        for indices in ([0, 1], [5, 2, 4], [3]):
+            batch = ListObjective(PAD, layout=layout, pack_tokens=25).collate([lists[i] for i in indices])
+            with torch.no_grad():
+                expected = online(batch)
+            logps, counts = lookup(batch, indices)
+            torch.testing.assert_close(logps, expected[0], rtol=1e-5, atol=1e-5)
+            assert counts.tolist() == expected[1].tolist()
+
+
+def test_ranked_lists_train_the_same_with_a_precomputed_and_an_online_reference(tiny_model_dir, tmp_path):
+    from conftest import PAIRS
+
+    data = write_rows(tmp_path / "lists.jsonl", lists_and_rows(PAIRS)[0])
+    runs = {mode: read_metrics(train(settings(tiny_model_dir, data, tmp_path / mode, ref_mode=mode, epochs=1,
+                                              ref_cache=str(tmp_path / "cache"))) / "metrics.jsonl")
+            for mode in ("precompute", "online")}
+    assert len(runs["online"]) == 2
+    for a, b in zip(runs["precompute"], runs["online"]):
+        for key in ("loss", "rewards/margins", "rewards/accuracies", "grad_norm"):
+            assert a[key] == pytest.approx(b[key], rel=1e-5, abs=1e-6), key
 
 
 def lists_and_rows(pairs):

@@ -246,7 +246,7 @@ class ListObjective:
     chunk_size: int = 256
     progress_keys = ("rewards/accuracies", "rewards/margins")
     needs_reference = True
-    precomputable = False  # the reference table is one row per pair (refcache.py)
+    precomputable = True  # refcache.py: one table row per list, 2 K columns
     load = staticmethod(load_policy_model)
 
     def collate(self, lists: list[TokenizedList]) -> RowBatch:

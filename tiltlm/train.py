@@ -156,8 +156,8 @@ def make_reference(config: TrainConfig, runtime: Runtime, precision: Precision, 
     mode = choose_mode(config.ref_mode, config.lora_r > 0, config.ref, not objective.needs_reference,
                        covers_data and objective.precomputable)
     if mode == "precompute" and not objective.precomputable:
-        raise ConfigError("ref_mode = precompute: the reference table holds pairs; for ranked lists and unpaired "
-                          "rows use ref_mode online (or adapters-off with LoRA)")
+        raise ConfigError("ref_mode = precompute: KTO's reference point scores mismatched rows that depend on "
+                          "the micro-batch, so no table can hold them; use ref_mode online (or adapters-off with LoRA)")
 
     def load():
         return objective.load(config.ref or config.model, precision.weights, config.trust_remote_code,
