@@ -114,3 +114,26 @@ def test_reward_train_refuses_unpaired_rows_before_writing(tiny_model_dir, tmp_p
     with pytest.raises(ConfigError, match="reward-model trains on pairs"):
         reward_command.run(args)
     assert not (tmp_path / "run").exists()
+
+
+def test_reward_model_trains_with_lora_its_score_head_included(tiny_model_dir, tmp_path):
+    from conftest import PAIRS
+    from peft import PeftModel
+
+    data = tmp_path / "pairs.jsonl"
+    data.write_text("".join(json.dumps(p) + "\n" for p in PAIRS))
+    out = tmp_path / "run"
+    argv = ["train", "--model", str(tiny_model_dir), "--data", str(data), "--output", str(out), "--lora-r", "4",
+            "--lr", "5e-3", "--batch-size", "2", "--grad-accum", "2", "--epochs", "3", "--max-length", "64",
+            "--max-prompt-length", "32", "--warmup-ratio", "0", "--no-progress", "--no-tensorboard",
+            "--merge-lora"]
+    assert reward_command.run(parse(argv)) == 0
+    rows = read_metrics(out / "metrics.jsonl")
+    assert rows[-1]["loss"] < rows[0]["loss"]
+    base = AutoModelForSequenceClassification.from_pretrained(tiny_model_dir, num_labels=1)
+    adapter = PeftModel.from_pretrained(base, out / "final")
+    merged = AutoModelForSequenceClassification.from_pretrained(out / "merged").eval()
+    ids = torch.tensor([[5, 6, 7, 8]])
+    with torch.no_grad():
+        # the trained head travels with the adapter: base + adapter scores as the merged model does
+        torch.testing.assert_close(adapter.eval()(input_ids=ids).logits, merged(input_ids=ids).logits, rtol=1e-5, atol=1e-5)
