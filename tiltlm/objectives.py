@@ -131,8 +131,8 @@ def collate_completions(examples: list[PromptCompletions], layout: str, pad_id: 
     return collate_prompt_completions(examples, pad_id, pack_tokens if layout == "packed" else None)
 
 
-def load_policy_model(name: str, dtype: torch.dtype, trust_remote_code: bool, attention: str,
-                      device: torch.device | str | None) -> nn.Module:
+def load_policy_model(name: str, dtype: torch.dtype, trust_remote_code: bool = False, attention: str = "auto",
+                      device: torch.device | str | None = None) -> nn.Module:
     """A causal LM, as the policy objectives train it (:func:`tiltlm.models.load_model`)."""
     return load_model(name, dtype, trust_remote_code, attention=attention, device=device)
 
@@ -382,8 +382,8 @@ class RewardModelObjective:
     needs_reference = False
     precomputable = False
 
-    def load(self, name: str, dtype: torch.dtype, trust_remote_code: bool, attention: str,
-             device: torch.device | str | None) -> nn.Module:
+    def load(self, name: str, dtype: torch.dtype, trust_remote_code: bool = False, attention: str = "auto",
+             device: torch.device | str | None = None) -> nn.Module:
         """The reward model with the attention kernel chosen as for a policy, marked as tiltlm's (its
         config records how texts were tokenised, so :func:`tiltlm.rewards.load_reward` scores them the same)."""
         from tiltlm.models import choose_attention, set_attention
