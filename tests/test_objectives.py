@@ -286,7 +286,6 @@ def test_unpaired_rows_refuse_a_precomputed_reference_and_batches_of_one(tiny_mo
 
 
 def test_precomputed_list_table_equals_the_online_reference_on_any_batch(tiny_model_dir):
-    from tiltlm.models import load_model
     from tiltlm.refcache import lookup_reference, precompute_reference
 
     rng = random.Random(6)

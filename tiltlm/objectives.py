@@ -226,7 +226,8 @@ def list_metrics(losses: Tensor, rewards: Tensor, logps: Tensor, size: Tensor, r
     sizes = size[:, :, None] + size[:, None, :]
     per_list = pairs.sum(dim=(1, 2)).clamp(min=1)
     metrics = {"loss": losses,
-               "rewards/best": (rewards * best).sum(1) / best.sum(1), "rewards/worst": (rewards * worst).sum(1) / worst.sum(1),
+               "rewards/best": (rewards * best).sum(1) / best.sum(1),
+               "rewards/worst": (rewards * worst).sum(1) / worst.sum(1),
                "rewards/accuracies": (correct_or_tie(margins, sizes) * pairs).sum(dim=(1, 2)) / per_list,
                "rewards/margins": (margins * pairs).sum(dim=(1, 2)) / per_list,
                "logps/mean": (logps * real).sum(1) / real.sum(1)}
@@ -319,8 +320,10 @@ class UnpairedObjective:
     def collate(self, rows: list[TokenizedUnpaired]) -> RowBatch:
         n = len(rows)
         others = mismatched_unpaired(rows, self.max_length) if n >= 2 else []
-        examples = [PromptCompletions(row.prompt_ids, [row.completion_ids] + ([others[i].completion_ids] if others else []),
-                                      [i] + ([n + i] if others else []), row.source) for i, row in enumerate(rows)]
+        examples = [PromptCompletions(row.prompt_ids, [row.completion_ids], [i], row.source) for i, row in enumerate(rows)]
+        for i, other in enumerate(others):  # sequence n + i: row i's prompt, row i + 1's completion
+            examples[i].completions.append(other.completion_ids)
+            examples[i].sequence_ids.append(n + i)
         batch = collate_completions(examples, self.layout, self.pad_id, self.pack_tokens)
         return with_rows(batch, rows, desirable=torch.tensor([row.label for row in rows], dtype=torch.bool))
 
@@ -431,8 +434,8 @@ def make_objective(config: TrainConfig, tokenizer, kind: str = "pairs"):
         return RewardModelObjective(collate, tokenizer, config.reward_margin, config.reward_centering,
                                     config.max_length, config.max_prompt_length)
     if kind != "pairs" and config.loss != "sigmoid":
-        raise ConfigError(f"loss = {config.loss!r} is a pair loss; {kind} rows train with "
-                          f"{'Plackett-Luce (or --pairs all: their pairs with that loss)' if kind == 'ranked lists' else 'KTO'}")
+        instead = "Plackett-Luce (or --pairs all: their pairs with that loss)" if kind == "ranked lists" else "KTO"
+        raise ConfigError(f"loss = {config.loss!r} is a pair loss; {kind} rows train with {instead}")
     if kind == "ranked lists":
         return ListObjective(pad, config.beta, config.layout, pack, config.logprob_chunk)
     if kind == "unpaired":

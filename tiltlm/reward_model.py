@@ -166,7 +166,8 @@ def is_trained_here(directory: str) -> bool:
     return bool(read_mark(directory))
 
 
-def encode_reward_input(tokenizer, prompt, completion: str, max_length: int, max_prompt_length: int) -> tuple[list[int], list[int]]:
+def encode_reward_input(tokenizer, prompt, completion: str, max_length: int,
+                        max_prompt_length: int) -> tuple[list[int], list[int]]:
     """``(prompt ids, completion ids)`` as the trainer makes them (tiltlm.data.tokenize): a chat prompt
     rendered with the completion as the assistant's reply; an empty completion is EOS alone."""
     from tiltlm.data.tokenize import (_encode, _eos, _head, adds_bos, fit_completions, fit_prompt, render_texts,
