@@ -110,6 +110,18 @@ class TrainConfig:
     ipo_average: bool = option(True, "ipo: per-token (not summed) log-ratios, as the IPO authors advise")
     simpo_gamma: float = option(1.0, "simpo: target reward margin (paper: beta 2.0, gamma/beta ~ 0.5)", at_least=0)
     orpo_lambda: float = option(0.1, "orpo: weight of the odds-ratio term", at_least=0)
+    objective: str = option("auto", "what to train: auto (by the data's rows: pairs, ranked lists, unpaired) or "
+                                    "reward-model (a Bradley-Terry reward model on pairs)",
+                            choices=("auto", "reward-model"))
+    pairs: str = option("ranked", "ranked lists: ranked (Plackett-Luce over each list) or all (every pair they imply)",
+                        choices=("ranked", "all"))
+    kto_desirable_weight: float = option(1.0, "unpaired rows (KTO): lambda_D, the weight of desirable rows", at_least=0)
+    kto_undesirable_weight: float = option(1.0, "unpaired rows (KTO): lambda_U, the weight of undesirable rows",
+                                           at_least=0)
+    reward_margin: float = option(0.0, "reward model: Llama 2's margin m, subtracted from every pair's difference",
+                                  at_least=0)
+    reward_centering: float = option(0.0, "reward model: coefficient of (r_w + r_l)^2 (Eisenstein et al.), e.g. 0.01",
+                                     at_least=0)
 
     # data shaping
     max_length: int = option(1024, "tokens of prompt plus completion kept per sequence", at_least=2)

@@ -13,9 +13,9 @@ from omegaconf import OmegaConf
 
 from tiltlm import step
 from tiltlm.config import ConfigError, TrainConfig, validate
-from tiltlm.models import check_same_tokenizer, frozen, is_adapter, load_model, load_tokenizer
-from tiltlm.objectives import make_objective
-from tiltlm.reference import PrecomputedReference, Reference
+from tiltlm.models import check_same_tokenizer, frozen, is_adapter, load_tokenizer
+from tiltlm.objectives import data_kind, make_objective
+from tiltlm.reference import AdaptersOffReference, OnlineReference, PrecomputedReference, Reference
 from tiltlm.runtime import pick_device, training_precision
 
 
@@ -50,21 +50,25 @@ def evaluate_config(config: TrainConfig, progress: bool = True) -> dict[str, flo
     tokenizer = load_tokenizer(config.model, config.trust_remote_code)
     if config.ref:
         check_same_tokenizer(tokenizer, load_tokenizer(config.ref, config.trust_remote_code), (config.model, config.ref))
-    objective = make_objective(config, tokenizer)
     pairs = step.read_examples(config.data, tokenizer, config, log)
+    objective = make_objective(config, tokenizer, data_kind(pairs))
 
     def load(name: str):
-        return frozen(load_model(name, precision.weights, config.trust_remote_code, attention=config.attention,
-                                 device=precision.device))
+        return frozen(objective.load(name, precision.weights, config.trust_remote_code, config.attention,
+                                     precision.device))
 
     policy = load(config.model).to(precision.device)
     reference = Reference()
-    if objective.needs_reference:
-        own = config.ref is None and is_adapter(config.model)  # scored with its adapters switched off
+    own = config.ref is None and is_adapter(config.model)  # scored with its adapters switched off
+    reference_model = None if own else lambda: load(config.ref or default_reference(config.model))
+    if objective.needs_reference and objective.precomputable:
         reference = PrecomputedReference(tokenizer, precision, config.logprob_chunk, 4 * config.batch_size,
-                                         config.ref_cache, log=log,
-                                         load=None if own else lambda: load(config.ref or default_reference(config.model)))
-        reference.prepare(policy, {"eval": pairs}, objective.collate)
+                                         config.ref_cache, load=reference_model, log=log)
+    elif objective.needs_reference:  # a table cannot hold what this objective scores: run the reference
+        reference = (AdaptersOffReference(precision, config.logprob_chunk) if own
+                     else OnlineReference(reference_model, precision, config.logprob_chunk))
+    reference.prepare(policy, {"eval": pairs}, objective.collate)
+    reference.attach(policy)
     metrics = step.evaluate(objective.scorer(policy), reference, objective, pairs, "eval", config.batch_size,
                             precision, prefix="", progress=progress)
     return {"pairs": len(pairs), **metrics}

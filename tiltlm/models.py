@@ -327,7 +327,7 @@ def tiny_llama(vocab_size: int = 128, hidden_size: int = 32, layers: int = 2, he
     return LlamaForCausalLM(config)
 
 
-def add_lora(model, r: int, alpha: float | None, dropout: float, targets: str):
+def add_lora(model, r: int, alpha: float | None, dropout: float, targets: str, task_type: str = "CAUSAL_LM"):
     """Wrap ``model`` with LoRA adapters (peft): only the adapters train. With adapters disabled the
     model is exactly the base, which is what makes it its own reference (no second copy in memory)."""
     from peft import LoraConfig, get_peft_model
@@ -336,7 +336,7 @@ def add_lora(model, r: int, alpha: float | None, dropout: float, targets: str):
     if target_modules != "all-linear":
         _check_targets(model, targets, target_modules)
     config = LoraConfig(r=r, lora_alpha=alpha if alpha is not None else 2 * r, lora_dropout=dropout,
-                        target_modules=target_modules, task_type="CAUSAL_LM")
+                        target_modules=target_modules, task_type=task_type)  # SEQ_CLS also trains the score head
     try:
         return get_peft_model(model, config)
     except ValueError as error:

@@ -12,22 +12,46 @@ An objective has one interface::
 
 For preference pairs (:class:`PairObjective`, any loss of :mod:`tiltlm.losses` or a weighted sum of them)
 scores are ``(summed completion log-probs, completion token counts)`` per sequence of the batch, as
-:class:`~tiltlm.logprobs.CompletionLogps` returns them.
+:class:`~tiltlm.logprobs.CompletionLogps` returns them. Beyond pairs, chosen by :func:`make_objective` from
+the kind of the data's rows (and ``config.objective``):
+
+:class:`ListObjective`         ranked lists: the prompt once, its K completions, Plackett-Luce over their
+                               implicit rewards (``--pairs all`` trains each list's pairs as pairs instead);
+:class:`UnpairedObjective`     (prompt, completion, label) rows: KTO, with its reference point z0 from
+                               mismatched prompt/completion pairs of the micro-batch;
+:class:`RewardModelObjective`  a sequence-classification model trained on pairs (Bradley-Terry); its scores
+                               are one reward per sequence, and it needs no reference.
+
+Two more members serve the trainer: ``objective.load(name, dtype, trust_remote_code, attention, device)``
+loads the kind of model the objective trains (and its reference), and ``objective.precomputable`` says
+whether a precomputed reference table (refcache.py, one row per pair) can serve it.
+
+Normalisation. Each example (a pair, a ranked list, an unpaired row) gives one loss, multiplied by the
+row's ``weight``; the step's loss is the sum of these over the step's examples divided by the number of
+examples in the step (``batch_size x grad_accum`` per process, averaged over processes by DDP): the
+semantics of :func:`tiltlm.losses.weighted_mean`, so weight 2 counts a row twice and weight 0 removes it.
+A ranked list is one example (its Plackett-Luce loss sums its K - 1 choices); with ``--pairs all`` each
+of its pairs is one.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 from functools import partial
-from typing import Callable, Optional
+from typing import Callable, Optional, Sequence
 
 import torch
 from torch import Tensor, nn
 
-from tiltlm.config import TrainConfig, loss_setup
-from tiltlm.data.collate import Batch, collate_concatenated, collate_shared
+from tiltlm.config import ConfigError, TrainConfig, loss_setup
+from tiltlm.data.collate import (Batch, PromptCompletions, collate_concatenated, collate_prompt_completions,
+                                 collate_shared)
+from tiltlm.data.tokenize import mismatched_unpaired
+from tiltlm.data.types import TokenizedList, TokenizedPair, TokenizedUnpaired
 from tiltlm.logprobs import CompletionLogps
-from tiltlm.losses import LossOutput, LossParams, PairLogps, needs_reference, preference_loss
+from tiltlm.losses import (LossOutput, LossParams, PairLogps, bradley_terry_reward_loss, kto, kto_reference_point,
+                           list_rewards, needs_reference, plackett_luce, preference_loss, stack_lists)
+from tiltlm.models import load_model
 
 Scores = tuple[Tensor, Tensor]
 Collate = Callable[[list], Batch]
@@ -37,6 +61,8 @@ Collate = Callable[[list], Batch]
 # step 0); a reward margin below 1e-5 of that size is rounding noise, not a preference (see pair_metrics).
 TIE_TOLERANCE = 1e-5
 
+KINDS = {TokenizedPair: "pairs", TokenizedList: "ranked lists", TokenizedUnpaired: "unpaired"}
+
 
 @dataclass(frozen=True)
 class Scored:
@@ -44,6 +70,37 @@ class Scored:
 
     losses: Tensor
     metrics: dict[str, Tensor]
+
+
+@dataclass
+class RowBatch(Batch):
+    """A Batch with what the loss needs per example beyond the tokens: its ``weights`` [examples], and
+    for ranked lists each completion's rank ``ranks`` [lists, K_max] (``counts``: K of each list), for
+    unpaired rows their labels ``desirable`` [rows]."""
+
+    weights: Tensor | None = None
+    ranks: Tensor | None = None
+    counts: tuple[int, ...] = ()
+    desirable: Tensor | None = None
+
+    def to(self, device: torch.device) -> "RowBatch":
+        moved = {f.name: getattr(self, f.name) for f in fields(self)}
+        for name, value in moved.items():
+            if isinstance(value, Tensor):
+                moved[name] = value.to(device, non_blocking=True)
+        return RowBatch(**moved)
+
+
+def with_rows(batch: Batch, examples: Sequence, **extra) -> RowBatch:
+    """``batch`` as a RowBatch carrying the examples' weights (and ``extra``)."""
+    weights = torch.tensor([float(getattr(e, "weight", 1.0)) for e in examples], dtype=torch.float32)
+    return RowBatch(**{f.name: getattr(batch, f.name) for f in fields(Batch)}, weights=weights, **extra)
+
+
+def weighted(losses: Tensor, batch: Batch) -> Tensor:
+    """Each example's loss times its row's weight (weights travel in a RowBatch; a plain Batch means 1)."""
+    weights = getattr(batch, "weights", None)
+    return losses if weights is None else losses * weights.to(losses.device, losses.dtype)
 
 
 def make_collate(layout: str, pad_id: int, pack_tokens: int = 0) -> Collate:
@@ -56,9 +113,39 @@ def make_collate(layout: str, pad_id: int, pack_tokens: int = 0) -> Collate:
     return partial(collate_shared, pad_id=pad_id, row_tokens=pack_tokens)
 
 
+def collate_weighted(pairs: list[TokenizedPair], collate: Collate) -> RowBatch:
+    """A pair layout's batch with the pairs' weights."""
+    return with_rows(collate(pairs), pairs)
+
+
+def collate_completions(examples: list[PromptCompletions], layout: str, pad_id: int, pack_tokens: int) -> Batch:
+    """Prompts with K completions in the three layouts: ``packed`` and ``shared`` as
+    :func:`collate_prompt_completions` lays them out (prompt once), ``concatenated`` one row per
+    completion (``[prompt | completion]``, the prompt repeated), with the same sequence ids."""
+    if layout == "concatenated":
+        singles = [PromptCompletions(e.prompt_ids, [c], [s], e.source)
+                   for e in examples for c, s in zip(e.completions, e.sequence_ids)]
+        batch = collate_prompt_completions(singles, pad_id)
+        batch.num_pairs, batch.sources = len(examples), tuple(e.source for e in examples)
+        return batch
+    return collate_prompt_completions(examples, pad_id, pack_tokens if layout == "packed" else None)
+
+
+def load_policy_model(name: str, dtype: torch.dtype, trust_remote_code: bool = False, attention: str = "auto",
+                      device: torch.device | str | None = None) -> nn.Module:
+    """A causal LM, as the policy objectives train it (:func:`tiltlm.models.load_model`)."""
+    return load_model(name, dtype, trust_remote_code, attention=attention, device=device)
+
+
 def split_pairs(logps: Tensor, counts: Tensor, num_pairs: int) -> PairLogps:
     """Per-sequence values (chosen of every pair, then rejected) -> PairLogps."""
     return PairLogps(logps[:num_pairs], logps[num_pairs:], counts[:num_pairs], counts[num_pairs:])
+
+
+def correct_or_tie(margins: Tensor, size: Tensor) -> Tensor:
+    """1 where a margin is positive, 0 where negative, 1/2 where ``|margin| <= TIE_TOLERANCE * size``."""
+    tie = margins.abs() <= TIE_TOLERANCE * size.detach()
+    return torch.where(tie, 0.5, (margins > 0).to(margins.dtype))
 
 
 def pair_metrics(out: LossOutput, policy: PairLogps, reference: Optional[PairLogps], beta: float) -> dict[str, Tensor]:
@@ -73,8 +160,7 @@ def pair_metrics(out: LossOutput, policy: PairLogps, reference: Optional[PairLog
     size = policy.chosen.abs() + policy.rejected.abs()
     if reference is not None:
         size = size + reference.chosen.abs() + reference.rejected.abs()
-    tie = margins.abs() <= TIE_TOLERANCE * beta * size.detach()
-    correct = torch.where(tie, 0.5, (margins > 0).to(margins.dtype))
+    correct = correct_or_tie(margins, beta * size)
     metrics = {"loss": out.losses, "rewards/chosen": out.chosen_rewards, "rewards/rejected": out.rejected_rewards,
                "rewards/margins": margins, "rewards/accuracies": correct,
                "logps/chosen": policy.chosen, "logps/rejected": policy.rejected}
@@ -93,6 +179,8 @@ class PairObjective:
     weights: tuple[float, ...] = (1.0,)
     chunk_size: int = 256  # completion positions projected to the vocabulary at a time
     progress_keys = ("rewards/accuracies", "rewards/margins")
+    precomputable = True
+    load = staticmethod(load_policy_model)
 
     @property
     def needs_reference(self) -> bool:
@@ -109,11 +197,252 @@ class PairObjective:
         policy_logps = split_pairs(*policy, batch.num_pairs)
         reference_logps = split_pairs(*reference, batch.num_pairs) if reference is not None else None
         out = preference_loss(policy_logps, reference_logps, self.params, self.names, self.weights)
+        out = LossOutput(weighted(out.losses, batch), out.chosen_rewards, out.rejected_rewards)
         return Scored(out.losses, pair_metrics(out, policy_logps, reference_logps, self.params.beta))
 
 
-def make_objective(config: TrainConfig, tokenizer) -> PairObjective:
-    """The objective ``config`` asks for: its losses and batch layout."""
+# --- ranked lists -------------------------------------------------------------------------------------------
+
+
+def ordered_pairs(ranks: Tensor, mask: Tensor) -> Tensor:
+    """[lists, K, K] bool: (a, b) where both completions exist and a is ranked strictly above b."""
+    both = mask[:, :, None] & mask[:, None, :]
+    return both & (ranks[:, :, None] < ranks[:, None, :])
+
+
+def list_metrics(losses: Tensor, rewards: Tensor, logps: Tensor, size: Tensor, ranks: Tensor,
+                 mask: Tensor) -> dict[str, Tensor]:
+    """Per list: the loss; the mean implicit reward of its best- and worst-ranked completions (ties: the
+    mean of the tied ones); ranking accuracy, the fraction of its ordered pairs (a ranked above b) whose
+    rewards are in the same order, ties within rounding noise counting half as in :func:`pair_metrics`
+    (``size``: each completion's |log-probs|, policy and reference, times beta); the mean reward margin
+    over those pairs; the mean policy log-prob of its completions. For K = 2 these are a pair's loss,
+    chosen and rejected rewards, accuracy and margin."""
+    real = mask.to(rewards.dtype)
+    best = (ranks == ranks.masked_fill(~mask, 1 << 30).amin(dim=1, keepdim=True)) & mask
+    worst = (ranks == ranks.masked_fill(~mask, -1).amax(dim=1, keepdim=True)) & mask
+    pairs = ordered_pairs(ranks, mask).to(rewards.dtype)
+    margins = rewards[:, :, None] - rewards[:, None, :]
+    sizes = size[:, :, None] + size[:, None, :]
+    per_list = pairs.sum(dim=(1, 2)).clamp(min=1)
+    metrics = {"loss": losses,
+               "rewards/best": (rewards * best).sum(1) / best.sum(1),
+               "rewards/worst": (rewards * worst).sum(1) / worst.sum(1),
+               "rewards/accuracies": (correct_or_tie(margins, sizes) * pairs).sum(dim=(1, 2)) / per_list,
+               "rewards/margins": (margins * pairs).sum(dim=(1, 2)) / per_list,
+               "logps/mean": (logps * real).sum(1) / real.sum(1)}
+    return {key: value.detach() for key, value in metrics.items()}
+
+
+@dataclass(frozen=True)
+class ListObjective:
+    """Ranked lists: one example per prompt, its K completions scored against the prompt laid out once
+    (each sees the prompt and itself, not its siblings), loss :func:`tiltlm.losses.plackett_luce` over
+    their implicit rewards ``beta * (log pi - log pi_ref)`` (Rafailov et al. 2023, Appendix A.3)."""
+
+    pad_id: int
+    beta: float = 0.1
+    layout: str = "packed"
+    pack_tokens: int = 0
+    chunk_size: int = 256
+    progress_keys = ("rewards/accuracies", "rewards/margins")
+    needs_reference = True
+    precomputable = True  # refcache.py: one table row per list, 2 K columns
+    load = staticmethod(load_policy_model)
+
+    def collate(self, lists: list[TokenizedList]) -> RowBatch:
+        """Completion k of list i is sequence ``offset_i + k``: list after list, as stack_lists reads them."""
+        examples, start = [], 0
+        for item in lists:
+            k = len(item.completions)
+            examples.append(PromptCompletions(item.prompt_ids, item.completions, list(range(start, start + k)),
+                                              item.source))
+            start += k
+        counts = tuple(len(item.completions) for item in lists)
+        flat = torch.tensor([r for item in lists for r in item.ranks()], dtype=torch.long)
+        ranks, _ = stack_lists(flat, list(counts))
+        batch = collate_completions(examples, self.layout, self.pad_id, self.pack_tokens)
+        return with_rows(batch, lists, ranks=ranks, counts=counts)
+
+    def scorer(self, model: nn.Module) -> nn.Module:
+        return CompletionLogps(model, self.chunk_size)
+
+    @staticmethod
+    def length(item: TokenizedList) -> int:
+        return len(item.prompt_ids) + sum(len(c) for c in item.completions)
+
+    def __call__(self, policy: Scores, reference: Optional[Scores], batch: RowBatch) -> Scored:
+        if reference is None:
+            raise ValueError("ranked lists need reference log-probs (their rewards are beta log pi/pi_ref)")
+        counts = list(batch.counts)
+        logps, mask = stack_lists(policy[0], counts)
+        reference_logps, _ = stack_lists(reference[0], counts)
+        rewards = list_rewards(logps, reference_logps, self.beta)
+        losses = weighted(plackett_luce(rewards, mask, batch.ranks), batch)
+        size = self.beta * (logps.abs() + reference_logps.abs())
+        return Scored(losses, list_metrics(losses, rewards, logps, size, batch.ranks, mask))
+
+
+# --- unpaired rows (KTO) ------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class UnpairedObjective:
+    """(prompt, completion, label) rows under KTO (:func:`tiltlm.losses.kto`, Ethayarajh et al. 2024, eq. 8).
+
+    The reference point z0 (the paper's Section 4; :func:`tiltlm.losses.kto_reference_point`) is
+    estimated per micro-batch from its mismatched pairs: row i's prompt with row i+1's completion
+    (cyclically, :func:`tiltlm.data.tokenize.mismatched_unpaired`). They ride in the same forward as
+    the rows themselves, as extra completions of each prompt (the prompt is laid out once, and they see
+    it and not the row's own completion): sequence i is row i, sequence n + i its mismatched pair. Their
+    log-ratios are detached, so no gradient flows through z0, as in the paper (the backward still passes
+    over their positions). The reference scores the same batch, so it scores them too.
+
+    Under DDP z0 is estimated per rank and micro-batch (from ``batch_size`` mismatched pairs), not over the
+    global batch: no collective is needed, and each rank's estimate is an unbiased mean before the clamp
+    at 0. A micro-batch of one row (an eval set's last one) has nothing to mismatch: its z0 is 0, the
+    value it takes at step 0, when the policy is its reference. Training needs ``batch_size >= 2``.
+    """
+
+    pad_id: int
+    max_length: int
+    beta: float = 0.1
+    desirable_weight: float = 1.0
+    undesirable_weight: float = 1.0
+    layout: str = "packed"
+    pack_tokens: int = 0
+    chunk_size: int = 256
+    progress_keys = ("rewards/accuracies", "kl")
+    needs_reference = True
+    precomputable = False  # z0's mismatched pairs depend on the micro-batch: no table can hold them
+    load = staticmethod(load_policy_model)
+
+    def collate(self, rows: list[TokenizedUnpaired]) -> RowBatch:
+        n = len(rows)
+        others = mismatched_unpaired(rows, self.max_length) if n >= 2 else []
+        examples = [PromptCompletions(row.prompt_ids, [row.completion_ids], [i], row.source) for i, row in enumerate(rows)]
+        for i, other in enumerate(others):  # sequence n + i: row i's prompt, row i + 1's completion
+            examples[i].completions.append(other.completion_ids)
+            examples[i].sequence_ids.append(n + i)
+        batch = collate_completions(examples, self.layout, self.pad_id, self.pack_tokens)
+        return with_rows(batch, rows, desirable=torch.tensor([row.label for row in rows], dtype=torch.bool))
+
+    def scorer(self, model: nn.Module) -> nn.Module:
+        return CompletionLogps(model, self.chunk_size)
+
+    @staticmethod
+    def length(row: TokenizedUnpaired) -> int:
+        return len(row.prompt_ids) + 2 * len(row.completion_ids)  # its own completion and a mismatched one
+
+    def __call__(self, policy: Scores, reference: Optional[Scores], batch: RowBatch) -> Scored:
+        if reference is None:
+            raise ValueError("KTO needs reference log-probs")
+        n = batch.num_pairs
+        logps, reference_logps = policy[0][:n], reference[0][:n]
+        z0 = (kto_reference_point(policy[0][n:], reference[0][n:]) if batch.sequences > n
+              else logps.new_zeros(()))
+        desirable = batch.desirable
+        losses = weighted(kto(logps, reference_logps, desirable, z0, self.beta, self.desirable_weight,
+                              self.undesirable_weight), batch)
+        # beta (r - z0) signed by the label: positive where the policy follows it (the quantity KTO's sigmoid reads)
+        signed = self.beta * torch.where(desirable, logps - reference_logps - z0, z0 - logps + reference_logps)
+        size = self.beta * (logps.abs() + reference_logps.abs())
+        metrics = {"loss": losses, "rewards/margins": signed, "rewards/accuracies": correct_or_tie(signed, size),
+                   "kl": z0.expand(n), "logps/completion": logps}
+        return Scored(losses, {key: value.detach() for key, value in metrics.items()})
+
+
+# --- reward models ------------------------------------------------------------------------------------------
+
+
+class RewardScores(nn.Module):
+    """Batch -> one reward per sequence (:func:`tiltlm.reward_model.score_sequences`); the module DDP wraps."""
+
+    def __init__(self, model: nn.Module):
+        super().__init__()
+        self.model = model
+
+    def forward(self, batch: Batch) -> Tensor:
+        from tiltlm.reward_model import score_sequences
+
+        return score_sequences(self.model, batch, batch.sequences)
+
+
+@dataclass(frozen=True)
+class RewardModelObjective:
+    """A Bradley-Terry reward model trained on pairs (:func:`tiltlm.losses.bradley_terry_reward_loss`:
+    Ouyang et al. 2022 eq. 1, optional Llama 2 margin, optional centring), no reference. The model is an
+    ``AutoModelForSequenceClassification`` with one output (:meth:`load`); ``margin`` is Llama 2's m, the
+    same for every pair (the data formats carry no per-pair margin)."""
+
+    collate: Collate
+    tokenizer: object
+    margin: float = 0.0
+    centering: float = 0.0
+    max_length: int = 1024
+    max_prompt_length: int = 512
+    progress_keys = ("rewards/accuracies", "rewards/margins")
+    needs_reference = False
+    precomputable = False
+
+    def load(self, name: str, dtype: torch.dtype, trust_remote_code: bool = False, attention: str = "auto",
+             device: torch.device | str | None = None) -> nn.Module:
+        """The reward model with the attention kernel chosen as for a policy, marked as tiltlm's (its
+        config records how texts were tokenised, so :func:`tiltlm.rewards.load_reward` scores them the same)."""
+        from tiltlm.models import choose_attention, set_attention
+        from tiltlm.reward_model import load_reward_model
+
+        model = load_reward_model(name, self.tokenizer, dtype, trust_remote_code)
+        set_attention(model, choose_attention(model, attention, device))
+        model.config.tiltlm_reward = {"max_length": self.max_length, "max_prompt_length": self.max_prompt_length}
+        return model
+
+    def scorer(self, model: nn.Module) -> nn.Module:
+        return RewardScores(model)
+
+    length = staticmethod(PairObjective.length)
+
+    def __call__(self, policy: Tensor, reference: None, batch: Batch) -> Scored:
+        p = batch.num_pairs
+        chosen, rejected = policy[:p], policy[p:]
+        margin = chosen.new_full((p,), self.margin) if self.margin else None
+        losses = weighted(bradley_terry_reward_loss(chosen, rejected, margin, self.centering), batch)
+        margins = chosen - rejected
+        metrics = {"loss": losses, "rewards/chosen": chosen, "rewards/rejected": rejected,
+                   "rewards/margins": margins, "rewards/mean": (chosen + rejected) / 2,
+                   "rewards/accuracies": correct_or_tie(margins, chosen.abs() + rejected.abs())}
+        return Scored(losses, {key: value.detach() for key, value in metrics.items()})
+
+
+# --- choosing ------------------------------------------------------------------------------------------------
+
+
+def data_kind(examples: Sequence) -> str:
+    """``pairs``, ``ranked lists`` or ``unpaired``: the kind of a dataset's rows (one kind per dataset)."""
+    return KINDS[type(examples[0])] if examples else "pairs"
+
+
+def make_objective(config: TrainConfig, tokenizer, kind: str = "pairs"):
+    """The objective for ``config`` and rows of ``kind`` (see :func:`data_kind`): a reward model when
+    ``config.objective`` asks for one, else pairs, ranked lists or unpaired rows by the data. Ranked lists
+    reach here as pairs already when ``config.pairs`` is ``all`` (step.read_examples expands them)."""
+    pad, pack = tokenizer.pad_token_id, config.pack_tokens or config.max_length
+    collate = partial(collate_weighted, collate=make_collate(config.layout, pad, pack))
+    if config.objective == "reward-model":
+        if kind != "pairs":
+            raise ConfigError(f"objective = reward-model trains on pairs (or ranked lists), not {kind} rows")
+        return RewardModelObjective(collate, tokenizer, config.reward_margin, config.reward_centering,
+                                    config.max_length, config.max_prompt_length)
+    if kind != "pairs" and config.loss != "sigmoid":
+        instead = "Plackett-Luce (or --pairs all: their pairs with that loss)" if kind == "ranked lists" else "KTO"
+        raise ConfigError(f"loss = {config.loss!r} is a pair loss; {kind} rows train with {instead}")
+    if kind == "ranked lists":
+        return ListObjective(pad, config.beta, config.layout, pack, config.logprob_chunk)
+    if kind == "unpaired":
+        if config.batch_size < 2:
+            raise ConfigError("batch_size = 1: KTO estimates its reference point from mismatched rows of a "
+                              "micro-batch; expected batch_size >= 2")
+        return UnpairedObjective(pad, config.max_length, config.beta, config.kto_desirable_weight,
+                                 config.kto_undesirable_weight, config.layout, pack, config.logprob_chunk)
     params, names, weights = loss_setup(config)
-    collate = make_collate(config.layout, tokenizer.pad_token_id, config.pack_tokens or config.max_length)
     return PairObjective(collate, params, names, weights, config.logprob_chunk)

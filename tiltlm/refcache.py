@@ -13,6 +13,15 @@ data, with a larger batch since no activations are kept for a backward, fills a 
 Row ``i`` belongs to ``pairs[i]``, the i-th tokenized pair, so a batch must say which pairs it holds
 (``Batch.indices``; see :func:`lookup_reference`).
 
+Ranked lists (K_i completions each) use the same rule with width ``2 K`` (``K`` the largest K_i): row
+``i``'s column ``k`` is completion k's summed log-prob and column ``K + k`` its token count; a list of
+fewer completions has zeros past its own (a count of 0 marks them: every kept completion has a token).
+A pair is a list of two, so its table is the one above, byte for byte; that is why the format version
+did not change (old pair files stay valid, and old readers reject a wider table by its shape). A batch
+numbers its sequences as its collate does: pairs chosen-of-every-pair then rejected
+(collate.collate_shared), lists one after another (objectives.ListObjective, which marks its batches by
+their per-list ``counts``).
+
 The cache. The table is saved as safetensors (plain tensors, nothing executed on load, unlike pickle) at
 ``<cache dir>/<fingerprint>.safetensors``; the fingerprint is a sha256 of everything the numbers depend
 on (see :func:`reference_fingerprint`), so a changed input gives another file name and a recompute, and
@@ -41,6 +50,7 @@ from tqdm.auto import tqdm
 
 from tiltlm import collectives
 from tiltlm.data.collate import Batch
+from tiltlm.data.tokenize import completion_ids
 from tiltlm.data.types import TokenizedPair
 from tiltlm.logprobs import CompletionLogps
 from tiltlm.models import eval_mode
@@ -122,12 +132,15 @@ def tokenizer_fingerprint(tokenizer) -> str:
 
 
 def data_fingerprint(pairs: Sequence[TokenizedPair]) -> str:
-    """sha256 of the token ids of every pair, in order. Covers the data file's contents, the prompt
-    template, ``max_length`` and ``max_prompt_length``: anything that changes what the model scores
-    changes these ids. Lengths are hashed too, so ``[1, 2] + [3]`` and ``[1] + [2, 3]`` differ."""
+    """sha256 of the token ids of every pair (or ranked list), in order. Covers the data file's contents,
+    the prompt template, ``max_length`` and ``max_prompt_length``: anything that changes what the model
+    scores changes these ids. Lengths are hashed too, so ``[1, 2] + [3]`` and ``[1] + [2, 3]`` differ; so
+    is the number of parts of a row that is not a pair (a pair hashes as it always has)."""
     digest = hashlib.sha256()
     for pair in pairs:
-        parts = (pair.prompt_ids, pair.chosen_ids, pair.rejected_ids)
+        parts = (pair.prompt_ids, *completion_ids(pair))
+        if len(parts) != 3:
+            digest.update(torch.tensor([-len(parts)], dtype=torch.int64).numpy().tobytes())
         digest.update(torch.tensor([len(part) for part in parts], dtype=torch.int64).numpy().tobytes())
         digest.update(torch.tensor([t for part in parts for t in part], dtype=torch.int64).numpy().tobytes())
     return digest.hexdigest()
@@ -151,30 +164,47 @@ def default_cache_dir() -> Path:
 # --- computing the table -----------------------------------------------------------------------------
 
 
+def width_of(examples: Sequence) -> int:
+    """Table columns: twice the most completions of any example (4 for pairs)."""
+    return 2 * max((len(completion_ids(e)) for e in examples), default=2)
+
+
+def sequence_slots(batch: Batch, examples: Sequence) -> tuple[list[int], list[int]]:
+    """For each sequence of ``batch`` (of ``examples``, in order), which example it belongs to (position
+    in ``examples``) and which completion of it: the collate's numbering (module docstring)."""
+    counts = getattr(batch, "counts", ())
+    if not counts:  # pairs: chosen of every pair, then rejected
+        n = len(examples)
+        return [s % n for s in range(2 * n)], [s // n for s in range(2 * n)]
+    return [j for j, k in enumerate(counts) for _ in range(k)], [i for k in counts for i in range(k)]
+
+
 @torch.no_grad()
 def precompute_reference(scorer: Scorer, pairs: Sequence[TokenizedPair], collate: Collate, batch_size: int,
                          device: torch.device | str = "cpu", progress: bool = True) -> Tensor:
-    """The ``[len(pairs), 4]`` float32 table of :mod:`this module <tiltlm.refcache>`, on the CPU.
+    """The ``[len(pairs), 4]`` float32 table of :mod:`this module <tiltlm.refcache>` (``2 K`` wide for
+    ranked lists), on the CPU.
 
-    ``scorer`` maps a Batch to (summed log-probs [2P], token counts [2P]), chosen of every pair first,
-    like :class:`~tiltlm.logprobs.CompletionLogps` of the frozen reference. Pairs are scored in order of
-    length, so each batch holds pairs of similar size (little padding, tight packing); results go back
-    to each pair's own row. Under torchrun each rank scores every ``world_size``-th pair of that order
-    (the ranks get similar work) and the shards are all-gathered: each pair is scored once.
+    ``scorer`` maps a Batch to (summed log-probs, token counts) per sequence, like
+    :class:`~tiltlm.logprobs.CompletionLogps` of the frozen reference. Examples are scored in order of
+    length, so each batch holds examples of similar size (little padding, tight packing); results go back
+    to each example's own row. Under torchrun each rank scores every ``world_size``-th example of that
+    order (the ranks get similar work) and the shards are all-gathered: each example is scored once.
     """
     rank, world = collectives.world()
-    order = sorted(range(len(pairs)), key=lambda i: len(pairs[i].prompt_ids) + len(pairs[i].chosen_ids)
-                   + len(pairs[i].rejected_ids))
+    order = sorted(range(len(pairs)), key=lambda i: len(pairs[i].prompt_ids) + sum(map(len, completion_ids(pairs[i]))))
     mine = order[rank::world]
-    rows = torch.zeros(len(mine), 4, dtype=torch.float32)
+    width = width_of(pairs)
+    rows = torch.zeros(len(mine), width, dtype=torch.float32)
     starts = range(0, len(mine), batch_size)
     for start in tqdm(starts, desc="reference", disable=not progress or rank != 0, leave=False):
-        chunk = mine[start:start + batch_size]
-        logps, counts = scorer(collate([pairs[i] for i in chunk]).to(device))
-        n = len(chunk)
-        rows[start:start + n] = torch.stack(
-            [logps[:n], logps[n:], counts[:n].to(logps.dtype), counts[n:].to(logps.dtype)], dim=1).float().cpu()
-    table = torch.zeros(len(pairs), 4, dtype=torch.float32)
+        chunk = [pairs[i] for i in mine[start:start + batch_size]]
+        batch = collate(chunk)
+        logps, counts = scorer(batch.to(device))
+        example, completion = (torch.tensor(v, dtype=torch.long) for v in sequence_slots(batch, chunk))
+        rows[start + example, completion] = logps.float().cpu()
+        rows[start + example, width // 2 + completion] = counts.float().cpu()
+    table = torch.zeros(len(pairs), width, dtype=torch.float32)
     shards = collectives.gather_rows(rows, width=-(-len(pairs) // world))  # ranks differ by <= 1 row
     for r, shard in enumerate(shards):
         theirs = order[r::world]
@@ -196,7 +226,7 @@ def save_table(path: Path, table: Tensor, metadata: dict[str, str]) -> None:
             os.unlink(tmp)
 
 
-def load_table(path: Path, num_pairs: int) -> Tensor | None:
+def load_table(path: Path, num_pairs: int, width: int = 4) -> Tensor | None:
     """The table stored at ``path``, or None when there is none or it does not fit (wrong shape, an
     unreadable or foreign file): the caller recomputes."""
     if not path.is_file():
@@ -205,7 +235,7 @@ def load_table(path: Path, num_pairs: int) -> Tensor | None:
         table = load_file(str(path))[TABLE]
     except Exception:  # a truncated or foreign file is a cache miss, not an error
         return None
-    if table.shape != (num_pairs, 4) or table.dtype != torch.float32:
+    if table.shape != (num_pairs, width) or table.dtype != torch.float32:
         return None
     return table
 
@@ -226,7 +256,7 @@ def cached_reference_table(model: nn.Module, tokenizer, pairs: Sequence[Tokenize
     key = reference_fingerprint(model, tokenizer, pairs, extra)
     path = Path(cache_dir).expanduser() if cache_dir is not None else default_cache_dir()
     path = path / f"{key}.safetensors"
-    table = load_table(path, len(pairs))
+    table = load_table(path, len(pairs), width_of(pairs))
     if collectives.every_rank(table is not None):  # all read the file, or all take part in computing it
         return table, path, True
     if scorer is None:
@@ -245,14 +275,15 @@ def cached_reference_table(model: nn.Module, tokenizer, pairs: Sequence[Tokenize
 def lookup_reference(table: Tensor) -> PrecomputedReference:
     """A reference that reads the table instead of running a model.
 
-    ``reference(batch, indices=None) -> (logps [2P], counts [2P])``, in the layout of
-    :class:`~tiltlm.logprobs.CompletionLogps` (chosen of every pair, then rejected): ``indices`` are the
-    batch's pairs' positions in the list the table was computed from, given explicitly or carried by
-    the batch as ``batch.indices``. Values are moved to the batch's device; counts are int64 like
-    ``torch.bincount``'s.
+    ``reference(batch, indices=None) -> (logps, counts)`` per sequence of the batch, in its numbering
+    (pairs: chosen of every pair, then rejected, as :class:`~tiltlm.logprobs.CompletionLogps` returns
+    them; ranked lists: list after list): ``indices`` are the batch's examples' positions in the list the
+    table was computed from, given explicitly or carried by the batch as ``batch.indices``. Values are
+    moved to the batch's device; counts are int64 like ``torch.bincount``'s.
     """
-    logps_table = table[:, :2].contiguous()
-    counts_table = table[:, 2:].round().long()
+    half = table.shape[1] // 2
+    logps_table = table[:, :half].contiguous()
+    counts_table = table[:, half:].round().long()
 
     def reference(batch: Batch, indices: Iterable[int] | None = None) -> tuple[Tensor, Tensor]:
         if indices is None:
@@ -262,8 +293,9 @@ def lookup_reference(table: Tensor) -> PrecomputedReference:
                              f"ones by {indices!r}; set Batch.indices to the pairs' positions in the data")
         rows = torch.as_tensor(tuple(indices), dtype=torch.long)
         device = batch.input_ids.device
-        logps = logps_table[rows].T.reshape(-1).to(device)  # [chosen of all pairs, rejected of all pairs]
-        counts = counts_table[rows].T.reshape(-1).to(device)
-        return logps, counts
+        if not getattr(batch, "counts", ()):  # pairs: [chosen of all pairs, rejected of all pairs]
+            return logps_table[rows].T.reshape(-1).to(device), counts_table[rows].T.reshape(-1).to(device)
+        present = counts_table[rows] > 0  # each list's own completions, list after list
+        return logps_table[rows][present].to(device), counts_table[rows][present].to(device)
 
     return reference

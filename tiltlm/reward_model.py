@@ -27,7 +27,7 @@ import torch
 from torch import Tensor, nn
 
 from tiltlm.data.collate import Batch
-from tiltlm.logprobs import additive_mask
+from tiltlm.logprobs import backbone_states
 from tiltlm.models import ModelError, plain_after_gguf, resolve
 
 
@@ -95,10 +95,9 @@ def score_sequences(model: nn.Module, batch: Batch, sequences: int | None = None
     """One reward per sequence of ``batch`` (shape [sequences], float32 or wider): the score head
     applied to the hidden state at the sequence's last completion token, the body run once."""
     body, head = body_and_score_head(model)
-    hidden = body(
-        input_ids=batch.input_ids, attention_mask=additive_mask(batch.attention_mask, head.weight.dtype),
-        position_ids=batch.position_ids, use_cache=False,
-    ).last_hidden_state
+    # the same attention as the policy's log-probs: segment metadata to tiltlm's kernels, else the dense
+    # mask of the segment rule (a 2D padding mask would let a shared prompt's completions see each other)
+    hidden = backbone_states(body, body.config, batch, head.weight.dtype)
     rows, cols = last_token_positions(batch, sequences)
     scores = head(hidden[rows, cols]).squeeze(-1)
     return scores.to(torch.promote_types(scores.dtype, torch.float32))
@@ -139,3 +138,103 @@ def load_reward_model(name: str, tokenizer, dtype: torch.dtype = torch.float32, 
         plain_after_gguf(model)
     prepare_reward_model(model, tokenizer)
     return model
+
+
+# --- a trained reward model as a reward, and its evaluation ------------------------------------------------
+#
+# ``tiltlm reward train`` marks the saved config with ``tiltlm_reward`` (the run's max_length and
+# max_prompt_length). Such a model scores texts exactly as it was trained: prompt and completion tokenised
+# apart, the completion ending with EOS, truncated by the same rules, the score read at the last completion
+# token (tiltlm.data.tokenize; score_sequences), not at Hugging Face's "last non-pad token".
+
+MARK = "tiltlm_reward"
+
+
+def read_mark(directory: str) -> dict:
+    """The ``tiltlm_reward`` mark of a saved model's config (max_length, max_prompt_length), or {}."""
+    from transformers import AutoConfig
+
+    try:
+        mark = getattr(AutoConfig.from_pretrained(directory), MARK, None)
+    except (OSError, ValueError):
+        return {}
+    return mark if isinstance(mark, dict) else {}
+
+
+def is_trained_here(directory: str) -> bool:
+    """Whether ``directory`` holds a reward model saved by ``tiltlm reward train`` (its config is marked)."""
+    return bool(read_mark(directory))
+
+
+def encode_reward_input(tokenizer, prompt, completion: str, max_length: int,
+                        max_prompt_length: int) -> tuple[list[int], list[int]]:
+    """``(prompt ids, completion ids)`` as the trainer makes them (tiltlm.data.tokenize): a chat prompt
+    rendered with the completion as the assistant's reply; an empty completion is EOS alone."""
+    from tiltlm.data.tokenize import (_encode, _eos, _head, adds_bos, fit_completions, fit_prompt, render_texts,
+                                      with_eos)
+
+    reply = completion if isinstance(prompt, str) else [{"role": "assistant", "content": completion}]
+    prompt_text, (completion_text,), chat = render_texts(prompt, [reply], tokenizer, "reward input")
+    prompt_ids, completion_ids = _encode(tokenizer, [prompt_text, completion_text])
+    full_prompt, _ = fit_prompt(_head(tokenizer, adds_bos(tokenizer), chat), prompt_ids, max_prompt_length)
+    fitted = fit_completions(len(full_prompt), [with_eos(completion_ids, _eos(tokenizer))], max_length)
+    if isinstance(fitted, str):  # the prompt filled max_length: keep its end and one completion token
+        full_prompt, fitted = full_prompt[-(max_length - 1):], ([with_eos(completion_ids, _eos(tokenizer))[:1]], True)
+    return full_prompt, fitted[0][0]
+
+
+def trained_reward(directory: str, device: torch.device | str = "cpu", batch_size: int = 16):
+    """A ``tiltlm.rewards.Reward`` (prompts, completions -> floats) from a model ``tiltlm reward train`` saved."""
+    from tiltlm.data.collate import PromptCompletions, collate_prompt_completions
+    from tiltlm.models import load_tokenizer
+
+    tokenizer = load_tokenizer(directory)
+    model = load_reward_model(directory, tokenizer).to(device).eval()
+    limits = getattr(model.config, MARK)
+
+    def reward(prompts: list, completions: list[str]) -> list[float]:
+        encoded = [encode_reward_input(tokenizer, p, c, limits["max_length"], limits["max_prompt_length"])
+                   for p, c in zip(prompts, completions)]
+        scores: list[float] = []
+        with torch.inference_mode():
+            for start in range(0, len(encoded), batch_size):
+                chunk = encoded[start:start + batch_size]
+                batch = collate_prompt_completions(
+                    [PromptCompletions(p, [c], [i]) for i, (p, c) in enumerate(chunk)], tokenizer.pad_token_id)
+                scores += score_sequences(model, batch.to(torch.device(device)), len(chunk)).tolist()
+        return scores
+
+    return reward
+
+
+def evaluate_reward_model(model: str, data: str, batch_size: int = 8, max_length: int | None = None,
+                          max_prompt_length: int | None = None, dtype: str = "auto", device: str = "auto",
+                          trust_remote_code: bool = False, progress: bool = True) -> dict[str, float]:
+    """Bradley-Terry loss, accuracy (ties half), mean margin and mean reward of a reward model on a file
+    of pairs (or ranked lists: their pairs), through the trainer's own objective and eval kernel. Lengths
+    default to those the model was trained with (its config's mark), else the trainer's defaults."""
+    import sys
+
+    from tiltlm import step
+    from tiltlm.config import TrainConfig, validate
+    from tiltlm.models import frozen, load_tokenizer
+    from tiltlm.objectives import make_objective
+    from tiltlm.reference import Reference
+    from tiltlm.runtime import pick_device, training_precision
+
+    tokenizer = load_tokenizer(model, trust_remote_code)
+    saved = read_mark(model)
+    lengths = {"max_length": max_length or saved.get("max_length", TrainConfig.max_length),
+               "max_prompt_length": max_prompt_length or saved.get("max_prompt_length", TrainConfig.max_prompt_length)}
+    config = TrainConfig(model=model, data=data, objective="reward-model", batch_size=batch_size, dtype=dtype,
+                         device=device, trust_remote_code=trust_remote_code, **lengths)
+    validate(config)
+    precision = training_precision(dtype, False, pick_device(device))
+    log = (lambda message: print(message, file=sys.stderr)) if progress else (lambda message: None)
+    pairs = step.read_examples(data, tokenizer, config, log)
+    objective = make_objective(config, tokenizer, "pairs")
+    scorer = objective.scorer(frozen(objective.load(model, precision.weights, trust_remote_code, "auto",
+                                                    precision.device)).to(precision.device))
+    metrics = step.evaluate(scorer, Reference(), objective, pairs, data, batch_size, precision, prefix="",
+                            progress=progress)
+    return {"pairs": len(pairs), **metrics}

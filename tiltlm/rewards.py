@@ -17,7 +17,8 @@ a directory
     tokenizer. It reads the prompt followed by the completion (a chat prompt is rendered with the
     completion as the assistant's reply through the tokenizer's chat template), and the reward is the
     single logit of a one-output model (a reward model), or ``logit[1] - logit[0]`` of a two-class
-    model, the log-odds of class 1, which is "positive" or "preferred" by the usual convention.
+    model, the log-odds of class 1, which is "positive" or "preferred" by the usual convention. A
+    reward model saved by ``tiltlm reward train`` reads its texts exactly as it was trained on them.
 """
 
 from __future__ import annotations
@@ -151,10 +152,19 @@ def _as_number(value: Any, spec: str, index: int) -> float:
 
 
 def classifier_reward(directory: str, device: torch.device | str = "cpu", batch_size: int = 16) -> Reward:
-    """A batch reward from a sequence-classification model directory (see the module docstring)."""
+    """A batch reward from a sequence-classification model directory (see the module docstring). A
+    reward model trained by ``tiltlm reward train`` scores texts as it was trained (tokenised like its
+    training data, read at the completion's final EOS): :func:`tiltlm.reward_model.trained_reward`."""
     from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
     from tiltlm.models import refusing_pickles
+    from tiltlm.reward_model import is_trained_here, trained_reward
+
+    if is_trained_here(directory):
+        try:
+            return trained_reward(directory, device, batch_size)
+        except (OSError, ValueError) as error:
+            raise RewardError(f"reward {directory!r}: cannot load the reward model: {error}") from error
 
     try:
         tokenizer = AutoTokenizer.from_pretrained(directory)

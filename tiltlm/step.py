@@ -13,7 +13,8 @@ from tqdm.auto import tqdm
 
 from tiltlm import collectives
 from tiltlm.config import ConfigError, TrainConfig
-from tiltlm.data import load_pairs, tokenize_pairs
+from tiltlm.data import (DataError, Pair, RankedList, TokenizedList, Unpaired, expand_ranking_to_pairs,
+                         load_examples, tokenize_examples)
 from tiltlm.data.collate import Batch
 from tiltlm.metrics import MetricSums
 from tiltlm.models import eval_mode
@@ -39,14 +40,33 @@ def score(policy: Callable[[Batch], tuple], reference: Reference, objective, bat
 
 
 def read_examples(source: str, tokenizer, config: TrainConfig, log) -> list:
-    """Tokenized pairs of ``source`` with the data summary logged; an error when none is usable."""
-    pairs, summary = tokenize_pairs(load_pairs(source), tokenizer, config.max_length, config.max_prompt_length,
-                                    config.special_tokens_in_text)
+    """Tokenized examples of ``source`` (pairs, ranked lists or unpaired rows: one kind per file) with
+    the data summary logged; ranked lists become their pairs when ``config.pairs`` is ``all`` or a reward
+    model trains on them. An error when none is usable."""
+    examples = load_examples(source)
+    check_one_kind(examples, source)
+    rows, summary = tokenize_examples(examples, tokenizer, config.max_length, config.max_prompt_length,
+                                      config.special_tokens_in_text)
     log(f"data {source} (prompts cut to {config.max_prompt_length} tokens, prompt + completion to "
         f"{config.max_length}):\n{summary.format()}")
-    if not pairs:
-        raise ConfigError(f"data {source}: no usable pair left after tokenisation (see the summary above)")
-    return pairs
+    if not rows:
+        raise ConfigError(f"data {source}: no usable row left after tokenisation (see the summary above)")
+    if isinstance(rows[0], TokenizedList) and (config.pairs == "all" or config.objective == "reward-model"):
+        pairs = [pair for ranked in rows for pair in expand_ranking_to_pairs(ranked)]
+        log(f"  {len(rows)} ranked lists -> {len(pairs)} pairs (every pair a ranking implies)")
+        if not pairs:
+            raise ConfigError(f"data {source}: its rankings imply no pair (every completion tied)")
+        return pairs
+    return rows
+
+
+def check_one_kind(examples: list, source: str) -> None:
+    """A DataError naming the first row whose kind (pair, ranked list, unpaired) differs from the first row's."""
+    names = {Pair: "a pair", RankedList: "a ranked list", Unpaired: "an unpaired row"}
+    for example in examples[1:]:
+        if type(example) is not type(examples[0]):
+            raise DataError(f"{example.source}: {names[type(example)]}, but the file starts with "
+                            f"{names[type(examples[0])]} ({examples[0].source}); one file holds one kind of row")
 
 
 @torch.no_grad()

@@ -28,8 +28,8 @@ from tiltlm import collectives, distributed, rundir, step
 from tiltlm.config import ConfigError, TrainConfig, validate
 from tiltlm.data.order import DataOrder
 from tiltlm.metrics import MetricSums, MetricsWriter, displacement_warning, truncate_metrics
-from tiltlm.models import add_lora, check_same_tokenizer, disable_dropout, load_model, load_tokenizer, saved_dtype
-from tiltlm.objectives import PairObjective, make_objective
+from tiltlm.models import add_lora, check_same_tokenizer, disable_dropout, load_tokenizer, saved_dtype
+from tiltlm.objectives import PairObjective, data_kind, make_objective
 from tiltlm.reference import (AdaptersOffReference, OnlineReference, PrecomputedReference, Reference,
                               choose_mode)
 from tiltlm.runtime import (Precision, Runtime, lost_update_fraction, return_freed_memory, seed_everything,
@@ -49,7 +49,7 @@ class Run:
     precision: Precision
     out: Path
     tokenizer: object
-    objective: PairObjective
+    objective: PairObjective  # or another objective of objectives.py: the same interface
     datasets: dict[str, list]  # "train" (and "eval" when given) -> tokenized examples
     order: DataOrder
     total_steps: int
@@ -105,9 +105,9 @@ def setup(config: TrainConfig, runtime: Runtime) -> Run:
     tokenizer = load_tokenizer(config.model, config.trust_remote_code)
     if config.ref:  # the reference scores the policy's token ids: they must name the same strings
         check_same_tokenizer(tokenizer, load_tokenizer(config.ref, config.trust_remote_code), (config.model, config.ref))
-    objective = make_objective(config, tokenizer)
     datasets = {role: step.read_examples(source, tokenizer, config, log)
                 for role, source in (("train", config.data), ("eval", config.eval_data)) if source}
+    objective = make_objective(config, tokenizer, one_kind(datasets, config))
     order, total_steps = data_order(config, datasets["train"], objective, runtime)
     reference = make_reference(config, runtime, precision, objective, tokenizer, sharded, log,
                                covers_data=total_steps >= order.steps_per_epoch and not sharded)
@@ -124,12 +124,22 @@ def setup(config: TrainConfig, runtime: Runtime) -> Run:
                               num_training_steps=total_steps)
     start_step = resume(config, out, model, optimizer, scheduler, runtime, total_steps, log)
     log(f"policy {config.model} ({'LoRA r=%d' % config.lora_r if config.lora_r else 'full'}, weights "
-        f"{precision.weights}, compute {precision.compute}), reference: {reference.mode}, loss: {config.loss}, "
+        f"{precision.weights}, compute {precision.compute}), reference: {reference.mode}, "
+        f"objective: {config.loss if isinstance(objective, PairObjective) else type(objective).__name__}, "
         f"layout: {config.layout}, processes: {runtime.world_size}")
     if runtime.is_main:
         rundir.start(config)  # only now, so a mistake found above leaves the directory as it was
     return Run(config, runtime, precision, out, tokenizer, objective, datasets, order, total_steps, model, forward,
                reference, optimizer, scheduler, start_step, log)
+
+
+def one_kind(datasets: dict[str, list], config: TrainConfig) -> str:
+    """The kind of row the run trains on (objectives.data_kind); an eval set of another kind is an error."""
+    kind = data_kind(datasets["train"])
+    if "eval" in datasets and data_kind(datasets["eval"]) != kind:
+        raise ConfigError(f"eval_data {config.eval_data}: {data_kind(datasets['eval'])} rows, but data "
+                          f"{config.data} holds {kind}; expected the same kind")
+    return kind
 
 
 def data_order(config: TrainConfig, examples: list, objective, runtime: Runtime) -> tuple[DataOrder, int]:
@@ -148,11 +158,15 @@ def make_reference(config: TrainConfig, runtime: Runtime, precision: Precision, 
     """The reference strategy of ``config.ref_mode`` (``auto`` resolved by reference.choose_mode). A separate
     reference model is loaded like the policy (same weights dtype, same autocast), so that at step 0 the
     policy and its reference compute the same numbers and the loss is exactly log 2."""
-    mode = choose_mode(config.ref_mode, config.lora_r > 0, config.ref, not objective.needs_reference, covers_data)
+    mode = choose_mode(config.ref_mode, config.lora_r > 0, config.ref, not objective.needs_reference,
+                       covers_data and objective.precomputable)
+    if mode == "precompute" and not objective.precomputable:
+        raise ConfigError("ref_mode = precompute: KTO's reference point scores mismatched rows that depend on "
+                          "the micro-batch, so no table can hold them; use ref_mode online (or adapters-off with LoRA)")
 
     def load():
-        return load_model(config.ref or config.model, precision.weights, config.trust_remote_code,
-                          attention=config.attention, device=precision.device)
+        return objective.load(config.ref or config.model, precision.weights, config.trust_remote_code,
+                              config.attention, precision.device)
 
     if mode == "precompute":
         own = config.ref is None and not sharded  # the policy's own starting weights: no second copy
@@ -170,14 +184,15 @@ def build_policy(config: TrainConfig, precision: Precision, reference: Reference
                  objective, sharded: bool) -> torch.nn.Module:
     """The policy, in order: loaded (master weights' dtype), reference prepared from its starting weights,
     gradient checkpointing, LoRA, placed (FSDP places the shards itself), reference attached."""
-    model = load_model(config.model, precision.weights, config.trust_remote_code, attention=config.attention,
-                       device=precision.device)
+    model = objective.load(config.model, precision.weights, config.trust_remote_code, config.attention,
+                           precision.device)
     disable_dropout(model)
     reference.prepare(model, datasets, objective.collate)
     if config.gradient_checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     if config.lora_r > 0:
-        model = add_lora(model, config.lora_r, config.lora_alpha, config.lora_dropout, config.lora_targets)
+        model = add_lora(model, config.lora_r, config.lora_alpha, config.lora_dropout, config.lora_targets,
+                         "SEQ_CLS" if config.objective == "reward-model" else "CAUSAL_LM")
     model.to("cpu" if sharded else precision.device).train()
     reference.attach(model)
     return model
