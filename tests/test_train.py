@@ -156,4 +156,4 @@ def test_eval_refuses_a_file_where_no_pair_survives(tiny_model_dir, tmp_path, ca
     data.write_text(json.dumps({"prompt": "The food was", "chosen": " good.", "rejected": " good."}) + "\n")
     assert main(["eval", "--model", str(tiny_model_dir), "--ref", str(tiny_model_dir), "--data", str(data)]) == 2
     errors = [line for line in capsys.readouterr().err.splitlines() if "error" in line]
-    assert len(errors) == 1 and str(data) in errors[0] and "no usable pair" in errors[0]
+    assert len(errors) == 1 and str(data) in errors[0] and "no usable row" in errors[0]

@@ -176,7 +176,10 @@ def encode_reward_input(tokenizer, prompt, completion: str, max_length: int,
     reply = completion if isinstance(prompt, str) else [{"role": "assistant", "content": completion}]
     prompt_text, (completion_text,), chat = render_texts(prompt, [reply], tokenizer, "reward input")
     prompt_ids, completion_ids = _encode(tokenizer, [prompt_text, completion_text])
-    full_prompt, _ = fit_prompt(_head(tokenizer, adds_bos(tokenizer), chat), prompt_ids, max_prompt_length)
+    head = _head(tokenizer, adds_bos(tokenizer), chat, prompt_ids)
+    if head is None:
+        raise ValueError("an empty prompt, and the tokenizer has no BOS to score the completion after")
+    full_prompt, _ = fit_prompt(head, prompt_ids, max_prompt_length)
     fitted = fit_completions(len(full_prompt), [with_eos(completion_ids, _eos(tokenizer))], max_length)
     if isinstance(fitted, str):  # the prompt filled max_length: keep its end and one completion token
         full_prompt, fitted = full_prompt[-(max_length - 1):], ([with_eos(completion_ids, _eos(tokenizer))[:1]], True)

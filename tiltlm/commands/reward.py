@@ -23,15 +23,13 @@ REWARD_OUTPUT = "runs/reward"
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    from tiltlm.cli import add_config_flags
+    from tiltlm.commands import train as train_command
 
     commands = parser.add_subparsers(dest="reward_command", required=True)
-    train = commands.add_parser("train", help="train a Bradley-Terry reward model on preference pairs",
-                                description="Train a reward model (sequence classification, one output) with the "
-                                            "Bradley-Terry loss. Options as for tiltlm train.")
-    train.add_argument("--config", help="YAML file of options")
-    add_config_flags(train)
-    train.add_argument("overrides", nargs="*", help="key=value overrides, e.g. reward_centering=0.01")
+    train = commands.add_parser("train", help="train a Bradley-Terry reward model on preference pairs")
+    train_command.add_arguments(train)
+    train.description = ("Train a reward model (sequence classification, one output) with the Bradley-Terry loss. "
+                         "Options as for tiltlm train: defaults < --config YAML < --flags < key=value.")
     evaluate = commands.add_parser("eval", help="loss and accuracy of a reward model on preference pairs")
     evaluate.add_argument("--model", required=True, help="reward model directory (e.g. a run's final/)")
     evaluate.add_argument("--data", required=True, help="preference file (pairs or ranked lists)")
@@ -51,7 +49,7 @@ def run(args: argparse.Namespace) -> int:
 
 
 def train(args: argparse.Namespace) -> int:
-    from tiltlm.cli import cmd_train
+    from tiltlm.commands import train as train_command
 
     args.objective = "reward-model"
     if args.config is None and not getattr(args, "resume", False):
@@ -59,7 +57,7 @@ def train(args: argparse.Namespace) -> int:
             args.lr = REWARD_LR
         if not hasattr(args, "output"):
             args.output = REWARD_OUTPUT
-    return cmd_train(args)
+    return train_command.run(args)
 
 
 def evaluate(args: argparse.Namespace) -> int:
