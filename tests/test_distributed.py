@@ -379,6 +379,7 @@ def driver(plan_file: str) -> int:
                 if dist.get_rank() == 0:
                     interrupted_copy(Path(args[0]), Path(args[1]), int(args[2]))
                 dist.barrier()
+        dist.barrier()  # both ranks done with every collective before the group is torn down
     finally:
         dist.destroy_process_group()
     return 0
