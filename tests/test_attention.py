@@ -11,6 +11,7 @@ attention keywords down (Falcon), which must fall back to a dense mask.
 
 from __future__ import annotations
 
+import math
 import random
 
 import pytest
@@ -281,3 +282,21 @@ def test_config_names_the_attention_option():
     validate(TrainConfig(data="x.jsonl", attention="blocks"))
     with pytest.raises(ConfigError, match="attention = 'flash'"):
         validate(TrainConfig(data="x.jsonl", attention="flash"))
+
+
+def test_gpu_smoke_script_passes_on_cpu(capsys):
+    """benchmarks/gpu_smoke.py --cpu: the block kernel without fallback, step-0 loss log 2, layouts equal."""
+    import importlib.util
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parents[1] / "benchmarks" / "gpu_smoke.py"
+    spec = importlib.util.spec_from_file_location("gpu_smoke", path)
+    smoke = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(smoke)
+    assert smoke.main(["--cpu", "--steps", "2", "--pairs", "4"]) == 0
+    out = capsys.readouterr().out
+    assert out.count("kernel blocks") == 3 and out.strip().endswith("ok")
+    # and the check itself catches a layout that disagrees
+    results = [{"layout": "a", "kernel": "blocks", "losses": [math.log(2), 0.5]},
+               {"layout": "b", "kernel": "sdpa", "losses": [math.log(2), 0.6]}]
+    assert len(smoke.check(results, "blocks", 1e-4)) == 2
