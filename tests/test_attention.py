@@ -300,3 +300,17 @@ def test_gpu_smoke_script_passes_on_cpu(capsys):
     results = [{"layout": "a", "kernel": "blocks", "losses": [math.log(2), 0.5]},
                {"layout": "b", "kernel": "sdpa", "losses": [math.log(2), 0.6]}]
     assert len(smoke.check(results, "blocks", 1e-4)) == 2
+
+
+def test_gradient_checkpointing_keeps_the_metadata():
+    """Recomputed blocks get the metadata again (it travels as a keyword the checkpoint keeps)."""
+    model, pairs = tiny("llama-gqa", seed=4), random_pairs(5, seed=4)
+    batch = collate_shared(pairs, pad_id=0, row_tokens=60)
+    set_attention(model, "blocks")
+    model.train()
+    expected, expected_grads = values_and_grads(model, lambda: sequence_logps(model, batch)[0])
+    model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    got, grads = values_and_grads(model, lambda: sequence_logps(model, batch)[0])
+    torch.testing.assert_close(got, expected)
+    for g, e in zip(grads, expected_grads):
+        torch.testing.assert_close(g, e)
