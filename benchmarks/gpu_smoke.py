@@ -77,7 +77,8 @@ def train_layout(base, layout: str, batches: list[list[TokenizedPair]], device, 
         start = time.perf_counter()
         with autocast():
             policy_logps, reference_logps = score(batch), score_reference(batch)
-        out = preference_loss(split(*policy_logps, len(pairs)), split(*reference_logps, len(pairs)), LossParams(beta=0.1))
+        out = preference_loss(split(*policy_logps, len(pairs)), split(*reference_logps, len(pairs)),
+                              LossParams(beta=0.1))
         loss = out.losses.mean()
         loss.backward()
         optimizer.step()
@@ -119,7 +120,9 @@ def main(argv: list[str] | None = None) -> int:
     base = tiny_llama(vocab_size=VOCAB, hidden_size=128, layers=2, heads=4, kv_heads=2, intermediate_size=256, seed=0)
     if not args.cpu:
         base = base.to(torch.bfloat16)  # the dtype a GPU run trains in
-    autocast = (lambda: torch.autocast("cpu", dtype=torch.bfloat16)) if args.cpu and args.bf16 else contextlib.nullcontext
+    autocast = contextlib.nullcontext
+    if args.cpu and args.bf16:
+        autocast = lambda: torch.autocast("cpu", dtype=torch.bfloat16)  # noqa: E731
     pairs = random_pairs(args.steps * args.pairs)
     batches = [pairs[i * args.pairs:(i + 1) * args.pairs] for i in range(args.steps)]
     results = [train_layout(base, layout, batches, device, kernel, autocast) for layout in LAYOUTS]

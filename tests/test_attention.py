@@ -33,8 +33,8 @@ CONFIGS = {
     "gpt2": lambda: transformers.GPT2Config(vocab_size=VOCAB, n_embd=32, n_layer=2, n_head=4, n_positions=128),
     "llama-gqa": lambda: transformers.LlamaConfig(**SMALL),
     "mistral-window": lambda: transformers.MistralConfig(**SMALL, sliding_window=5),
-    "qwen2-mixed-window": lambda: transformers.Qwen2Config(**SMALL, use_sliding_window=True, sliding_window=5,
-                                                           max_window_layers=1),
+    "qwen2-mixed-window": lambda: transformers.Qwen2Config(**SMALL, use_sliding_window=True,
+                                                           sliding_window=5, max_window_layers=1),
     "gemma2-softcap": lambda: transformers.Gemma2Config(**SMALL, head_dim=8, sliding_window=5, query_pre_attn_scalar=8,
                                                         attn_logit_softcapping=2.0, final_logit_softcapping=5.0),
     "neox-parallel": lambda: transformers.GPTNeoXConfig(vocab_size=VOCAB, hidden_size=32, intermediate_size=64,
@@ -206,9 +206,9 @@ def test_no_boolean_mask_reaches_a_kernel_that_adds_it(monkeypatch):
     assert seen and all(dtype in (None, torch.float32) for _, dtype in seen), seen
     assert {kind for kind, _ in seen} == {"sdpa", "eager"}
     # on a GPU SDPA takes the boolean mask as "may attend" (no conversion per layer); eager never does
-    on_device = batch.to(torch.device("meta"))
-    assert attention.dense_attention_mask(on_device, tiny("llama-gqa").config, "sdpa", torch.float32).dtype == torch.bool
-    assert attention.dense_attention_mask(on_device, tiny("llama-gqa").config, "eager", torch.float32).dtype == torch.float32
+    on_device, config = batch.to(torch.device("meta")), tiny("llama-gqa").config
+    assert attention.dense_attention_mask(on_device, config, "sdpa", torch.float32).dtype == torch.bool
+    assert attention.dense_attention_mask(on_device, config, "eager", torch.float32).dtype == torch.float32
 
 
 class _Causal(torch.nn.Module):
@@ -239,7 +239,8 @@ def test_flex_block_mask_equals_dense_mask_and_skips_masked_tiles(monkeypatch):
         got, _ = attention.flex_segment_attention(_Causal(), q, k, v, None, scaling=0.3, sliding_window=window,
                                                   tiltlm_segments=segments)
         dense = segment_mask(segments.segment_ids, segments.part_ids, segments.position_ids, window)
-        expected = torch.nn.functional.scaled_dot_product_attention(q, k, v, attn_mask=dense, scale=0.3, enable_gqa=True)
+        expected = torch.nn.functional.scaled_dot_product_attention(q, k, v, attn_mask=dense, scale=0.3,
+                                                                    enable_gqa=True)
         torch.testing.assert_close(got, expected.transpose(1, 2), rtol=1e-5, atol=1e-5)
         block_mask = segments.derived[("flex", window)]
         tile = attention.FLEX_MULTIPLE

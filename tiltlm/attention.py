@@ -1,5 +1,9 @@
 """Attention from segment metadata: packed and prefix-shared rows without an L x L mask.
 
+Every kernel here computes scaled dot-product attention, ``softmax(Q K^T * scale + M) V`` (Vaswani et
+al. 2017, "Attention Is All You Need", eq. 1), with M = 0 where a query may see a key and -inf elsewhere;
+they differ only in how much of M they materialise and which masked scores they skip.
+
 A shared-layout :class:`~tiltlm.data.collate.Batch` says, per token, which example it belongs to
 (``segment_ids``, -1 padding), which part of it (``part_ids``: 0 prompt, k >= 1 completion k), and its
 ``position_ids``. Query t may attend key s when both are in the same example, s is not after t, and s is
@@ -122,13 +126,21 @@ def flex_segment_attention(module, query: Tensor, key: Tensor, value: Tensor, at
     block_mask = segments.derived.get(("flex", sliding_window))
     if block_mask is None:
         block_mask = segments.derived[("flex", sliding_window)] = flex_block_mask(segments, sliding_window)
-    score_mod = None
-    if softcap is not None:  # Gemma-2: scores -> cap * tanh(scores / cap), after scaling, before the mask
-        def score_mod(score, b, h, q, kv):
-            return softcap * torch.tanh(score / softcap)
+    score_mod = None if softcap is None else softcap_score_mod(softcap)
     out = compiled_flex()(query, key, value, score_mod=score_mod, block_mask=block_mask, scale=scaling,
                           enable_gqa=query.shape[1] != key.shape[1])
     return out.transpose(1, 2).contiguous(), None
+
+
+def softcap_score_mod(cap: float) -> Callable:
+    """Attention logit soft-capping as a FlexAttention ``score_mod``: scores -> cap * tanh(scores / cap),
+    after scaling and before the mask (Gemma Team 2024, "Gemma 2" technical report, architecture
+    section; as transformers' eager Gemma-2 attention does it)."""
+
+    def score_mod(score, b, h, q, kv):
+        return cap * torch.tanh(score / cap)
+
+    return score_mod
 
 
 def flex_mask_mod(segments: Segments, sliding_window: int | None) -> Callable:
