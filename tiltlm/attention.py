@@ -369,6 +369,20 @@ def unsupported(model, kernel: str) -> str | None:
     return None
 
 
+_LOGGED: set = set()
+
+
+def log_layout(kernel: str, batch: Batch) -> None:
+    """Say once per process which kernel computes which kind of row."""
+    rows = "plain rows" if batch.segment_ids is None else "prompt-shared/packed rows"
+    how = {"flex": "FlexAttention, block mask from segment metadata",
+           "blocks": "SDPA on the needed blocks only" if batch.segment_ids is not None else "one causal SDPA call",
+           "sdpa": "SDPA with a dense mask", "eager": "eager attention with a dense float mask"}.get(kernel, kernel)
+    if (kernel, rows) not in _LOGGED:
+        _LOGGED.add((kernel, rows))
+        log.info("attention for %s: %s (%s)", rows, kernel, how)
+
+
 def kernel_of(config) -> str:
     """The kernel a model runs: flex, blocks, sdpa, eager (or another transformers implementation)."""
     implementation = getattr(config, "_attn_implementation", None) or "eager"

@@ -167,7 +167,7 @@ def backbone_and_head(model: nn.Module) -> tuple[nn.Module, nn.Linear]:
 
 def additive_mask(mask: Tensor, dtype: torch.dtype) -> Tensor:
     """A boolean [rows, 1, L, L] mask (True: may attend) as an additive float mask (0 or -inf); other
-    masks as they are. Converted once per batch: given a boolean mask, CPU attention converts it in
+    masks as they are. (Batches no longer carry such masks; :mod:`tiltlm.attention` builds its own.) Converted once per batch: given a boolean mask, CPU attention converts it in
     every layer and keeps each copy for the backward (SmolLM2: 30 float copies of [rows, L, L]). GPU
     kernels take boolean masks as they are (and FlexAttention block masks are another path)."""
     if mask.dtype != torch.bool or mask.device.type != "cpu":
@@ -181,6 +181,7 @@ def backbone_states(backbone: nn.Module, config, batch: Batch, dtype: torch.dtyp
     Under tiltlm's attention kernels the batch's segment metadata goes down to attention and no mask is
     built; other kernels get the dense mask of the same rule (:mod:`tiltlm.attention`)."""
     kernel = attention.kernel_of(config)
+    attention.log_layout(kernel, batch)
     if kernel in ("flex", "blocks"):
         multiple = attention.FLEX_MULTIPLE if kernel == "flex" else 1
         input_ids, position_ids, segments = attention.segments_of(batch, multiple)
