@@ -327,3 +327,16 @@ def test_gradient_checkpointing_keeps_the_metadata():
     torch.testing.assert_close(got, expected)
     for g, e in zip(grads, expected_grads):
         torch.testing.assert_close(g, e)
+
+
+def test_load_model_loads_families_without_sdpa_and_picks_their_kernel(tmp_path):
+    """Gemma-2 declares no SDPA support: it used to fail to load (attn_implementation="sdpa" was forced)."""
+    from tiltlm.attention import kernel_of
+    from tiltlm.models import load_model
+
+    for family, kernel in (("gemma2-softcap", "eager"), ("falcon-no-backend", "sdpa"), ("llama-gqa", "blocks")):
+        tiny(family).save_pretrained(tmp_path / family)
+        assert kernel_of(load_model(str(tmp_path / family)).config) == kernel, family
+    assert kernel_of(load_model(str(tmp_path / "gemma2-softcap"), device="cuda").config) == "flex"
+    with pytest.raises(ModelError, match="softcaps"):
+        load_model(str(tmp_path / "gemma2-softcap"), attention="blocks")
