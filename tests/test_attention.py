@@ -112,8 +112,12 @@ def layouts(pairs):
             "packed": collate_shared(pairs, pad_id=0, row_tokens=60)}
 
 
+@pytest.mark.parametrize("dense_advantage", [0.0, attention.DENSE_ADVANTAGE])
 @pytest.mark.parametrize("family", list(CONFIGS))
-def test_every_layout_equals_each_sequence_alone(family):
+def test_every_layout_equals_each_sequence_alone(family, dense_advantage, monkeypatch):
+    """With the block kernel on every batch (dense advantage 0), and as it runs by default (these short
+    rows then go to SDPA with the dense mask)."""
+    monkeypatch.setattr(attention, "DENSE_ADVANTAGE", dense_advantage)
     model, pairs = tiny(family), random_pairs(6, seed=1)
     expected, expected_grads = values_and_grads(model, lambda: one_at_a_time(model, pairs))
     kernel = choose_attention(model, "auto", "cpu")
@@ -168,7 +172,23 @@ def test_attention_sinks_fall_back():
     assert choose_attention(model, "auto", "cpu") == choose_attention(model, "auto", "cuda") == "eager"
 
 
-def test_k_completions_see_their_prompt_and_themselves_only():
+def test_blocks_pay_off_on_long_packed_rows_only(monkeypatch):
+    """Rows of one short pair each: SDPA over the row is cheaper (few masked scores); 4096-token rows of
+    many pairs: the blocks are (the dense product is ~20x what is needed)."""
+    long_rows = _packed_segments(rows_tokens=4096)
+    assert attention.blocks_pay_off(long_rows)
+    short_rows = attention.segments_of(collate_shared(random_pairs(6), pad_id=0))[2]
+    assert not attention.blocks_pay_off(short_rows)
+    seen = []
+    monkeypatch.setattr(attention, "log_layout", lambda kernel, batch: seen.append(kernel))
+    model = tiny("llama-gqa")
+    set_attention(model, "blocks")
+    with torch.no_grad():
+        sequence_logps(model, collate_shared(random_pairs(6), pad_id=0))
+    assert seen == ["blocks-dense"]
+
+
+def test_k_completions_see_their_prompt_and_themselves_only(monkeypatch):
     """A prompt with three completions: each scores as if alone after its prompt, with the sequence ids
     the caller gave, and the metadata says which part each token is."""
     model, rng = tiny("llama-gqa", seed=3), random.Random(3)
@@ -178,6 +198,7 @@ def test_k_completions_see_their_prompt_and_themselves_only():
                 PromptCompletions(prompts[1], completions[1], [1, 5, 3])]
     batch = collate_prompt_completions(examples, pad_id=0, row_tokens=64)
     assert batch.input_ids.shape[0] == 1 and batch.sequences == 6
+    monkeypatch.setattr(attention, "DENSE_ADVANTAGE", 0.0)  # the block kernel even on this short row
     assert batch.part_ids[0, :14].tolist() == [0] * 4 + [1] * 3 + [2] * 5 + [3] * 2
     with torch.no_grad():
         expected = torch.zeros(6)
@@ -207,6 +228,7 @@ def test_no_boolean_mask_reaches_a_kernel_that_adds_it(monkeypatch):
         seen.append(("eager", None if attention_mask is None else attention_mask.dtype))
         return eager(module, query, key, value, attention_mask, **kwargs)
 
+    monkeypatch.setattr(attention, "DENSE_ADVANTAGE", 0.0)
     monkeypatch.setattr(torch.nn.functional, "scaled_dot_product_attention", spy_sdpa)
     monkeypatch.setattr(gemma2, "eager_attention_forward", spy_eager)
     batch = collate_shared(random_pairs(4), pad_id=0, row_tokens=60)
@@ -315,8 +337,9 @@ def test_gpu_smoke_script_passes_on_cpu(capsys):
     assert len(smoke.check(results, "blocks", 1e-4)) == 2
 
 
-def test_gradient_checkpointing_keeps_the_metadata():
+def test_gradient_checkpointing_keeps_the_metadata(monkeypatch):
     """Recomputed blocks get the metadata again (it travels as a keyword the checkpoint keeps)."""
+    monkeypatch.setattr(attention, "DENSE_ADVANTAGE", 0.0)
     model, pairs = tiny("llama-gqa", seed=4), random_pairs(5, seed=4)
     batch = collate_shared(pairs, pad_id=0, row_tokens=60)
     set_attention(model, "blocks")

@@ -211,6 +211,33 @@ def block_plan(segments: Segments) -> list[list[Block]]:
     return plan
 
 
+# Blocks pay off when SDPA over whole rows would compute this many times the score pairs the blocks
+# compute: per score pair, the gathered calls cost ~2.5x the dense kernel (gathers, their backward, masked
+# completion blocks). Measured, attention forward + backward, 2 CPU cores, 20M model's shape: rows of 512
+# (one pair each) dense 1.4x faster, 1024 dense 1.2x faster, 2048 blocks 1.9x faster, 4096 blocks 4.3x.
+DENSE_ADVANTAGE = 3.0
+
+
+def blocks_pay_off(segments: Segments) -> bool:
+    """Whether the block kernel beats SDPA with the dense mask on this batch (see DENSE_ADVANTAGE)."""
+    rows, length = segments.segment_ids.shape
+    plan = cached_plan(segments)
+    work = 0
+    for kind in ("prompt", "completion"):
+        blocks = [b for row in plan for b in row if b.kind == kind]
+        if blocks:
+            width = max(b.q1 - b.q0 for b in blocks)
+            keys = max(sum(k1 - k0 for k0, k1 in b.keys) for b in blocks)
+            work += len(blocks) * width * keys
+    return rows * length * length > DENSE_ADVANTAGE * work
+
+
+def cached_plan(segments: Segments) -> list[list[Block]]:
+    if "plan" not in segments.derived:
+        segments.derived["plan"] = block_plan(segments)
+    return segments.derived["plan"]
+
+
 def block_segment_attention(module, query: Tensor, key: Tensor, value: Tensor, attention_mask: Tensor | None,
                             scaling: float | None = None, dropout: float = 0.0,
                             sliding_window: int | None = None, softcap: float | None = None,
@@ -224,7 +251,7 @@ def block_segment_attention(module, query: Tensor, key: Tensor, value: Tensor, a
     _check_features(module, BLOCKS, kwargs, softcap, dropout)
     cache_key = ("blocks", sliding_window, query.dtype)
     if cache_key not in segments.derived:
-        segments.derived[cache_key] = gather_plan(block_plan(segments), segments, sliding_window, query.dtype)
+        segments.derived[cache_key] = gather_plan(cached_plan(segments), segments, sliding_window, query.dtype)
     gathered = segments.derived[cache_key]
     options = dict(dropout_p=dropout, scale=scaling, enable_gqa=query.shape[1] != key.shape[1])
     if gathered.plain_rows:
@@ -377,6 +404,7 @@ def log_layout(kernel: str, batch: Batch) -> None:
     rows = "plain rows" if batch.segment_ids is None else "prompt-shared/packed rows"
     how = {"flex": "FlexAttention, block mask from segment metadata",
            "blocks": "SDPA on the needed blocks only" if batch.segment_ids is not None else "one causal SDPA call",
+           "blocks-dense": "short rows: SDPA with a dense float mask, faster there than blocks",
            "sdpa": "SDPA with a dense mask", "eager": "eager attention with a dense float mask"}.get(kernel, kernel)
     if (kernel, rows) not in _LOGGED:
         _LOGGED.add((kernel, rows))
