@@ -21,6 +21,8 @@ declaring ``_supports_attention_backend`` pass down to attention:
                    blocks of each kind are gathered into one padded SDPA call (one for all prompts, one
                    for all completions): nothing across examples or between completions is computed.
                    Exact: the same softmax over the same keys as the dense mask, in float32 rounding.
+                   Where rows are short, SDPA over whole rows is faster (:func:`blocks_pay_off`); such
+                   batches get the dense float mask instead (``logprobs.backbone_states``).
 
 Families whose attention cannot take the metadata (no ``_supports_attention_backend``, attention sinks,
 softcapping on CPU) fall back to SDPA or eager with a dense mask built on the device from the same rule
