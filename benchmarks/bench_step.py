@@ -9,7 +9,9 @@ RSS as JSON.
 
 Configurations (:data:`CONFIGS`) switch on tiltlm's fast paths one at a time and all together (``all``
 is what ``tiltlm train`` does by default: on CPU, attention by blocks from the rows' segment metadata;
-``all-dense`` is the same with the former dense-mask SDPA attention); ``all+gc`` adds gradient checkpointing and ``all+gc+release``
+``all-dense`` is the same with the former dense-mask SDPA attention, ``all-blocks`` with the block kernel
+on every batch, also where the dense mask is faster; ``all-4k``/``all-4k-dense``: one 4096-token row a step,
+where the dense mask computes most of its scores for nothing); ``all+gc`` adds gradient checkpointing and ``all+gc+release``
 also ``--release-memory``, tiltlm's options for memory.
 """
 
@@ -45,6 +47,7 @@ class Config:
     gradient_checkpointing: bool = False  # tiltlm's option: recompute each block's activations in the backward
     release_memory: bool = False  # tiltlm's option: glibc returns freed tensors to the system at once
     attention: str = "auto"  # tiltlm's kernel choice (blocks on CPU); "sdpa": the dense [rows, 1, L, L] mask
+    dense_advantage: float | None = None  # blocks kernel: 0 = blocks on every batch (default: where they pay off)
 
 
 CONFIGS = {
@@ -55,6 +58,9 @@ CONFIGS = {
     "precompute": Config("concatenated", "full", "precompute"),
     "all": Config("packed", "chunked", "precompute"),
     "all-dense": Config("packed", "chunked", "precompute", attention="sdpa"),
+    "all-blocks": Config("packed", "chunked", "precompute", attention="blocks", dense_advantage=0.0),
+    "all-4k": Config("packed", "chunked", "precompute", pack_tokens=4096),
+    "all-4k-dense": Config("packed", "chunked", "precompute", pack_tokens=4096, attention="sdpa"),
     "all+gc": Config("packed", "chunked", "precompute", gradient_checkpointing=True),
     "all+gc+release": Config("packed", "chunked", "precompute", gradient_checkpointing=True, release_memory=True),
 }
@@ -84,6 +90,10 @@ def build(model_name: str, config: Config):
     policy = AutoModelForCausalLM.from_pretrained(model_dir(model_name), dtype=torch.float32, attn_implementation="sdpa")
     disable_dropout(policy)
     set_attention(policy, choose_attention(policy, config.attention, "cpu"))
+    if config.dense_advantage is not None:
+        from tiltlm import attention
+
+        attention.DENSE_ADVANTAGE = config.dense_advantage
     reference_model = frozen(copy.deepcopy(policy))  # the policy's starting weights, like tiltlm's online mode
     if config.gradient_checkpointing:  # as tiltlm.train.build_policy does it
         policy.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})

@@ -23,14 +23,14 @@ sys.path.insert(0, str(HERE))
 
 from flops import Shape, step_flops  # noqa: E402
 
-TILTLM_CONFIGS = ["naive", "shared", "packed", "chunked", "precompute", "all", "all-dense", "all+gc",
-                  "all+gc+release"]
+TILTLM_CONFIGS = ["naive", "shared", "packed", "chunked", "precompute", "all", "all-dense", "all-blocks",
+                  "all-4k", "all-4k-dense", "all+gc", "all+gc+release"]
 TRL_CONFIGS = ["trl-shipped", "trl-completion-only"]
 PLAN = {  # model: (configurations, warm-up steps, measured steps)
     "tiny20m": (TILTLM_CONFIGS + TRL_CONFIGS, 1, 5),
     # SmolLM2 steps cost ~7x the 20M model's: only the all-on configurations and TRL's faster one fit the
     # time budget on 2 shared cores (add more with --configs)
-    "smollm2": (["all", "all-dense", "all+gc", "trl-completion-only"], 1, 5),
+    "smollm2": (["all", "all-dense", "all-4k", "all-4k-dense", "all+gc", "trl-completion-only"], 1, 5),
 }
 DESCRIPTIONS = {
     "naive": "concatenated rows, full logits, online reference",
@@ -41,6 +41,9 @@ DESCRIPTIONS = {
     "all": "packing + completion-only projection + precomputed reference + attention by blocks from segment "
            "metadata: `tiltlm train`'s defaults",
     "all-dense": "all with the former attention: SDPA under a dense [rows, 1, L, L] mask (`attention: sdpa`)",
+    "all-blocks": "all with the block kernel on every batch, also where the dense mask is faster",
+    "all-4k": "all with 4096-token packed rows (one row a step)",
+    "all-4k-dense": "all-4k with the dense mask (`attention: sdpa`)",
     "all+gc": "all + gradient checkpointing of the blocks (`--gradient-checkpointing`)",
     "all+gc+release": "all+gc + freed memory returned to the system at once (`--release-memory`)",
     "trl-shipped": "TRL DPOTrainer as shipped (fp32, no grad. ckpt)",

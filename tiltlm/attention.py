@@ -1,5 +1,9 @@
 """Attention from segment metadata: packed and prefix-shared rows without an L x L mask.
 
+Every kernel here computes scaled dot-product attention, ``softmax(Q K^T * scale + M) V`` (Vaswani et
+al. 2017, "Attention Is All You Need", eq. 1), with M = 0 where a query may see a key and -inf elsewhere;
+they differ only in how much of M they materialise and which masked scores they skip.
+
 A shared-layout :class:`~tiltlm.data.collate.Batch` says, per token, which example it belongs to
 (``segment_ids``, -1 padding), which part of it (``part_ids``: 0 prompt, k >= 1 completion k), and its
 ``position_ids``. Query t may attend key s when both are in the same example, s is not after t, and s is
@@ -12,9 +16,13 @@ declaring ``_supports_attention_backend`` pass down to attention:
                    128 x 128 tiles are skipped, grouped-query attention is native (``enable_gqa``), and a
                    ``score_mod`` applies logit softcapping (Gemma-2). Rows are padded to a multiple of
                    128 tokens so that shapes, and so compiled kernels, repeat from step to step.
-``tiltlm_blocks``  (CPU) only the blocks that are needed, each with SDPA: per example, the prompt against
-                   itself (causal), then each completion against its prompt's keys and its own (causal).
+``tiltlm_blocks``  (CPU) only the blocks that are needed: per example, the prompt against itself
+                   (causal), and each completion against its prompt's keys and its own (causal). The
+                   blocks of each kind are gathered into one padded SDPA call (one for all prompts, one
+                   for all completions): nothing across examples or between completions is computed.
                    Exact: the same softmax over the same keys as the dense mask, in float32 rounding.
+                   Where rows are short, SDPA over whole rows is faster (:func:`blocks_pay_off`); such
+                   batches get the dense float mask instead (``logprobs.backbone_states``).
 
 Families whose attention cannot take the metadata (no ``_supports_attention_backend``, attention sinks,
 softcapping on CPU) fall back to SDPA or eager with a dense mask built on the device from the same rule
@@ -120,13 +128,21 @@ def flex_segment_attention(module, query: Tensor, key: Tensor, value: Tensor, at
     block_mask = segments.derived.get(("flex", sliding_window))
     if block_mask is None:
         block_mask = segments.derived[("flex", sliding_window)] = flex_block_mask(segments, sliding_window)
-    score_mod = None
-    if softcap is not None:  # Gemma-2: scores -> cap * tanh(scores / cap), after scaling, before the mask
-        def score_mod(score, b, h, q, kv):
-            return softcap * torch.tanh(score / softcap)
+    score_mod = None if softcap is None else softcap_score_mod(softcap)
     out = compiled_flex()(query, key, value, score_mod=score_mod, block_mask=block_mask, scale=scaling,
                           enable_gqa=query.shape[1] != key.shape[1])
     return out.transpose(1, 2).contiguous(), None
+
+
+def softcap_score_mod(cap: float) -> Callable:
+    """Attention logit soft-capping as a FlexAttention ``score_mod``: scores -> cap * tanh(scores / cap),
+    after scaling and before the mask (Gemma Team 2024, "Gemma 2" technical report, architecture
+    section; as transformers' eager Gemma-2 attention does it)."""
+
+    def score_mod(score, b, h, q, kv):
+        return cap * torch.tanh(score / cap)
+
+    return score_mod
 
 
 def flex_mask_mod(segments: Segments, sliding_window: int | None) -> Callable:
@@ -166,97 +182,182 @@ def compiled_flex() -> Callable:
 
 @dataclass
 class Block:
-    """Queries ``[q0, q1)`` of one row against the keys of the column ranges ``keys`` (in row order).
-    ``causal``: the block is square and plainly causal (SDPA's ``is_causal``); else ``mask`` (additive,
-    [q, k]) says what is visible; ``None`` for both marks padding, which attends only to itself."""
+    """Queries ``[q0, q1)`` of one row against the keys of the column ranges ``keys``: a prompt (itself,
+    causally), a completion (its prompt, then itself causally) or padding (itself alone)."""
 
+    kind: str  # prompt | completion | padding
     q0: int
     q1: int
     keys: list[tuple[int, int]]
-    causal: bool = False
-    mask: Tensor | None = None
 
 
-def block_plan(segments: Segments, sliding_window: int | None, dtype: torch.dtype) -> list[list[Block]]:
-    """Per row, the blocks that cover its columns in order: per example the prompt, then each completion
-    against [prompt + itself]; then the row's padding."""
+def block_plan(segments: Segments) -> list[list[Block]]:
+    """Per row, the blocks that cover its columns in order: per example the prompt, then each completion;
+    then the row's padding."""
     plan = []
-    positions = segments.position_ids
-    for row, (seg, part) in enumerate(zip(segments.segment_ids.tolist(), segments.part_ids.tolist())):
+    for seg, part in zip(segments.segment_ids.tolist(), segments.part_ids.tolist()):
         blocks, column, length, prompt = [], 0, len(seg), (0, 0)
         while column < length:
             end = column
             while end < length and seg[end] == seg[column] and part[end] == part[column]:
                 end += 1
             if seg[column] < 0:
-                blocks.append(Block(column, end, [(column, end)]))
+                blocks.append(Block("padding", column, end, [(column, end)]))
             elif part[column] == 0:
                 prompt = (column, end)
-                blocks.append(Block(column, end, [prompt]))
+                blocks.append(Block("prompt", column, end, [prompt]))
             else:
-                blocks.append(Block(column, end, [prompt, (column, end)]))
+                blocks.append(Block("completion", column, end, [prompt, (column, end)]))
             column = end
-        for block in blocks:
-            if seg[block.q0] >= 0:
-                _set_visibility(block, positions[row], sliding_window, dtype)
         plan.append(blocks)
     return plan
 
 
-def _set_visibility(block: Block, positions: Tensor, sliding_window: int | None, dtype: torch.dtype) -> None:
-    """Causal over row columns (prompt columns precede a completion's), and the window over positions."""
-    queries = torch.arange(block.q0, block.q1, device=positions.device)
-    keys = torch.cat([torch.arange(a, b, device=positions.device) for a, b in block.keys])
-    allowed = keys[None, :] <= queries[:, None]
-    if sliding_window is not None:
-        allowed &= (positions[queries][:, None] - positions[keys][None, :]) < sliding_window
-    causal = allowed.equal(torch.ones_like(allowed).tril()) if len(block.keys) == 1 else False
-    block.causal = causal
-    if not causal:
-        block.mask = torch.zeros(allowed.shape, dtype=dtype, device=allowed.device).masked_fill_(~allowed, float("-inf"))
+# Blocks pay off when SDPA over whole rows would compute this many times the score pairs the blocks
+# compute: per score pair, the gathered calls cost ~2.5x the dense kernel (gathers, their backward, masked
+# completion blocks). Measured, attention forward + backward, 2 CPU cores, 20M model's shape: rows of 512
+# (one pair each) dense 1.4x faster, 1024 dense 1.2x faster, 2048 blocks 1.9x faster, 4096 blocks 4.3x.
+DENSE_ADVANTAGE = 3.0
+
+
+def blocks_pay_off(segments: Segments) -> bool:
+    """Whether the block kernel beats SDPA with the dense mask on this batch (see DENSE_ADVANTAGE)."""
+    rows, length = segments.segment_ids.shape
+    plan = cached_plan(segments)
+    work = 0
+    for kind in ("prompt", "completion"):
+        blocks = [b for row in plan for b in row if b.kind == kind]
+        if blocks:
+            width = max(b.q1 - b.q0 for b in blocks)
+            keys = max(sum(k1 - k0 for k0, k1 in b.keys) for b in blocks)
+            work += len(blocks) * width * keys
+    return rows * length * length > DENSE_ADVANTAGE * work
+
+
+def cached_plan(segments: Segments) -> list[list[Block]]:
+    if "plan" not in segments.derived:
+        segments.derived["plan"] = block_plan(segments)
+    return segments.derived["plan"]
 
 
 def block_segment_attention(module, query: Tensor, key: Tensor, value: Tensor, attention_mask: Tensor | None,
                             scaling: float | None = None, dropout: float = 0.0,
                             sliding_window: int | None = None, softcap: float | None = None,
                             **kwargs) -> tuple[Tensor, None]:
-    """Attention block by block (see :func:`block_plan`); query/key/value are [rows, heads, L, head_dim]."""
+    """Only the blocks of :func:`block_plan`, gathered into one SDPA call per kind (:func:`gather_plan`);
+    query/key/value are [rows, heads, L, head_dim]."""
     segments = kwargs.pop("tiltlm_segments", None)
     if segments is None:
         return _plain(module, query, key, value, attention_mask, scaling=scaling, dropout=dropout,
                       softcap=softcap, **kwargs)
     _check_features(module, BLOCKS, kwargs, softcap, dropout)
-    plan = segments.derived.get(("blocks", sliding_window, query.dtype))
-    if plan is None:
-        plan = segments.derived[("blocks", sliding_window, query.dtype)] = block_plan(segments, sliding_window, query.dtype)
+    cache_key = ("blocks", sliding_window, query.dtype)
+    if cache_key not in segments.derived:
+        segments.derived[cache_key] = gather_plan(cached_plan(segments), segments, sliding_window, query.dtype)
+    gathered = segments.derived[cache_key]
     options = dict(dropout_p=dropout, scale=scaling, enable_gqa=query.shape[1] != key.shape[1])
-    if all(_one_causal_prefix(blocks) for blocks in plan):
-        # plain right-padded rows: one causal call for the batch. Padding queries then see real tokens
-        # instead of themselves; their outputs are never read (no real token attends to a later column).
+    if gathered.plain_rows:
+        # right-padded rows of one sequence each: one causal call for the batch. Padding queries then see
+        # real tokens instead of themselves; their outputs are never read (no real token attends to a
+        # later column).
         out = F.scaled_dot_product_attention(query, key, value, is_causal=True, **options)
-    else:
-        out = torch.stack([torch.cat([_block(b, query[r], key[r], value[r], options) for b in blocks], dim=1)
-                           for r, blocks in enumerate(plan)])
-    return out.transpose(1, 2).contiguous(), None
+        return out.transpose(1, 2).contiguous(), None
+    return _gathered_attention(query, key, value, gathered, options), None
 
 
-def _one_causal_prefix(blocks: list[Block]) -> bool:
-    """The row is one causal block from column 0, then at most padding."""
-    return blocks[0].q0 == 0 and blocks[0].causal and (len(blocks) == 1 or (len(blocks) == 2 and blocks[1].mask is None
-                                                                            and not blocks[1].causal))
+@dataclass
+class Group:
+    """Blocks of one shape gathered into one padded SDPA call: ``queries`` [n, Q] and ``keys`` [n, K] are
+    flat token indices (row * L + column), short blocks padded by repeating their last index; ``mask``
+    [n, 1, Q, K] (additive) hides padded keys and what the rule hides, or is None when SDPA's ``is_causal``
+    says it all."""
+
+    queries: Tensor
+    keys: Tensor
+    mask: Tensor | None
+    real: list[int]  # real queries per block
 
 
-def _block(block: Block, query: Tensor, key: Tensor, value: Tensor, options: dict) -> Tensor:
-    """Output of one block's queries, [heads, q, head_dim]."""
-    if not block.causal and block.mask is None:  # padding: softmax over itself alone returns its value
-        return value[:, block.q0:block.q1].repeat_interleave(query.shape[0] // value.shape[0], dim=0)
-    q = query[:, block.q0:block.q1]
-    if len(block.keys) == 1:
-        k, v = key[:, block.q0:block.q1], value[:, block.q0:block.q1]
-    else:
-        k = torch.cat([key[:, a:b] for a, b in block.keys], dim=1)
-        v = torch.cat([value[:, a:b] for a, b in block.keys], dim=1)
-    return F.scaled_dot_product_attention(q, k, v, attn_mask=block.mask, is_causal=block.causal, **options)
+def _group(blocks: list[tuple[int, Block]], length: int, positions: Tensor, sliding_window: int | None,
+           dtype: torch.dtype) -> Group:
+    def padded(ranges_of) -> tuple[Tensor, Tensor]:
+        columns = [[c for a, b in ranges_of(block) for c in range(a, b)] for _, block in blocks]
+        width = max(len(c) for c in columns)
+        real = torch.tensor([[i < len(c) for i in range(width)] for c in columns])
+        return torch.tensor([c + [c[-1]] * (width - len(c)) for c in columns]), real
+
+    rows = torch.tensor([row for row, _ in blocks])[:, None]
+    qcol, qreal = padded(lambda b: [(b.q0, b.q1)])
+    kcol, kreal = padded(lambda b: b.keys)
+    allowed = (kcol[:, None, :] <= qcol[:, :, None]) & kreal[:, None, :]
+    reach = None
+    if sliding_window is not None:
+        distance = positions[rows, qcol][:, :, None] - positions[rows, kcol][:, None, :]
+        allowed &= distance < sliding_window
+        reach = (distance.masked_fill(~(kreal[:, None, :] & qreal[:, :, None]), 0)).max().item()
+    square = all(len(b.keys) == 1 for _, b in blocks)
+    mask = None
+    if not square or (reach is not None and reach >= sliding_window):
+        mask = torch.zeros(allowed.shape, dtype=dtype).masked_fill_(~allowed, float("-inf"))[:, None]
+    return Group(rows * length + qcol, rows * length + kcol, mask, [int(r.sum()) for r in qreal])
+
+
+@dataclass
+class Gathered:
+    """A batch's blocks as SDPA calls: ``groups`` (the prompts, then the completions), ``padding`` (flat
+    indices of padding tokens), and ``inverse``: for every token of the batch, where its output is in the
+    concatenated outputs of the groups and the padding. ``plain_rows``: every row is one causal sequence
+    from column 0, then padding (concatenated batches)."""
+
+    groups: list[Group]
+    padding: Tensor
+    inverse: Tensor
+    plain_rows: bool
+
+
+def gather_plan(plan: list[list[Block]], segments: Segments, sliding_window: int | None,
+                dtype: torch.dtype) -> Gathered:
+    length = segments.segment_ids.shape[1]
+    kinds = {kind: [(r, b) for r, blocks in enumerate(plan) for b in blocks if b.kind == kind]
+             for kind in ("prompt", "completion", "padding")}
+    padding = [r * length + c for r, b in kinds["padding"] for c in range(b.q0, b.q1)]
+    groups = [_group(kind, length, segments.position_ids.cpu(), sliding_window, dtype)
+              for kind in (kinds["prompt"], kinds["completion"]) if kind]
+    inverse = torch.empty(len(plan) * length, dtype=torch.long)
+    offset = 0
+    for group in groups:
+        width = group.queries.shape[1]
+        for i, real in enumerate(group.real):
+            inverse[group.queries[i, :real]] = torch.arange(offset + i * width, offset + i * width + real)
+        offset += group.queries.numel()
+    inverse[torch.tensor(padding, dtype=torch.long)] = torch.arange(offset, offset + len(padding))
+    plain = (not kinds["completion"] and groups[0].mask is None
+             and all(blocks[0].kind == "prompt" and blocks[0].q0 == 0 and sum(b.kind == "prompt" for b in blocks) == 1
+                     for blocks in plan))
+    return Gathered(groups, torch.tensor(padding, dtype=torch.long), inverse, plain)
+
+
+def _gathered_attention(query: Tensor, key: Tensor, value: Tensor, gathered: Gathered, options: dict) -> Tensor:
+    """All blocks in one SDPA call per group, by gathering their tokens; returns [rows, L, heads, dim].
+    Gathering by index (not slicing block by block) keeps the backward to one scatter per input."""
+    groups, padding, inverse = gathered.groups, gathered.padding, gathered.inverse
+    rows, heads, length, dim = query.shape
+
+    def flat(t: Tensor) -> Tensor:  # [rows * L, heads, dim]: a view of what transformers' q/k/v came from
+        return t.transpose(1, 2).reshape(rows * length, t.shape[1], dim)
+
+    q, k, v = flat(query), flat(key), flat(value)
+    outputs = []
+    for group in groups:
+        queries, keys = group.queries.to(query.device), group.keys.to(query.device)
+        mask = None if group.mask is None else group.mask.to(query.device)
+        out = F.scaled_dot_product_attention(q[queries].transpose(1, 2), k[keys].transpose(1, 2),
+                                             v[keys].transpose(1, 2), attn_mask=mask, is_causal=mask is None,
+                                             **options)
+        outputs.append(out.transpose(1, 2).reshape(-1, heads, dim))
+    if padding.numel():  # padding attends only to itself: its value
+        outputs.append(v[padding.to(query.device)].repeat_interleave(heads // v.shape[1], dim=1))
+    return torch.cat(outputs)[inverse.to(query.device)].view(rows, length, heads, dim)
 
 
 def _segment_or_sdpa_mask(*args, **kwargs):
@@ -295,6 +396,21 @@ def unsupported(model, kernel: str) -> str | None:
     if kernel == "sdpa" and (not getattr(cls, "_supports_sdpa", False) or softcap is not None):
         return f"{cls.__name__} does not declare SDPA support"
     return None
+
+
+_LOGGED: set = set()
+
+
+def log_layout(kernel: str, batch: Batch) -> None:
+    """Say once per process which kernel computes which kind of row."""
+    rows = "plain rows" if batch.segment_ids is None else "prompt-shared/packed rows"
+    how = {"flex": "FlexAttention, block mask from segment metadata",
+           "blocks": "SDPA on the needed blocks only" if batch.segment_ids is not None else "one causal SDPA call",
+           "blocks-dense": "short rows: SDPA with a dense float mask, faster there than blocks",
+           "sdpa": "SDPA with a dense mask", "eager": "eager attention with a dense float mask"}.get(kernel, kernel)
+    if (kernel, rows) not in _LOGGED:
+        _LOGGED.add((kernel, rows))
+        log.info("attention for %s: %s (%s)", rows, kernel, how)
 
 
 def kernel_of(config) -> str:

@@ -174,7 +174,7 @@ def backbone_and_head(model: nn.Module) -> tuple[nn.Module, nn.Linear]:
 
 def additive_mask(mask: Tensor, dtype: torch.dtype) -> Tensor:
     """A boolean [rows, 1, L, L] mask (True: may attend) as an additive float mask (0 or -inf); other
-    masks as they are. Converted once per batch: given a boolean mask, CPU attention converts it in
+    masks as they are. (Batches no longer carry such masks; :mod:`tiltlm.attention` builds its own.) Converted once per batch: given a boolean mask, CPU attention converts it in
     every layer and keeps each copy for the backward (SmolLM2: 30 float copies of [rows, L, L]). GPU
     kernels take boolean masks as they are (and FlexAttention block masks are another path)."""
     if mask.dtype != torch.bool or mask.device.type != "cpu":
@@ -186,15 +186,20 @@ def backbone_states(backbone: nn.Module, config, batch: Batch, dtype: torch.dtyp
     """Last hidden states [rows, L', H] of a batch (L' >= L: FlexAttention pads rows to whole tiles).
 
     Under tiltlm's attention kernels the batch's segment metadata goes down to attention and no mask is
-    built; other kernels get the dense mask of the same rule (:mod:`tiltlm.attention`)."""
+    built; other kernels get the dense mask of the same rule (:mod:`tiltlm.attention`), and so does the
+    block kernel on batches whose rows are too short for blocks to pay off (``blocks_pay_off``)."""
     kernel = attention.kernel_of(config)
     if kernel in ("flex", "blocks"):
         multiple = attention.FLEX_MULTIPLE if kernel == "flex" else 1
         input_ids, position_ids, segments = attention.segments_of(batch, multiple)
+        if kernel == "blocks" and batch.segment_ids is not None and not attention.blocks_pay_off(segments):
+            kernel = "blocks-dense"  # the block kernel's plain path is SDPA: it takes the dense mask
+    attention.log_layout(kernel, batch)
+    if kernel in ("flex", "blocks"):
         with attention.segment_forward():
             return backbone(input_ids=input_ids, attention_mask=None, position_ids=position_ids, use_cache=False,
                             tiltlm_segments=segments).last_hidden_state
-    mask = attention.dense_attention_mask(batch, config, kernel, dtype)
+    mask = attention.dense_attention_mask(batch, config, "sdpa" if kernel == "blocks-dense" else kernel, dtype)
     return backbone(input_ids=batch.input_ids, attention_mask=mask, position_ids=batch.position_ids,
                     use_cache=False).last_hidden_state
 

@@ -240,7 +240,10 @@ def set_attention(model, kernel: str) -> None:
 
     register()
     base = model.get_base_model() if hasattr(model, "get_base_model") else model
-    base.set_attn_implementation(IMPLEMENTATION[kernel])
+    try:
+        base.set_attn_implementation(IMPLEMENTATION[kernel])
+    except (ValueError, ImportError) as error:
+        raise ModelError(f"attention {kernel!r} for {type(base).__name__}: {error}") from error
     logger.info("attention kernel for %s: %s", type(base).__name__, kernel)
 @contextlib.contextmanager
 def refusing_pickles(name: str) -> Iterator[None]:
