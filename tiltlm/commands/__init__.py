@@ -1,0 +1,3 @@
+"""One module per ``tiltlm`` subcommand, each with ``add_arguments(parser)`` and ``run(args) -> int``.
+
+The library never imports from here."""
