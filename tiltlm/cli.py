@@ -108,6 +108,7 @@ def build_parser() -> argparse.ArgumentParser:
         ("compare", "tiltlm.compare", "win rate of policy A over policy B under a reward"),
         ("plot", "tiltlm.plots", "training curves of a run as PNG"),
         ("frontier", "tiltlm.frontier", "reward against KL(pi || pi_ref) for DPO at several betas, preferred-FT and best-of-N"),
+        ("plan", "tiltlm.commands.plan", "will a run fit? peak memory per device and FLOPs, traced on fake tensors"),
     ):
         sub = commands.add_parser(name, help=summary, description=summary)
         imported = importlib.import_module(module)
