@@ -1,9 +1,9 @@
 """Will a run fit? Peak memory per device and FLOPs per optimizer step, from the real model code run on
 fake tensors.
 
-Nothing here is a formula for memory or FLOPs. The model is built from its config under
-``FakeTensorMode`` (tensors with shapes and dtypes but no storage: a 32B model costs no memory), a
-batch of the requested shape is made by tiltlm's own collate, and tiltlm's own training step runs on it
+Nothing here is a formula for memory or FLOPs. The model is built from its config on the meta device
+and given fake tensors (``FakeTensorMode``: shapes and dtypes, no storage; a 32B model costs no
+memory), a batch of the requested shape is made by tiltlm's own collate, and tiltlm's own training step runs on it
 (:class:`~tiltlm.logprobs.CompletionLogps`, :func:`~tiltlm.evaluate.score_batch`, backward, gradient
 clipping, fused AdamW). PyTorch's tools watch it:
 
@@ -12,28 +12,36 @@ clipping, fused AdamW). PyTorch's tools watch it:
   snapshot at the peak. Two steps are traced, so the peak includes AdamW's state as it is from the
   second step on.
 * ``torch.utils.flop_counter.FlopCounterMode`` adds up the FLOPs of every matmul and attention kernel
-  that runs. Attention is counted as the kernel computes it: over every (query, key) position of a row,
-  masked or not (torch's ``sdpa_flop_count``), so it exceeds the "useful" count of
-  ``benchmarks/flops.py``; the chunked vocabulary head recomputes its logits in the backward, so it
-  costs 4 forwards instead of 3.
+  that runs (the FLOPs of one micro-batch, times the accumulation steps). They exceed the "useful"
+  count of ``benchmarks/flops.py`` (3 forwards) where the kernels do more: attention is counted over
+  every (query, key) position of a row, masked or not, and its backward recomputes the scores (3.5
+  forwards); the chunked vocabulary head recomputes its logits in the backward (4 forwards).
+  tests/test_plan.py checks each term against flops.py.
 
 Derived, not traced (each said in the output):
+
+* Models deeper than 4 layers are traced at 2 and 4 layers and every measured quantity is extended
+  linearly to the full depth (:func:`measure_by_layers`; SmolLM2-135M, 30 layers: 6.13 GiB extended,
+  6.14 GiB traced in full, in 23 s instead of 578 s).
 
 * Under FSDP with N devices, weights, gradients and optimizer state are split N ways (the sharding rule
   of ``fully_shard``), and each device also holds the decoder layers being gathered: two (the one
   computing and the one prefetched) at the compute dtype, plus one layer's unsharded gradients. The
   activations are the single-device trace's.
-* ``runtime``: on CPU, the resident memory of a process that has imported torch, transformers and
-  tiltlm, measured in this process before anything is traced (a CUDA context is not measured: give it
-  with ``runtime_bytes``).
+* ``runtime``: on CPU, the resident memory of a fresh process that has imported torch, transformers,
+  peft and tiltlm, measured in a child process (a CUDA context is not measured: give it with
+  ``runtime_bytes``).
 """
 
 from __future__ import annotations
 
 import contextlib
 import copy
+import functools
 import json
 import os
+import subprocess
+import sys
 import time
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
@@ -113,15 +121,24 @@ class Plan:
         return out
 
 
+RUNTIME_PROBE = """
+import torch, peft, transformers, tiltlm.train
+from transformers import AutoModelForCausalLM
+for line in open("/proc/self/status"):
+    if line.startswith("VmRSS:"):
+        print(int(line.split()[1]) * 1024)
+"""
+
+
+@functools.lru_cache(maxsize=1)
 def runtime_baseline() -> int:
-    """Resident bytes of this process now (VmRSS): after the imports, before any model exists."""
-    try:
-        for line in Path("/proc/self/status").read_text().splitlines():
-            if line.startswith("VmRSS:"):
-                return int(line.split()[1]) * 1024
-    except OSError:
-        pass
-    return 0
+    """Resident bytes of a fresh Python process that has imported what ``tiltlm train`` imports (torch,
+    transformers, peft, tiltlm), before any model exists: measured in a child process, 0 where there is
+    no /proc (the count is then left out)."""
+    if not Path("/proc/self/status").is_file():
+        return 0
+    done = subprocess.run([sys.executable, "-c", RUNTIME_PROBE], capture_output=True, text=True, timeout=300)
+    return int(done.stdout.strip() or 0) if done.returncode == 0 else 0
 
 
 def load_config(name: str):
@@ -366,7 +383,7 @@ def trace_head(policy, positions: int, setup: Setup) -> int:
     dtype = compute_dtype(setup.precision)
     hidden = torch.zeros(positions, head.weight.shape[1], dtype=dtype, requires_grad=True)
     targets = torch.zeros(positions, dtype=torch.long)
-    weight = head.weight.detach().to(dtype).requires_grad_(setup.lora_r == 0)
+    weight = head.weight.detach().to(dtype)  # no gradient: the weight's gradient is counted as a gradient
     tracker = MemTracker()
     tracker.track_external(hidden, targets, weight)
     with tracker:
@@ -484,6 +501,9 @@ def plan(setup: Setup, config=None) -> Plan:
     step, notes = breakdown(trace, setup, runtime)
     notes += [how] if how else []
     precompute += runtime if precompute else 0
+    if setup.device == "cpu":
+        notes.append("CPU: these are live bytes; glibc may keep freed memory resident and RSS then grows above "
+                     "them from step to step (tiltlm train --release-memory returns it)")
     if setup.device == "gpu" and setup.runtime_bytes is None:
         notes.append("runtime: the CUDA context is not counted (give it with --runtime-mb)")
     peak = max(step.total, precompute)
