@@ -171,4 +171,5 @@ def test_planned_peak_within_20_percent_of_measured_rss(workload_20m, tmp_path, 
     setup = Setup(model=model, seq_len=512, batch_size=8, pair_lengths=lengths, device="cpu", lora_r=lora,
                   gradient_checkpointing="--gradient-checkpointing" in extra)
     predicted = plan(setup).peak_bytes
+    print(f"{' '.join(extra) or 'full'}: planned {predicted / 1e6:.0f} MB, measured {measured / 1e6:.0f} MB")
     assert abs(predicted - measured) <= 0.2 * measured, (predicted, measured)
