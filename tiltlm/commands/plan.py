@@ -5,11 +5,10 @@ from __future__ import annotations
 
 import argparse
 import json
-from dataclasses import replace
 from pathlib import Path
 
 from tiltlm.plan import (GIB, LAYOUTS, PRECISIONS, REF_MODES, Setup, format_plan, gib, load_config, longest_pairs,
-                         offloaded, plan, alternatives, runtime_baseline)
+                         offloaded, plan, alternatives)
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -55,10 +54,7 @@ def setup_from(args: argparse.Namespace) -> Setup:
 
 
 def run(args: argparse.Namespace) -> int:
-    baseline = runtime_baseline()  # before any model or batch exists
     setup = setup_from(args)
-    if setup.device == "cpu" and setup.runtime_bytes is None:
-        setup = replace(setup, runtime_bytes=baseline)
     config = load_config(setup.model)
     result = plan(setup, config)
     print(format_plan(result))
