@@ -157,8 +157,9 @@ def workload_20m(tmp_path_factory):
     return str(model_dir("tiny20m")), data
 
 
-@pytest.mark.parametrize("extra", [[], ["--gradient-checkpointing"], ["--lora-r", "16"]],
-                         ids=["full", "full+gc", "lora"])
+@pytest.mark.parametrize("extra", [[], ["--gradient-checkpointing"], ["--lora-r", "16"],
+                                   ["--lora-r", "16", "--gradient-checkpointing"]],
+                         ids=["full", "full+gc", "lora", "lora+gc"])
 def test_planned_peak_within_20_percent_of_measured_rss(workload_20m, tmp_path, extra):
     """The plan of the run's largest step (its 8 longest pairs, which length-grouping puts in one step)
     against the peak RSS of the real run, runtime baseline included."""
@@ -167,7 +168,7 @@ def test_planned_peak_within_20_percent_of_measured_rss(workload_20m, tmp_path, 
     model, data = workload_20m
     measured = train_peak_rss(model, data, tmp_path / "run", extra + RSS_ALLOCATOR)
     lengths = longest_pairs(model, str(data), 512, 300, 8)
-    lora = int(extra[1]) if "--lora-r" in extra else 0
+    lora = int(extra[extra.index("--lora-r") + 1]) if "--lora-r" in extra else 0
     setup = Setup(model=model, seq_len=512, batch_size=8, pair_lengths=lengths, device="cpu", lora_r=lora,
                   gradient_checkpointing="--gradient-checkpointing" in extra)
     predicted = plan(setup).peak_bytes

@@ -9,8 +9,9 @@ clipping, fused AdamW). PyTorch's tools watch it:
 
 * ``torch.distributed._tools.mem_tracker.MemTracker`` follows every tensor storage as it is created
   and freed, by kind (parameter, gradient, optimizer state, activation, temporary), and keeps the
-  snapshot at the peak. Two steps are traced, so the peak includes AdamW's state as it is from the
-  second step on.
+  snapshot at the peak. It watches the second of two steps, so the peak includes AdamW's state as it
+  is from then on (the first step is the FLOP counter's: the two modes nested keep checkpointed
+  activations alive).
 * ``torch.utils.flop_counter.FlopCounterMode`` adds up the FLOPs of every matmul and attention kernel
   that runs (the FLOPs of one micro-batch, times the accumulation steps). They exceed the "useful"
   count of ``benchmarks/flops.py`` (3 forwards) where the kernels do more: attention is counted over
@@ -38,6 +39,7 @@ from __future__ import annotations
 import contextlib
 import copy
 import functools
+import gc
 import json
 import os
 import subprocess
@@ -335,9 +337,9 @@ def new_tracker(*modules: torch.nn.Module):
 
 
 def trace_step(config, setup: Setup) -> Trace:
-    """Two training steps of ``setup`` on fake tensors under MemTracker; FLOPs of the second."""
+    """Two training steps of ``setup`` on fake tensors: FLOPs of the first, memory of the second (with
+    AdamW's state as it is from then on)."""
     from torch._subclasses.fake_tensor import FakeTensorMode
-    from torch.distributed._tools.mem_tracker import MemTracker
     from torch.utils.flop_counter import FlopCounterMode
 
     from tiltlm.distributed import decoder_layers
@@ -351,13 +353,15 @@ def trace_step(config, setup: Setup) -> Trace:
         trainable = [p for p in policy.parameters() if p.requires_grad]
         optimizer = torch.optim.AdamW(trainable, lr=1e-6, fused=True)
         scorer = CompletionLogps(policy, setup.logprob_chunk)
+        # FLOPs of a first step (which also creates AdamW's state); memory of a second one, on its own:
+        # FlopCounterMode inside MemTracker keeps checkpointed activations alive
+        with FlopCounterMode(display=False, custom_mapping=missing_flop_formulas()) as counter:
+            train_step(scorer, reference, batch, optimizer, trainable, setup)
+        gc.collect()  # reference cycles of the first step: a real run's cycle collector frees them too
         tracker = new_tracker(scorer, *([ref_model] if ref_model else []))
         tracker.track_external(scorer, optimizer, *batch_tensors(batch), *([ref_model] if ref_model else []))
         with tracker:
             train_step(scorer, reference, batch, optimizer, trainable, setup)
-            tracker.reset_mod_stats()  # the second step's module calls are a new iteration
-            with FlopCounterMode(display=False, custom_mapping=missing_flop_formulas()) as counter:
-                train_step(scorer, reference, batch, optimizer, trainable, setup)
         peak = next(iter(tracker.get_tracker_snapshot("peak").values()))
         layers = decoder_layers(policy)
         return Trace(
