@@ -21,9 +21,10 @@ clipping, fused AdamW). PyTorch's tools watch it:
 
 Derived, not traced (each said in the output):
 
-* Models deeper than 4 layers are traced at 2 and 4 layers and every measured quantity is extended
-  linearly to the full depth (:func:`measure_by_layers`; SmolLM2-135M, 30 layers: 6.13 GiB extended,
-  6.14 GiB traced in full, in 23 s instead of 578 s).
+* Models deeper than 8 layers are traced at 4 and 8 layers (more if the two peak at different moments
+  of the step) and every measured quantity is extended linearly to the full depth
+  (:func:`measure_by_layers`; SmolLM2-135M, 30 layers, extended from 2 and 4: 6.13 GiB, traced in full:
+  6.14 GiB, in 23 s instead of 578 s).
 
 * Under FSDP with N devices, weights, gradients and optimizer state are split N ways (the sharding rule
   of ``fully_shard``), and each device also holds the decoder layers being gathered: two (the one
@@ -473,25 +474,49 @@ def with_layers(config, layers: int):
     return config
 
 
+def extend(small: Trace, large: Trace, pre: tuple[int, int], depths: tuple[int, int],
+           layers: int) -> tuple[Trace, int]:
+    """Every measured quantity of two shallow traces extended linearly to ``layers``."""
+    a, b = depths
+
+    def line(x: float, y: float) -> int:
+        return round(x + (y - x) * (layers - a) / (b - a))
+
+    trace = replace(small, peak={k: line(v, large.peak.get(k, 0)) for k, v in small.peak.items()},
+                    reference_weights=line(small.reference_weights, large.reference_weights),
+                    flops_by_kind={k: line(v, large.flops_by_kind[k]) for k, v in small.flops_by_kind.items()},
+                    parameters=line(small.parameters, large.parameters),
+                    trainable=line(small.trainable, large.trainable))
+    return trace, line(*pre)
+
+
+def same_moment(small: Trace, large: Trace) -> bool:
+    """Whether two traces peak at the same moment of the step: the gradients then present are the same
+    fraction of the weights (the peak can move, e.g. from the backward to the optimizer step, as layers
+    are added; a line through two different moments means nothing)."""
+    def share(trace: Trace) -> float:
+        return trace.peak.get("Gradient", 0) / max(1, trace.peak.get("Parameter", 0))
+
+    return abs(share(small) - share(large)) < 0.05 and all(v >= 0 for v in small.peak.values())
+
+
 def measure_by_layers(config, setup: Setup) -> tuple[Trace, int, str | None]:
     """:func:`measure`, for deep models from two shallow traces: every measured quantity (bytes by kind,
     FLOPs, parameter counts) is traced at ``a`` and ``b`` layers and extended linearly to the model's
-    depth, a + (n - a)(b - a) per layer: exact when the layers repeat (the decoder's layers are
-    identical; one is gathered, recomputed or saved at a time), and it keeps a 32B trace to seconds."""
-    layers, (a, b) = config.num_hidden_layers, (2, 4)
-    if setup.full_depth or layers <= b:
-        return *measure(config, setup), None
-    (small, pre_a), (large, pre_b) = measure(with_layers(config, a), setup), measure(with_layers(config, b), setup)
-
-    def extend(x: float, y: float) -> int:
-        return round(x + (y - x) * (layers - a) / (b - a))
-
-    trace = replace(small, peak={k: extend(v, large.peak.get(k, 0)) for k, v in small.peak.items()},
-                    reference_weights=extend(small.reference_weights, large.reference_weights),
-                    flops_by_kind={k: extend(v, large.flops_by_kind[k]) for k, v in small.flops_by_kind.items()},
-                    parameters=extend(small.parameters, large.parameters),
-                    trainable=extend(small.trainable, large.trainable))
-    return trace, extend(pre_a, pre_b), f"traced with {a} and {b} of {layers} layers, extended linearly by layer count"
+    depth: exact when both traces peak at the same moment of the step and the layers repeat (the
+    decoder's layers are identical; one is gathered or recomputed at a time). Depths double until the
+    two traces peak at the same moment; the full depth is traced when they never do."""
+    layers = config.num_hidden_layers
+    depths = (4, 8)
+    while not setup.full_depth and depths[1] < layers:
+        (small, pre_a), (large, pre_b) = (measure(with_layers(config, n), setup) for n in depths)
+        if same_moment(small, large):
+            trace, precompute = extend(small, large, (pre_a, pre_b), depths, layers)
+            if all(v >= 0 for v in trace.peak.values()):
+                return trace, precompute, (f"traced with {depths[0]} and {depths[1]} of {layers} layers, "
+                                           f"extended linearly by layer count")
+        depths = (depths[1], 2 * depths[1])
+    return *measure(config, setup), None
 
 
 def plan(setup: Setup, config=None) -> Plan:
