@@ -124,7 +124,7 @@ def test_bad_config_json_names_the_field(tmp_path):
 
 
 # The plan predicts live memory. glibc's default policy keeps freed heap resident and lets it grow from
-# step to step (SmolLM2-135M LoRA: 13.1 GB after 8 micro-batches for 6.6 GB live; docs/multi-gpu.md), so
+# step to step (SmolLM2-135M LoRA: 13.1 GB after 8 micro-batches for 6.5 GB live; docs/multi-gpu.md), so
 # the runs are measured with freed memory returned to the system, as --release-memory does.
 RSS_ALLOCATOR = ["--release-memory"]
 
