@@ -156,7 +156,10 @@ def per_sequence(values: Tensor, batch: Batch) -> tuple[Tensor, Tensor]:
     """
     sequences = batch.sequences
     sums = torch.zeros(sequences, dtype=torch.float32, device=values.device).index_add(0, batch.target_seq, values)
-    counts = torch.bincount(batch.target_seq, minlength=sequences)
+    # index_add, not bincount: its output shape does not depend on the values, so the step also runs on
+    # fake tensors (``tiltlm plan``) and under torch.compile
+    counts = torch.zeros(sequences, dtype=torch.long, device=values.device).index_add(
+        0, batch.target_seq, torch.ones_like(batch.target_seq))
     return sums, counts
 
 

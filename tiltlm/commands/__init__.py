@@ -8,6 +8,7 @@ COMMANDS = (
     ("train", "tiltlm.commands.train", "train a policy on preference pairs"),
     ("eval", "tiltlm.commands.eval", "loss and reward metrics of a policy against a reference"),
     ("reward", "tiltlm.commands.reward", "train or evaluate a Bradley-Terry reward model"),
+    ("plan", "tiltlm.commands.plan", "will a run fit? peak memory per device and FLOPs per step, traced on fake tensors"),
     ("quickstart", "tiltlm.commands.quickstart", "DPO end to end on the embedded default (SmolLM2-135M, VADER)"),
     ("generate", "tiltlm.commands.generate", "sample completions from a policy, with log-probs"),
     ("compare", "tiltlm.commands.compare", "win rate of policy A over policy B under a reward"),

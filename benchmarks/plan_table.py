@@ -1,0 +1,54 @@
+"""The table of docs/multi-gpu.md ("Will it fit?"): ``tiltlm plan`` for three public configurations
+(config.json files in benchmarks/configs/, written from their published dimensions; no weights), on 1
+and 8 devices of 80 GiB, full fine-tuning and LoRA r=16, one packed row of 4,096 tokens per device,
+without and with gradient checkpointing.
+
+    python benchmarks/plan_table.py > table.md
+
+As tiltlm runs on GPUs: bf16 weights on one device and under DDP; under FSDP (full fine-tuning on 8
+devices) float32 master shards with bf16 compute and the reference online (the trainer's choice);
+elsewhere the reference precomputed. LoRA on 8 devices is DDP (tiltlm does not shard LoRA).
+"""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from tiltlm.plan import GIB, Setup, load_config, plan  # noqa: E402
+
+CONFIGS = Path(__file__).resolve().parent / "configs"
+MODELS = ("qwen2.5-0.5b", "llama-3.1-8b", "qwen2.5-32b")
+
+
+def setups(model: str) -> list[tuple[str, Setup]]:
+    base = Setup(model=str(CONFIGS / f"{model}.json"), batch_size=1, seq_len=4096, precision="bf16",
+                 device_memory=80 * GIB)
+    fsdp = dict(devices=8, parallel="fsdp", precision="bf16-mixed", ref_mode="online")
+    return [("1", "full", base), ("1", "LoRA r=16", Setup(**{**base.__dict__, "lora_r": 16})),
+            ("8 (FSDP)", "full", Setup(**{**base.__dict__, **fsdp})),
+            ("8 (DDP)", "LoRA r=16", Setup(**{**base.__dict__, "lora_r": 16, "devices": 8}))]
+
+
+def main() -> None:
+    print("| model | devices | training | weights | grads | AdamW | activations | peak, no GC | peak, GC | "
+          "fits 80 GiB (no GC / GC) | TFLOPs/step/device |")
+    print("|---|---|---|---|---|---|---|---|---|---|---|")
+    for model in MODELS:
+        config = load_config(str(CONFIGS / f"{model}.json"))
+        for devices, mode, setup in setups(model):
+            plain = plan(setup, config)
+            checkpointed = plan(Setup(**{**setup.__dict__, "gradient_checkpointing": True}), config)
+            s = plain.step
+            cells = [model, devices, mode] + [f"{v / GIB:.1f}" for v in (s.weights, s.gradients, s.optimizer,
+                                                                          s.activations)]
+            cells += [f"{plain.peak_bytes / GIB:.1f} GiB", f"{checkpointed.peak_bytes / GIB:.1f} GiB",
+                      f"{'yes' if plain.fits else 'no'} / {'yes' if checkpointed.fits else 'no'}",
+                      f"{plain.flops / 1e12:.0f}"]
+            print("| " + " | ".join(cells) + " |", flush=True)
+
+
+if __name__ == "__main__":
+    main()
