@@ -402,9 +402,8 @@ def trace_head(policy, positions: int, setup: Setup) -> int:
 
 def trace_precompute(config, setup: Setup) -> int:
     """Peak bytes of the reference pass before training: the starting weights (no LoRA yet) scoring
-    ``4 x batch_size`` pairs at a time without grad, as ``tiltlm.train.build_models`` runs it."""
+    ``4 x batch_size`` pairs at a time without grad, as the precomputed reference strategy runs it."""
     from torch._subclasses.fake_tensor import FakeTensorMode
-    from torch.distributed._tools.mem_tracker import MemTracker
 
     from tiltlm.logprobs import CompletionLogps
 
