@@ -234,10 +234,14 @@ def synthetic_pairs(setup: Setup, count: int) -> list:
 
 
 def make_batch(setup: Setup, count: int):
-    """A Batch made by tiltlm's collate for the setup's layout (packed rows hold ``seq_len`` tokens)."""
-    from tiltlm.evaluate import make_collate
+    """A Batch made by tiltlm's collate for the setup's layout (packed rows hold ``seq_len`` tokens),
+    carrying its pairs' indices as the trainer's batches do (a precomputed reference reads rows by them)."""
+    from dataclasses import replace as replace_fields
 
-    return make_collate(setup.layout, 0, setup.seq_len)(synthetic_pairs(setup, count))
+    from tiltlm.objectives import make_collate
+
+    batch = make_collate(setup.layout, 0, setup.seq_len)(synthetic_pairs(setup, count))
+    return replace_fields(batch, indices=tuple(range(count)))
 
 
 def batch_tensors(batch) -> list[torch.Tensor]:
@@ -280,31 +284,45 @@ class Trace:
 
 
 def reference_for(setup: Setup, config, policy, dtype: torch.dtype):
-    """(reference function, its separate model or None), as the trainer would build them."""
-    from tiltlm.reference import adapters_off_reference, no_reference, online_reference
+    """(reference strategy, its separate model or None), as the trainer would build them."""
+    from tiltlm.reference import AdaptersOffReference, OnlineReference, Reference
     from tiltlm.refcache import lookup_reference
 
+    precision = step_precision(setup)
     if setup.ref_mode == "online":
         model = build_policy(config, replace(setup, lora_r=0, gradient_checkpointing=False),
                              compute_dtype(setup.precision))
-        return online_reference(model, setup.logprob_chunk), model
+        reference = OnlineReference(lambda: model, precision, setup.logprob_chunk)
+        reference.prepare(model, {}, None)
+        return reference, model
     if setup.ref_mode == "adapters-off":
-        return adapters_off_reference(policy, setup.logprob_chunk), None
+        reference = AdaptersOffReference(precision, setup.logprob_chunk)
+        reference.attach(policy)
+        return reference, None
     if setup.ref_mode == "precompute":  # the step reads its pairs' rows of the table
-        return lookup_reference(torch.zeros(setup.batch_size, 4)), None
-    return no_reference, None
+        table = lookup_reference(torch.zeros(setup.batch_size, 4))
+        return (lambda batch, dataset: table(batch)), None
+    return Reference(), None
+
+
+def step_precision(setup: Setup):
+    """The trainer's Precision for ``setup`` on the CPU the trace runs on: bf16-mixed autocasts (outside
+    FSDP, whose traced model is already the bf16 copy the layers compute with)."""
+    from tiltlm.runtime import Precision
+
+    mixed = setup.precision == "bf16-mixed" and setup.parallel != "fsdp"
+    return Precision(torch.device("cpu"), torch.bfloat16 if mixed else torch.float32)
 
 
 def train_step(scorer, reference, batch, optimizer, trainable: list, setup: Setup) -> None:
     """One micro-batch and optimizer step, as ``tiltlm.train`` runs it."""
-    from tiltlm.evaluate import score_batch
+    from tiltlm import step
     from tiltlm.losses import LossParams
+    from tiltlm.objectives import PairObjective
 
-    loss = ("simpo",) if setup.ref_mode == "none" else ("sigmoid",)
-    mixed = setup.precision == "bf16-mixed" and setup.parallel != "fsdp"
-    with torch.autocast("cpu", dtype=torch.bfloat16) if mixed else contextlib.nullcontext():
-        out, _, _ = score_batch(scorer, reference, batch, LossParams(), loss, (1.0,))
-    (out.losses.sum() / batch.num_pairs).backward()
+    objective = PairObjective(None, LossParams(), ("simpo",) if setup.ref_mode == "none" else ("sigmoid",))
+    scored = step.score(scorer, reference, objective, batch, "train", step_precision(setup))
+    (scored.losses.sum() / batch.num_pairs).backward()
     torch.nn.utils.clip_grad_norm_(trainable, 1.0)
     optimizer.step()
     optimizer.zero_grad(set_to_none=True)
