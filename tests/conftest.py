@@ -93,3 +93,19 @@ def hh_rlhf() -> Path:
     if not HH_RLHF.is_file():
         pytest.skip(f"{HH_RLHF} is absent (the shared data set is optional)")
     return HH_RLHF
+
+
+@pytest.fixture(scope="module")
+def bpe():
+    """A byte-level BPE tokenizer (SmolLM2-style), built in code."""
+    from tokenizer_builders import byte_bpe_tokenizer
+
+    return byte_bpe_tokenizer()
+
+
+@pytest.fixture(scope="module")
+def sp(tmp_path_factory):
+    """A sentencepiece tokenizer (Llama-2-style), trained in code."""
+    from tokenizer_builders import sentencepiece_tokenizer
+
+    return sentencepiece_tokenizer(tmp_path_factory.mktemp("sentencepiece"))

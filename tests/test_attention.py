@@ -24,6 +24,7 @@ from tiltlm.data.collate import (PromptCompletions, collate_concatenated, collat
                                  collate_shared, segment_mask)
 from tiltlm.data.types import TokenizedPair
 from tiltlm.logprobs import naive_sequence_logps, sequence_logps
+from model_builders import random_pairs  # noqa: E402 (tests/ is on sys.path)
 from tiltlm.models import ModelError, choose_attention, disable_dropout, set_attention
 
 VOCAB = 300
@@ -66,16 +67,6 @@ def tiny(family: str, seed: int = 0):
             if any(part in name for part in ("q_proj", "k_proj", "c_attn", "query_key_value")) and p.dim() == 2:
                 p.mul_(4.0)
     return model.eval()
-
-
-def random_pairs(count: int, seed: int = 0) -> list[TokenizedPair]:
-    rng = random.Random(seed)
-
-    def ids(n):
-        return [rng.randrange(3, VOCAB) for _ in range(n)]
-
-    return [TokenizedPair(ids(rng.randint(1, 14)), ids(rng.randint(1, 10)), ids(rng.randint(1, 10)))
-            for _ in range(count)]
 
 
 def one_at_a_time(model, pairs: list[TokenizedPair]) -> torch.Tensor:

@@ -15,20 +15,9 @@ from tiltlm.data import (DataError, Pair, RankedList, TokenizedList, TokenizedPa
 from tiltlm.data.formats import example_from_row
 from tiltlm.data.tokenize import mismatched_unpaired
 from tiltlm.data.types import ranks_of
-from tokenizer_builders import byte_bpe_tokenizer, sentencepiece_tokenizer
 
 BIG = 10_000
 SRC = "data.jsonl:3"
-
-
-@pytest.fixture(scope="module")
-def bpe():
-    return byte_bpe_tokenizer()
-
-
-@pytest.fixture(scope="module")
-def sp(tmp_path_factory):
-    return sentencepiece_tokenizer(tmp_path_factory.mktemp("sentencepiece"))
 
 
 def user(text: str) -> dict:

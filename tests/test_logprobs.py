@@ -1,6 +1,5 @@
 """Chunked completion-only log-probs equal the naive full-logits computation, in every batch layout."""
 
-import random
 from types import SimpleNamespace
 
 import pytest
@@ -9,19 +8,10 @@ import torch
 from tiltlm.data.collate import collate_concatenated, collate_shared, pack_rows, shared_prefix_mask
 from tiltlm.data.types import TokenizedPair
 from tiltlm.logprobs import additive_mask, chunked_token_logps, naive_sequence_logps, sequence_logps
+from model_builders import random_pairs  # noqa: E402 (tests/ is on sys.path)
 from tiltlm.models import tiny_llama
 
 VOCAB = 300
-
-
-def random_pairs(count: int, seed: int = 0) -> list[TokenizedPair]:
-    rng = random.Random(seed)
-
-    def ids(n):
-        return [rng.randrange(3, VOCAB) for _ in range(n)]
-
-    return [TokenizedPair(ids(rng.randint(1, 14)), ids(rng.randint(1, 10)), ids(rng.randint(1, 10)))
-            for _ in range(count)]
 
 
 def by_hand(model, pairs):

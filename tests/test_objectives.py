@@ -23,6 +23,7 @@ from tiltlm.metrics import read_metrics
 from tiltlm.models import set_attention, tiny_llama
 from tiltlm.objectives import (ListObjective, PairObjective, RewardModelObjective, UnpairedObjective,
                                collate_weighted, make_collate)
+from model_builders import tiny_reward_model  # tests/ is on sys.path
 
 VOCAB, PAD = 64, 63
 LAYOUTS = ("packed", "shared", "concatenated")
@@ -171,16 +172,6 @@ def test_kto_reference_point_carries_no_gradient_and_a_lone_row_has_z0_zero():
 
 
 # --- reward model ---------------------------------------------------------------------------------------
-
-
-def tiny_reward_model(seed: int = 0):
-    from transformers import LlamaConfig, LlamaForSequenceClassification
-
-    config = LlamaConfig(vocab_size=VOCAB, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256,
-                         num_labels=1, pad_token_id=PAD, attn_implementation="sdpa")
-    torch.manual_seed(seed)
-    return LlamaForSequenceClassification(config).eval()
 
 
 @pytest.mark.parametrize("layout", LAYOUTS)

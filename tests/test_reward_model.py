@@ -14,18 +14,9 @@ from tiltlm.data.types import TokenizedPair
 from tiltlm.losses import bradley_terry_reward_loss
 from tiltlm.models import ModelError
 from tiltlm.reward_model import last_token_positions, load_reward_model, prepare_reward_model, score_sequences
+from model_builders import tiny_reward_model  # tests/ is on sys.path
 
 VOCAB, PAD = 64, 63
-
-
-def tiny_reward_model(seed: int = 0):
-    from transformers import LlamaConfig, LlamaForSequenceClassification
-
-    config = LlamaConfig(vocab_size=VOCAB, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256,
-                         num_labels=1, pad_token_id=PAD, attn_implementation="sdpa")
-    torch.manual_seed(seed)
-    return LlamaForSequenceClassification(config).eval()
 
 
 def random_pairs(count: int, seed: int) -> list[TokenizedPair]:

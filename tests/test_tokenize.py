@@ -15,20 +15,9 @@ from hypothesis import strategies as st
 from tiltlm.data import DataError, DataSummary, Pair, TokenizedPair, load_pairs, tokenize_pair, tokenize_pairs
 from tiltlm.data.formats import pair_from_row
 from tiltlm.data.tokenize import summarize
-from tokenizer_builders import byte_bpe_tokenizer, sentencepiece_tokenizer
 
 HH = Path(__file__).resolve().parents[2] / "shared/data/hh-rlhf-harmless-base-test.jsonl.gz"
 BIG = 10_000  # limits that never truncate here
-
-
-@pytest.fixture(scope="module")
-def bpe():
-    return byte_bpe_tokenizer()
-
-
-@pytest.fixture(scope="module")
-def sp(tmp_path_factory):
-    return sentencepiece_tokenizer(tmp_path_factory.mktemp("sentencepiece"))
 
 
 @pytest.fixture(scope="module")
