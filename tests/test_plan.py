@@ -4,7 +4,6 @@ resident memory of real training runs, and a config.json planned without weights
 from __future__ import annotations
 
 import json
-import resource
 import subprocess
 import sys
 from dataclasses import replace
@@ -20,6 +19,11 @@ sys.path.insert(0, str(REPO / "benchmarks"))
 from flops import Shape, forward_flops, step_flops  # noqa: E402
 
 HH_RLHF = REPO.parent / "shared" / "data" / "hh-rlhf-harmless-base-test.jsonl.gz"
+# The child's own peak (VmHWM, in kB): ru_maxrss would also count the parent's pages at the fork (Linux
+# carries the high-water mark across exec), so a measurement made late in a large test session read the
+# pytest process's size, not the run's.
+PRINT_PEAK = ("print('MAXRSS', next(int(line.split()[1]) for line in open('/proc/self/status') "
+              "if line.startswith('VmHWM:')))")
 
 
 def llama_config(path: Path, hidden: int, layers: int, heads: int, intermediate: int, vocab: int) -> Path:
@@ -76,8 +80,7 @@ def test_config_json_plans_without_weights_or_memory(tmp_path):
 
     big = llama_config(tmp_path / "big", 8192, 80, 64, 28672, 128256)
     out = tmp_path / "plan.json"
-    script = ("import resource, sys; from tiltlm.cli import main; code = main(sys.argv[1:]); "
-              "print('MAXRSS', resource.getrusage(resource.RUSAGE_SELF).ru_maxrss)")
+    script = "import sys; from tiltlm.cli import main; code = main(sys.argv[1:]); " + PRINT_PEAK
     done = subprocess.run([sys.executable, "-c", script, "plan", "--model", str(big), "--seq-len", "64",
                            "--batch-size", "1", "--json", str(out)], capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stderr[-2000:]
@@ -131,8 +134,7 @@ RSS_ALLOCATOR = ["--release-memory"]
 
 def train_peak_rss(model: str, data: Path, output: Path, extra: list[str]) -> int:
     """Peak resident bytes of a real ``tiltlm train`` of 3 steps (8 pairs each, reference precomputed)."""
-    script = ("import resource, sys; from tiltlm.cli import main; code = main(sys.argv[1:]); "
-              "print('MAXRSS', resource.getrusage(resource.RUSAGE_SELF).ru_maxrss); sys.exit(code)")
+    script = "import sys; from tiltlm.cli import main; code = main(sys.argv[1:]); " + PRINT_PEAK + "; sys.exit(code)"
     args = ["train", "--model", model, "--data", str(data), "--output", str(output), "--batch-size", "8",
             "--grad-accum", "1", "--max-length", "512", "--max-prompt-length", "300", "--no-progress",
             "--no-tensorboard", "--ref-cache", str(output.parent / "refcache"), *extra]
