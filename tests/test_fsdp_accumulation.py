@@ -14,12 +14,12 @@ WORKER = r'''
 import sys
 import torch
 from torch.distributed.tensor import DTensor
-from tiltlm import distributed
+from tiltlm import collectives, distributed
 from tiltlm.data.collate import collate_shared
 from tiltlm.data.types import TokenizedPair
 from tiltlm.logprobs import CompletionLogps
 from tiltlm.models import tiny_llama
-from tiltlm.runtime import start
+from tiltlm.runtime import start, stop
 
 def fsdp_params(module):
     return [p for m in module.modules() if hasattr(m, "_get_fsdp_state")
@@ -51,6 +51,8 @@ expected = dict(reference.named_parameters())
 worst = max((p.grad.full_tensor() - expected[name.removeprefix("model.")].grad / 2).abs().max().item()
             for name, p in scorer.named_parameters())
 print(f"largest gradient difference from one process: {worst:.3g}")
+collectives.barrier()  # both ranks done before the group is torn down (gloo aborts a process left in one)
+stop(runtime)
 '''
 
 

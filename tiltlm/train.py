@@ -83,7 +83,9 @@ def run_training(config: TrainConfig) -> Outcome:
     try:
         # one run at a time in an output directory: a second is refused with this one's pid
         with rundir.locked(config.output) if runtime.is_main else contextlib.nullcontext():
-            return loop(setup(config, runtime))
+            outcome = loop(setup(config, runtime))
+        collectives.barrier()  # every rank done (rank 0 saved final/) before the process group is torn down
+        return outcome
     finally:
         stop(runtime)
 
