@@ -83,13 +83,6 @@ class RowBatch(Batch):
     counts: tuple[int, ...] = ()
     desirable: Tensor | None = None
 
-    def to(self, device: torch.device) -> "RowBatch":
-        moved = {f.name: getattr(self, f.name) for f in fields(self)}
-        for name, value in moved.items():
-            if isinstance(value, Tensor):
-                moved[name] = value.to(device, non_blocking=True)
-        return RowBatch(**moved)
-
 
 def with_rows(batch: Batch, examples: Sequence, **extra) -> RowBatch:
     """``batch`` as a RowBatch carrying the examples' weights (and ``extra``)."""

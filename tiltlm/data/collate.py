@@ -55,11 +55,12 @@ class Batch:
         return self.num_sequences or 2 * self.num_pairs
 
     def to(self, device: torch.device) -> "Batch":
+        """The same batch (of the same class: subclasses add fields) with every tensor on ``device``."""
         moved = {f.name: getattr(self, f.name) for f in fields(self)}
         for name, value in moved.items():
             if isinstance(value, Tensor):
                 moved[name] = value.to(device, non_blocking=True)
-        return Batch(**moved)
+        return type(self)(**moved)
 
 
 @dataclass
