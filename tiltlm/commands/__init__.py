@@ -15,6 +15,8 @@ COMMANDS = (
     ("plot", "tiltlm.commands.plot", "training curves of a run as PNG"),
     ("frontier", "tiltlm.commands.frontier",
      "reward against KL(pi || pi_ref) for DPO at several betas, preferred-FT and best-of-N"),
+    ("experiment", "tiltlm.commands.experiment",
+     "experiments on real data: `experiment hh`, the reward model against DPO's implicit reward on HH-RLHF"),
     ("verify", "tiltlm.commands.verify",
      "check on an exactly solvable problem that DPO reaches the optimum pi_ref * exp(r / beta) / Z"),
 )

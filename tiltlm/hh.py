@@ -1,0 +1,241 @@
+"""``tiltlm experiment hh``: on real human preferences (Anthropic HH-RLHF, harmless-base), does DPO learn
+what people prefer, and how does its implicit reward compare with the explicit reward model it skips?
+
+"Your language model is secretly a reward model" (Rafailov et al. 2023, the DPO paper's subtitle): the
+policy DPO trains defines the reward ``r(x, y) = beta log pi(y|x) / pi_ref(y|x)`` (its equation 5, up
+to ``beta log Z(x)``, which cancels within a pair). Here, on the same training pairs and the same held-out
+pairs (split by prompt, none in both), one base model (SmolLM2-135M with LoRA) gives:
+
+(a) an explicit Bradley-Terry reward model (Ouyang et al. 2022, section 3.5): held-out accuracy;
+(b) DPO at ``beta``: held-out accuracy of its implicit reward;
+(c) baselines: preferred-FT (supervised fine-tuning on the chosen completions, the DPO paper's
+    baseline), its log-ratio against the reference read as an implicit reward; the reference itself,
+    whose log-ratio is 0 on every pair, so its accuracy is 0.5 by construction (ties count half);
+(d) generation on held-out prompts: DPO and preferred-FT against the reference, each sample judged by
+    the reward model of (a), win rates with prompt-level bootstrap intervals, and KL(policy || reference)
+    estimated from the policy's own samples.
+
+Each stage saves its result in the output directory and is skipped when run again, and the training runs
+resume from their checkpoints (resume is exact), so the experiment can be spread over several sessions.
+The prompts are red-team prompts: the report (tiltlm.hh_report) shows figures, never their text.
+"""
+
+from __future__ import annotations
+
+import gzip
+import json
+import random
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+from tiltlm.config import ConfigError, TrainConfig, check_options, option
+from tiltlm.data.formats import pair_from_row
+from tiltlm.experiment import score_policy, write_jsonl
+from tiltlm.metrics import read_metrics
+from tiltlm.stats import Z95
+
+HH_FILE = "../shared/data/hh-rlhf-harmless-base-test.jsonl.gz"
+
+
+@dataclass
+class HHConfig:
+    data: str = option(HH_FILE, "HH-RLHF pairs: JSONL (.gz) of whole 'chosen' and 'rejected' dialogues")
+    model: str = option("smollm2-135m", "base model of every run: directory, hub id or alias")
+    output: str = option("runs/hh", "directory for the split, the runs, the samples and the results")
+    report: str = option("", "directory for report.md, results.json and the plot (default: --output)")
+    train_pairs: int = option(1000, "training pairs (at most; prompts never shared with held-out ones)", at_least=1)
+    heldout_pairs: int = option(300, "held-out pairs (at least; whole prompts are held out)", at_least=1)
+    beta: float = option(0.1, "DPO's beta (also the scale of the preferred-FT implicit reward)", above=0)
+    lr: float = option(2e-4, "learning rate of DPO, preferred-FT and the reward model", above=0)
+    lora_r: int = option(16, "LoRA rank of every run", at_least=1)
+    batch_size: int = option(8, "pairs per micro-batch", at_least=1)
+    grad_accum: int = option(2, "micro-batches per optimizer step", at_least=1)
+    max_length: int = option(512, "tokens of prompt + completion (longer pairs are cut)", at_least=2)
+    max_prompt_length: int = option(256, "tokens of a prompt (longer prompts keep their end)", at_least=1)
+    generate_prompts: int = option(200, "held-out prompts sampled for the win rates and KL", at_least=1)
+    max_new_tokens: int = option(48, "most tokens sampled per reply", at_least=1)
+    sample_batch: int = option(32, "prompts sampled at a time (decoding reads every weight per token: "
+                                   "a larger batch shares the reads)", at_least=1)
+    seed: int = option(0, "seed of the split, the training runs and the sampling", at_least=0)
+
+
+@dataclass
+class Stage:
+    """A result saved under ``name`` in the output directory, with how long it took."""
+
+    name: str
+    value: dict
+    seconds: float
+
+
+def run_hh(config: HHConfig) -> dict:
+    """Every stage in order (each skipped when its result is saved); the results as ``results.json`` has them."""
+    from tiltlm.hh_report import write_report
+
+    out = prepare_output(check_options(config))
+    split = stage(out, "split", lambda: split_by_prompt(config, out))
+    results = {"split": split.value}
+    for name in ("reward_model", "dpo", "preferred_ft"):
+        results[name] = stage(out, name, lambda: train_and_score(config, out, name)).value
+    results["generation"] = stage(out, "generation", lambda: generation(config, out)).value
+    write_report(Path(config.report or out), config, results)
+    return results
+
+
+def prepare_output(config: HHConfig) -> Path:
+    """The output directory, refusing one that an experiment with other settings started."""
+    out, settings = Path(config.output), {k: v for k, v in asdict(config).items() if k != "report"}
+    if not Path(config.data).is_file():
+        raise ConfigError(f"data {config.data}: no such file; give --data (the HH-RLHF harmless-base JSONL)")
+    saved = out / "experiment.json"
+    if saved.is_file() and json.loads(saved.read_text()) != settings:
+        raise ConfigError(f"output {out} holds an experiment with other settings ({saved}); use another --output")
+    out.mkdir(parents=True, exist_ok=True)
+    saved.write_text(json.dumps(settings, indent=2) + "\n")
+    return out
+
+
+def stage(out: Path, name: str, compute) -> Stage:
+    """The saved result of stage ``name``, or compute it (a dict) and save it with its wall time."""
+    path = out / f"{name}.json"
+    if path.is_file():
+        return Stage(name, **json.loads(path.read_text()))
+    print(f"[hh] {name}")
+    started = time.perf_counter()
+    done = Stage(name, compute(), time.perf_counter() - started)
+    path.write_text(json.dumps({"value": done.value, "seconds": done.seconds}, indent=2) + "\n")
+    return done
+
+
+# --- the split -------------------------------------------------------------------------------------------
+
+
+def split_by_prompt(config: HHConfig, out: Path) -> dict:
+    """Pairs grouped by prompt, prompts shuffled with the seed; whole prompts go to the held-out set until
+    it has ``heldout_pairs`` pairs, then to training until it has ``train_pairs``. Both written as
+    explicit-format JSONL (prompt, chosen, rejected), so training and evaluation read the same texts."""
+    by_prompt: dict[str, list[dict]] = {}
+    with gzip.open(config.data, "rt", encoding="utf-8") if config.data.endswith(".gz") else \
+            open(config.data, encoding="utf-8") as handle:
+        for number, line in enumerate(handle, 1):
+            pair = pair_from_row(json.loads(line), f"{config.data}:{number}")
+            by_prompt.setdefault(pair.prompt, []).append(
+                {"prompt": pair.prompt, "chosen": pair.chosen, "rejected": pair.rejected})
+    prompts = sorted(by_prompt)
+    random.Random(config.seed).shuffle(prompts)
+    heldout, train = [], []
+    for prompt in prompts:
+        target = heldout if len(heldout) < config.heldout_pairs else train
+        if target is train and len(train) >= config.train_pairs:
+            break
+        target.extend(by_prompt[prompt])
+    train = train[:config.train_pairs]
+    write_jsonl(out / "train.jsonl", train)
+    write_jsonl(out / "heldout.jsonl", heldout)
+    shared = {row["prompt"] for row in train} & {row["prompt"] for row in heldout}
+    return {"train_pairs": len(train), "heldout_pairs": len(heldout), "pairs_in_file": sum(map(len, by_prompt.values())),
+            "train_prompts": len({row["prompt"] for row in train}),
+            "heldout_prompts": len({row["prompt"] for row in heldout}), "prompts_in_both": len(shared)}
+
+
+# --- training and held-out accuracy ------------------------------------------------------------------------
+
+# what each run trains: the reward model (Bradley-Terry on the pairs), DPO, preferred-FT (NLL of chosen)
+RUNS = {"reward_model": dict(objective="reward-model", merge_lora=True), "dpo": dict(loss="sigmoid"),
+        "preferred_ft": dict(loss="nll")}
+
+
+def run_config(config: HHConfig, out: Path, name: str) -> TrainConfig:
+    """The training run ``name`` of the experiment: one epoch of LoRA on the training pairs, checkpoints
+    every 10 steps; resumed when it was started before."""
+    run_dir = out / name
+    return TrainConfig(model=config.model, data=str(out / "train.jsonl"), output=str(run_dir),
+                       resume=(run_dir / "config.yaml").is_file(), beta=config.beta, lr=config.lr, epochs=1,
+                       batch_size=config.batch_size, grad_accum=config.grad_accum, lora_r=config.lora_r,
+                       max_length=config.max_length, max_prompt_length=config.max_prompt_length,
+                       warmup_ratio=0.1, seed=config.seed, save_every=10, keep_checkpoints=1, tensorboard=False,
+                       **RUNS[name])
+
+
+def train_and_score(config: HHConfig, out: Path, name: str) -> dict:
+    """Train run ``name`` (or finish it) and score its held-out accuracy: the reward model's own scores,
+    or the implicit reward ``beta log pi/pi_ref`` of a policy against its base (adapters off)."""
+    from tiltlm.evaluate import evaluate
+    from tiltlm.reward_model import evaluate_reward_model
+    from tiltlm.train import train
+
+    settings = run_config(config, out, name)
+    run_dir = Path(settings.output)
+    started = time.perf_counter()
+    if not (run_dir / "final").is_dir():
+        train(settings)
+    trained = time.perf_counter() - started
+    heldout = str(out / "heldout.jsonl")
+    lengths = dict(max_length=config.max_length, max_prompt_length=config.max_prompt_length)
+    if name == "reward_model":
+        metrics = evaluate_reward_model(str(run_dir / "merged"), heldout, config.batch_size, **lengths)
+    else:  # preferred-FT trained without a reference; its implicit reward is read the same way as DPO's
+        metrics = evaluate(str(run_dir / "final"), heldout, beta=config.beta, loss="sigmoid",
+                           batch_size=config.batch_size, **lengths)
+    rows = [row for row in read_metrics(run_dir / "metrics.jsonl") if "tokens_per_second" in row]
+    accuracy, pairs = metrics["rewards/accuracies"], int(metrics["pairs"])
+    return {"accuracy": accuracy, "ci": list(accuracy_interval(accuracy, pairs)), "pairs": pairs,
+            "heldout_loss": metrics["loss"], "heldout_margin": metrics["rewards/margins"],
+            "train_seconds": trained, "train_steps": len(rows),
+            "train_tokens_per_second": sum(r["tokens_per_second"] for r in rows) / max(len(rows), 1),
+            "final_train_loss": rows[-1]["loss"] if rows else None}
+
+
+def accuracy_interval(accuracy: float, n: int) -> tuple[float, float]:
+    """95% normal interval of an accuracy over ``n`` pairs with the binomial variance ``p (1 - p) / n``, which
+    bounds the variance of any outcomes in [0, 1] with mean p (ties, counted 1/2, only narrow it)."""
+    half = Z95 * (accuracy * (1 - accuracy) / n) ** 0.5
+    return max(0.0, accuracy - half), min(1.0, accuracy + half)
+
+
+# --- generation ------------------------------------------------------------------------------------------
+
+
+def generation(config: HHConfig, out: Path) -> dict:
+    """The reference, DPO and preferred-FT each sample one reply per held-out prompt (temperature 1, the
+    draws an unbiased KL estimate needs); the reward model judges every reply; each policy's win rate
+    against the reference with a prompt-level bootstrap interval, and its KL from its own samples."""
+    from peft import PeftModel
+
+    from tiltlm.compare import win_rate
+    from tiltlm.models import load_model, load_tokenizer, refusing_pickles
+    from tiltlm.reward_model import trained_reward
+
+    tokenizer = load_tokenizer(config.model)
+    prompts = generation_prompts(config, out, tokenizer)
+    reward = trained_reward(str(out / "reward_model" / "merged"), batch_size=config.batch_size)
+    scores, results = {}, {"prompts": len(prompts), "max_new_tokens": config.max_new_tokens}
+    for name in ("reference", "dpo", "preferred_ft"):
+        started, base = time.perf_counter(), load_model(config.model)
+        policy = base
+        if name != "reference":
+            with refusing_pickles(str(out / name / "final")):
+                policy = PeftModel.from_pretrained(base, str(out / name / "final"))
+        scores[name] = score_policy(policy, tokenizer, prompts, reward, 1, config.max_new_tokens, config.seed + 1,
+                                    batch_size=config.sample_batch, reference=base if name == "reference" else None)
+        write_jsonl(out / f"samples_{name}.jsonl", scores[name].rows())
+        tokens = sum(len(s.completion_ids) for s in scores[name].samples)
+        results[name] = {"mean_reward": list(scores[name].reward), "kl": list(scores[name].kl),
+                         "seconds": time.perf_counter() - started, "tokens": tokens,
+                         "finished": sum(s.finished for s in scores[name].samples)}
+    for name in ("dpo", "preferred_ft"):
+        rate = win_rate(scores[name].rewards, scores["reference"].rewards, seed=config.seed,
+                        groups=[s.index for s in scores[name].samples])
+        results[name].update(win_rate=rate.rate, win_ci=[rate.low, rate.high], wins=rate.wins, ties=rate.ties,
+                             losses=rate.losses)
+    return results
+
+
+def generation_prompts(config: HHConfig, out: Path, tokenizer) -> list[str]:
+    """The first ``generate_prompts`` distinct held-out prompts that fit ``max_prompt_length`` tokens (longer
+    dialogues would be cut at their start, changing what the reply answers)."""
+    rows = [json.loads(line) for line in (out / "heldout.jsonl").read_text(encoding="utf-8").splitlines()]
+    prompts = list(dict.fromkeys(row["prompt"] for row in rows))
+    fitting = [p for p in prompts if len(tokenizer(p)["input_ids"]) <= config.max_prompt_length]
+    return fitting[:config.generate_prompts]
