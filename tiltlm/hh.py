@@ -44,7 +44,7 @@ class HHConfig:
     model: str = option("smollm2-135m", "base model of every run: directory, hub id or alias")
     output: str = option("runs/hh", "directory for the split, the runs, the samples and the results")
     report: str = option("", "directory for report.md, results.json and the plot (default: --output)")
-    train_pairs: int = option(2000, "training pairs (at most; prompts never shared with held-out ones)", at_least=1)
+    train_pairs: int = option(800, "training pairs (at most; prompts never shared with held-out ones)", at_least=1)
     heldout_pairs: int = option(300, "held-out pairs (at least; whole prompts are held out)", at_least=1)
     beta: float = option(0.1, "DPO's beta (also the scale of the preferred-FT implicit reward)", above=0)
     lr: float = option(2e-4, "learning rate of DPO, preferred-FT and the reward model", above=0)
