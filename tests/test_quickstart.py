@@ -64,3 +64,26 @@ def test_quickstart_on_smollm2(tmp_path):
     out = tmp_path / "qs"
     assert main(["quickstart", "--quick", "--output", str(out)]) == 0
     check_outputs(out, lambda text: vader([""], [text])[0])
+
+
+def test_quickstart_trains_on_ranked_lists_of_every_sample(tiny_model_dir, tmp_path, monkeypatch):
+    import yaml
+
+    (tmp_path / "vowels.py").write_text(REWARD)
+    monkeypatch.syspath_prepend(str(tmp_path))
+    out = tmp_path / "qs"
+    assert main(["quickstart", "--quick", "--model", str(tiny_model_dir), "--reward", "vowels:score",
+                 "--output", str(out), "--lr", "0.01", "--samples", "4", "--preferences", "ranked"]) == 0
+    lists, pairs = read(out / "pairs-ranked.jsonl"), read(out / "pairs.jsonl")
+    assert [row["prompt"] for row in lists] == [row["prompt"] for row in pairs]  # the same prompts give both
+    for row, pair in zip(lists, pairs):
+        assert row["scores"] == pytest.approx([vowel_share(c) for c in row["completions"]])
+        assert len(set(row["completions"])) == len(row["completions"]) >= 2
+        best = row["completions"][row["scores"].index(max(row["scores"]))]
+        assert vowel_share(best) == pytest.approx(vowel_share(pair["chosen"]))
+    run = yaml.safe_load((out / "run" / "config.yaml").read_text())
+    # the compute of one pair per prompt: 2 x 4 completions per step make 2 lists of 4; one epoch of pairs' steps
+    assert (run["data"], run["batch_size"], run["max_steps"]) == (str(out / "pairs-ranked.jsonl"), 2, len(pairs) // 4)
+    assert len(read(out / "run" / "metrics.jsonl")) == len(pairs) // 4
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["preferences"] == "ranked" and summary["train_steps"] == len(pairs) // 4

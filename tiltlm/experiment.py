@@ -24,7 +24,10 @@ class ExperimentConfig:
     reward: str = option("vader", "vader, module:function, file.py:function, or a sequence-classifier directory")
     output: str = option("runs/experiment", "directory for the report and everything it is computed from")
     overwrite: bool = option(False, "replace a report already in --output")
-    samples: int = option(4, "continuations per training prompt (best and worst make its pair)", at_least=2)
+    samples: int = option(4, "continuations per training prompt", at_least=2)
+    preferences: str = option("pair", "what DPO trains on: ranked (each prompt's N continuations as one ranked list, "
+                                      "Plackett-Luce) or pair (its best against its worst), at the same compute",
+                              choices=("ranked", "pair"))
     max_new_tokens: int = option(24, "most tokens sampled per continuation", at_least=1)
     lr: float = option(5e-4, "learning rate of every training run", above=0)
     epochs: int = option(3, "epochs of every training run", at_least=1)
@@ -103,17 +106,58 @@ def rewarded_samples(policy, tokenizer, prompts: list, reward: Callable, samples
     return samples, reward([s.prompt for s in samples], [s.completion for s in samples])
 
 
-def label_pairs(policy, tokenizer, prompts: list, reward: Callable, samples_per_prompt: int, max_new_tokens: int,
-                seed: int, batch_size: int, path: Path) -> Path:
-    """Continuations of ``prompts`` from ``policy``, labelled by the reward into pairs (:func:`preference_pairs`)
-    written to ``path``; a ConfigError when no prompt gives a pair."""
-    pairs = preference_pairs(*rewarded_samples(policy, tokenizer, prompts, reward, samples_per_prompt, max_new_tokens,
-                                               seed, batch_size))
+def ranked_lists(samples: list[Sample], rewards: list[float]) -> list[dict]:
+    """For each prompt, its distinct completions with their rewards as a ranked list (``scores``: higher is
+    better, ties allowed); prompts whose completions all score the same give none."""
+    by_prompt: dict[int, dict[str, tuple[float, Sample]]] = {}
+    for reward, s in zip(rewards, samples):
+        by_prompt.setdefault(s.index, {}).setdefault(s.completion, (reward, s))
+    lists = []
+    for _, scored in sorted(by_prompt.items()):
+        values = [reward for reward, _ in scored.values()]
+        if len(values) >= 2 and max(values) > min(values):
+            lists.append({"prompt": next(iter(scored.values()))[1].prompt, "completions": list(scored),
+                          "scores": values})
+    return lists
+
+
+@dataclass
+class Labelled:
+    """The preferences labelled from one set of samples: one pair per prompt, and every sample ranked."""
+
+    pairs: Path
+    ranked: Path
+    count: int  # prompts that gave a pair (the same prompts give a ranked list)
+
+    def training(self, config: ExperimentConfig) -> Path:
+        return self.ranked if config.preferences == "ranked" else self.pairs
+
+
+def label(policy, tokenizer, prompts: list, reward: Callable, samples_per_prompt: int, max_new_tokens: int,
+          seed: int, batch_size: int, path: Path) -> Labelled:
+    """Continuations of ``prompts`` from ``policy`` labelled by the reward: :func:`preference_pairs` written to
+    ``path`` and :func:`ranked_lists` beside it (``-ranked`` added to its name); a ConfigError when no prompt
+    gives a preference."""
+    samples, rewards = rewarded_samples(policy, tokenizer, prompts, reward, samples_per_prompt, max_new_tokens,
+                                        seed, batch_size)
+    pairs = preference_pairs(samples, rewards)
     if not pairs:
         raise ConfigError(f"the reward gave every continuation of each prompt the same score, so there is no "
                           f"preference pair to train on ({path.name}); use more --samples or longer --max-new-tokens")
     print(f"      {len(pairs)} preference pairs -> {path}")
-    return write_jsonl(path, pairs)
+    ranked = write_jsonl(path.with_name(f"{path.stem}-ranked{path.suffix}"), ranked_lists(samples, rewards))
+    return Labelled(write_jsonl(path, pairs), ranked, len(pairs))
+
+
+def training_shape(config: ExperimentConfig, prompts: int) -> dict:
+    """Batch size and steps of a training run on ``prompts`` prompts' preferences. Ranked lists train at the
+    compute of one pair per prompt: as many completions per step (``2 * batch_size`` completions make
+    ``2 * batch_size / samples`` lists) and as many steps as the pair run's epochs take, so each list is
+    seen about ``epochs * 2 / samples`` times where each pair is seen ``epochs`` times."""
+    batch = min(config.batch_size, prompts)
+    if config.preferences == "pair":
+        return dict(batch_size=batch)
+    return dict(batch_size=max(1, 2 * batch // config.samples), max_steps=config.epochs * (prompts // batch))
 
 
 def refuse_existing(config: ExperimentConfig, *names: str) -> Path:

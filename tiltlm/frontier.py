@@ -33,7 +33,7 @@ import math
 import os
 import platform
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Callable
 
@@ -42,8 +42,8 @@ import torch
 from tiltlm.checkpoint import save_pretrained_atomically
 from tiltlm.config import ConfigError, TrainConfig, check_options, option, same_as
 from tiltlm.data.types import Text
-from tiltlm.experiment import (ExperimentConfig, label_pairs, lora_run, refuse_existing, rewarded_samples, sample_rows,
-                               score_policy, write_jsonl)
+from tiltlm.experiment import (ExperimentConfig, Labelled, label, lora_run, refuse_existing, rewarded_samples,
+                               sample_rows, score_policy, training_shape, write_jsonl)
 from tiltlm.frontier_report import Point, render, write_json
 from tiltlm.generate import read_prompts
 from tiltlm.models import ALIASES, load_model, load_tokenizer, parse_dtype, refusing_pickles
@@ -181,16 +181,17 @@ class RunStopped(RuntimeError):
     """A training run ended before its last step (preemption): the frontier cannot go on."""
 
 
-def train_run(config: FrontierConfig, start: str, data: Path, run_dir: Path, beta: float, loss: str = "sigmoid",
-              ref: str | None = None, merge: bool = False) -> tuple[Path, float]:
-    """One LoRA training run from the model ``start``; (its adapter directory, seconds). DPO's reference
-    is ``ref`` when given, else ``start`` itself (adapters off); preferred-FT (loss nll) has none."""
+def train_run(config: FrontierConfig, start: str, labelled: Labelled, run_dir: Path, beta: float,
+              loss: str = "sigmoid", ref: str | None = None, merge: bool = False) -> tuple[Path, float]:
+    """One LoRA training run from the model ``start``; (its adapter directory, seconds). DPO trains on the
+    ``--preferences`` of ``labelled`` with ``ref`` as reference when given, else ``start`` itself (adapters
+    off); preferred-FT (loss nll, no reference) on the best completion of each prompt (its pairs' chosen)."""
     started = time.perf_counter()
     ref_mode = "none" if loss == "nll" else ("online" if ref else "adapters-off")
-    # A later round may label fewer pairs than a batch holds (prompts whose samples all tie give none).
-    pairs = sum(1 for line in data.read_text(encoding="utf-8").splitlines() if line.strip())
-    train(lora_run(config, start, data, run_dir, loss=loss, beta=beta, ref=ref, ref_mode=ref_mode, merge_lora=merge,
-                   batch_size=min(config.batch_size, pairs), device=config.device, dtype=config.dtype))
+    # preferred-FT reads pairs; a later round may label fewer prompts than a batch holds (ties give none)
+    shaped = replace(config, preferences="pair") if loss == "nll" else config
+    train(lora_run(config, start, labelled.training(shaped), run_dir, loss=loss, beta=beta, ref=ref, ref_mode=ref_mode,
+                   merge_lora=merge, device=config.device, dtype=config.dtype, **training_shape(shaped, labelled.count)))
     if not (run_dir / "final").is_dir():  # train() returns early, with a checkpoint, on SIGTERM
         raise RunStopped(f"training in {run_dir} stopped before its last step (SIGTERM?); nothing after it "
                          f"was measured. Run tiltlm frontier again (with --overwrite) to redo the frontier")
@@ -270,7 +271,7 @@ def prepare(config: FrontierConfig) -> Bench:
     return Bench(reference, tokenizer, plan, reward, config, out, config.seed + 1, start, dtype)
 
 
-def one_shot_points(bench: Bench, pairs: Path) -> list[Point]:
+def one_shot_points(bench: Bench, pairs: Labelled) -> list[Point]:
     """DPO at every beta and preferred-FT, each trained on ``pairs`` from the reference."""
     config, out, points = bench.config, bench.out, []
     for beta in bench.plan.betas:
@@ -296,7 +297,7 @@ def iterative_points(bench: Bench) -> list[Point]:
     policy = load_model(str(previous / "merged"), bench.dtype).to(bench.reference.device) if config.rounds > 1 else None
     for k in range(2, config.rounds + 1):
         bench.announce(f"iterative DPO round {k} of {config.rounds} (beta {beta:g}, reference {config.ref_update})")
-        round_pairs = label_pairs(policy, bench.tokenizer, bench.plan.train_prompts, bench.reward, config.samples,
+        round_pairs = label(policy, bench.tokenizer, bench.plan.train_prompts, bench.reward, config.samples,
                                   config.max_new_tokens, config.seed + 100 + k, config.gen_batch_size,
                                   out / f"pairs-round{k}.jsonl")
         run_dir = out / "runs" / f"dpo-beta{beta:g}-round{k}"
@@ -315,7 +316,7 @@ def run_frontier(config: FrontierConfig) -> Path:
     bench = prepare(config)
     bench.announce(f"preference pairs from the reference ({len(bench.plan.train_prompts)} prompts, "
                    f"{config.samples} continuations each)")
-    pairs = label_pairs(bench.reference, bench.tokenizer, bench.plan.train_prompts, bench.reward, config.samples,
+    pairs = label(bench.reference, bench.tokenizer, bench.plan.train_prompts, bench.reward, config.samples,
                         config.max_new_tokens, config.seed, config.gen_batch_size, bench.out / "pairs-round1.jsonl")
     bench.announce(f"best-of-N from the reference, N in {list(bench.plan.best_of)}")
     points = best_of_n_points(bench)

@@ -4,8 +4,9 @@ A controlled-sentiment task in the manner of the DPO paper's IMDb experiment (Ra
 section 6.1), with SmolLM2-135M-Instruct as the reference and VADER as the reward:
 
 1. the reference samples several continuations of each training prompt (tiltlm.prompts);
-2. VADER scores them; the best and the worst of each prompt make a preference pair (pairs.jsonl);
-3. DPO with LoRA trains on the pairs (the reference is the base with adapters off);
+2. VADER scores them; each prompt's continuations make one ranked list (pairs-ranked.jsonl) and its best
+   and worst one preference pair (pairs.jsonl);
+3. DPO with LoRA trains on one of them (``--preferences``; the reference is the base with adapters off);
 4. held-out prompts are sampled before and after; the report gives the mean reward of each with a 95%
    interval, KL(policy || reference) from samples, the implicit-reward accuracy on held-out pairs,
    example continuations, and plots of loss, accuracy and margins (report.md, training.png).
@@ -13,6 +14,7 @@ section 6.1), with SmolLM2-135M-Instruct as the reference and VADER as the rewar
 
 from __future__ import annotations
 
+import json
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -21,8 +23,8 @@ import torch
 
 from tiltlm.config import ConfigError, check_options, option
 from tiltlm.evaluate import evaluate
-from tiltlm.experiment import (SEQUENCE, ExperimentConfig, PolicyScore, label_pairs, lora_run, preference_pairs,
-                               refuse_existing, score_policy, write_jsonl, write_markdown)
+from tiltlm.experiment import (SEQUENCE, ExperimentConfig, PolicyScore, label, lora_run, preference_pairs,
+                               refuse_existing, score_policy, training_shape, write_jsonl, write_markdown)
 from tiltlm.metrics import read_metrics
 from tiltlm.models import load_model, load_tokenizer, refusing_pickles
 from tiltlm.plots import plot_metrics
@@ -57,17 +59,17 @@ def run_quickstart(config: QuickstartConfig) -> Path:
     base = load_model(config.model)
 
     print(f"[1/4] sampling {config.samples} continuations of {len(train_prompts)} training prompts")
-    pairs_file = label_pairs(base, tokenizer, train_prompts, reward, config.samples, config.max_new_tokens,
-                             config.seed, 16, out / "pairs.jsonl")
-    pair_count = len(pairs_file.read_text(encoding="utf-8").splitlines())
+    labelled = label(base, tokenizer, train_prompts, reward, config.samples, config.max_new_tokens, config.seed, 16,
+                     out / "pairs.jsonl")
 
     print(f"[2/4] held-out prompts before training ({len(heldout)} prompts)")
     before = score_policy(base, tokenizer, heldout, reward, config.samples, config.max_new_tokens,
                           config.seed + 1, reference=base)
     heldout_file = write_jsonl(out / "heldout_pairs.jsonl", preference_pairs(before.samples, before.rewards))
 
-    print(f"[3/4] DPO with LoRA (r={config.lora_r}) on {pair_count} pairs")
-    run_dir = train(lora_run(config, config.model, pairs_file, out / "run", beta=config.beta))
+    print(f"[3/4] DPO with LoRA (r={config.lora_r}) on {labelled.count} prompts' {config.preferences} preferences")
+    run_dir = train(lora_run(config, config.model, labelled.training(config), out / "run", beta=config.beta,
+                             **training_shape(config, labelled.count)))
 
     print("[4/4] held-out prompts after training")
     from peft import PeftModel
@@ -81,13 +83,21 @@ def run_quickstart(config: QuickstartConfig) -> Path:
     accuracy = evaluate(str(run_dir / "final"), str(heldout_file), beta=config.beta, progress=False, **SEQUENCE)
     rows = read_metrics(run_dir / "metrics.jsonl")
     plot = plot_metrics(rows, out / "training.png")
-    report = write_report(out, config, pair_count, before, after, accuracy, rows, plot,
-                          time.perf_counter() - started)
+    seconds = time.perf_counter() - started
+    report = write_report(out, config, labelled.count, before, after, accuracy, rows, plot, seconds)
+    summary = {"preferences": config.preferences, "prompts": labelled.count, "reward_before": before.reward,
+               "reward_after": after.reward, "kl": after.kl, "heldout_accuracy": accuracy["rewards/accuracies"],
+               "train_steps": len(rows), "seconds": seconds}
+    (out / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
     print(report.read_text())
     return out
 
 
-def write_report(out: Path, config: QuickstartConfig, pairs: int, before: PolicyScore, after: PolicyScore,
+# Why the default of --preferences is what it is: benchmarks/ranked_vs_pair.py, results in benchmarks/RESULTS.md.
+CHOICE = "pair"
+
+
+def write_report(out: Path, config: QuickstartConfig, prompts: int, before: PolicyScore, after: PolicyScore,
                  heldout_eval: dict, rows: list[dict], plot: Path, seconds: float) -> Path:
     examples = []
     for b, a in list(zip(before.samples, after.samples))[:: config.samples][:4]:
@@ -97,8 +107,10 @@ def write_report(out: Path, config: QuickstartConfig, pairs: int, before: Policy
         "# tiltlm quickstart",
         "",
         f"Reference {config.model}; reward {config.reward}; DPO with LoRA r={config.lora_r}, "
-        f"beta={config.beta}, lr={config.lr}, {config.epochs} epochs on {pairs} pairs "
-        f"({config.samples} samples per prompt, {config.max_new_tokens} new tokens).",
+        f"beta={config.beta}, lr={config.lr}, on {prompts} prompts' preferences as "
+        f"{'ranked lists of all' if config.preferences == 'ranked' else 'one best-against-worst pair of the'} "
+        f"{config.samples} samples per prompt ({config.max_new_tokens} new tokens), at the compute of "
+        f"{config.epochs} epochs of pairs. {CHOICE}",
         "",
         "| held-out prompts | value |",
         "|---|---|",
@@ -121,7 +133,7 @@ def write_report(out: Path, config: QuickstartConfig, pairs: int, before: Policy
         "",
         f"## Training curves\n\n![training curves]({plot.name})",
         "",
-        "Files: `pairs.jsonl` (the training pairs, explicit format), `heldout_pairs.jsonl`, "
+        "Files: `pairs.jsonl` and `pairs-ranked.jsonl` (the training preferences), `heldout_pairs.jsonl`, "
         "`heldout_before.jsonl` and `heldout_after.jsonl` (every held-out sample with its reward and log-ratio), "
         "`run/` (config, metrics.jsonl, final/ adapter).",
     ]
