@@ -30,6 +30,7 @@ from __future__ import annotations
 import contextlib
 import json
 import shutil
+import warnings
 from dataclasses import asdict
 from pathlib import Path
 from typing import Iterator, Optional
@@ -297,7 +298,9 @@ def _read_slices(checkpoint: Path, targets: dict[str, torch.Tensor]) -> None:
     from torch.distributed.checkpoint import HuggingFaceStorageReader
 
     try:  # no_dist: every rank plans its own reads; they need nothing from one another
-        dcp.load(targets, storage_reader=HuggingFaceStorageReader(str(checkpoint)), no_dist=True)
+        with warnings.catch_warnings():  # ... which DCP warns of, as if it could be a mistake
+            warnings.filterwarnings("ignore", "torch.distributed is disabled")
+            dcp.load(targets, storage_reader=HuggingFaceStorageReader(str(checkpoint)), no_dist=True)
     except (RuntimeError, ValueError, AssertionError) as error:
         raise ckpt.CheckpointError(f"{checkpoint}: its shards do not fit this model "
                                    f"({' '.join(str(error).split())[:300]})") from None
