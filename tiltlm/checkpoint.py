@@ -2,10 +2,15 @@
 
 A checkpoint ``OUTPUT/checkpoints/step-N/`` holds the trainable weights (safetensors), the optimizer and
 scheduler states and the RNG states (``torch.save``, read back with ``weights_only=True``: no pickle
-from a file is ever executed), ``state.json`` (step; the data position follows from it, since the data
-order is a function of seed and epoch) and, written last, ``manifest.json`` with the SHA-256 of every
-file. It is written in a hidden temporary directory and renamed into place, so a crash mid-save leaves
-the previous checkpoints as they were and no ``step-N`` directory without a manifest.
+from a file is ever executed), ``state.json`` (step and pairs per step; the data position follows from
+them, since the data order is a function of seed and epoch) and, written last, ``manifest.json`` with the
+SHA-256 of every file. It is written in a hidden temporary directory and renamed into place, so a crash
+mid-save leaves the previous checkpoints as they were and no ``step-N`` directory without a manifest.
+This module writes and reads one process's checkpoints; distributed.py the sharded ones (the same
+staging, seal and manifest) and either into any layout.
+
+Model directories (``final/``, ``merged/``) are written atomically too: by ``save_pretrained``, or under
+FSDP by :func:`save_streamed`, which writes each weight as it arrives.
 """
 
 from __future__ import annotations

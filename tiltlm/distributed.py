@@ -12,13 +12,19 @@
           shards stay float32 (master weights) and layers compute in ``dtype``, gradients reduced in
           float32 (``MixedPrecisionPolicy``).
 
-FSDP checkpoints are sharded: ``trainable-rank{r}.safetensors`` and ``optimizer-rank{r}.pt`` (read back
-with ``weights_only=True``) per rank, plus the usual scheduler, RNG, state and manifest files, written
-into one hidden staging directory and renamed into place by rank 0 once every rank has written, so a
-crash leaves at most a hidden directory that resume ignores. They resume only with the same number of
-processes. (``torch.distributed.checkpoint`` could reshard, but its reader unpickles its metadata
-file without restriction, and no checkpoint file of ours is ever unpickled that way.) ``final/`` is a
-plain transformers directory: the full weights are gathered to rank 0's CPU and saved there.
+FSDP checkpoints are sharded: every rank writes ``trainable-rank{r}.safetensors`` and
+``optimizer-rank{r}.safetensors`` (its slice of each weight and AdamW moment, the slice's offset in the
+file's JSON header), rank 0 the scheduler, RNG, state (with the optimizer's param_groups) and manifest
+files, all into one hidden staging directory that rank 0 renames into place once every rank has
+written, so a crash leaves at most a hidden directory that resume ignores. Any layout resumes any
+checkpoint: N sharded processes, M sharded ones, or one process (either way round). Each rank reads only
+the slices it needs, planned by ``torch.distributed.checkpoint`` with its safetensors reader
+(``HuggingFaceStorageReader``: the layout comes from the files' headers; DCP's default reader would
+unpickle a ``.metadata`` file without restriction, and no checkpoint file of ours is ever unpickled that
+way). The RNG states are rank 0's, restored on every rank whatever their number (training draws no
+random numbers with dropout off; the data order is a function of seed and step). ``final/`` is
+written one weight at a time: gathered (``full_tensor``), cast, appended by rank 0 to its file of Hugging
+Face's sharded layout; no host ever holds the whole model.
 
 Not supported with FSDP (a clear :class:`ConfigError`): LoRA (the adapters-off reference and
 ``merge_lora`` need the whole model), and ``eval_data`` (every FSDP forward is a collective, and the
