@@ -85,7 +85,8 @@ def test_a_streamed_model_directory_is_what_save_pretrained_writes(tmp_path, mon
                                     ckpt.cast(state, torch.bfloat16), torch.bfloat16)
     streamed = tmp_path / "streamed"
     files = sorted(set(json.loads((streamed / ckpt.INDEX).read_text())["weight_map"].values()))
-    assert len(files) > 1 and files == [f"model-{k:05d}-of-{len(files):05d}.safetensors" for k in range(1, len(files) + 1)]
+    assert len(files) > 1
+    assert files == [f"model-{k:05d}-of-{len(files):05d}.safetensors" for k in range(1, len(files) + 1)]
     assert (json.loads((streamed / "config.json").read_text())
             == json.loads((tmp_path / "reference" / "config.json").read_text()))
     loaded = AutoModelForCausalLM.from_pretrained(streamed)

@@ -192,7 +192,8 @@ def two_ranks(tmp_path_factory, inputs, single, bf16_model_dir) -> dict[str, Pat
             ["run", "train", "--config", str(single["batch2x2"] / "config.yaml"), "--resume",
              str(runs["fsdp-from-one"]), "--batch-size", "1", "--grad-accum", "2", "parallel=fsdp"],
             ["run", "train", "--model", str(bf16_model_dir), "--data", inputs["data"], *COMMON, "--output",
-             str(runs["fsdp-bf16-start"]), "--batch-size", "1", "--grad-accum", "2", "--max-steps", "2", "parallel=fsdp"],
+             str(runs["fsdp-bf16-start"]), "--batch-size", "1", "--grad-accum", "2", "--max-steps", "2",
+             "parallel=fsdp"],
         ],
     }
     (base / "plan.json").write_text(json.dumps(plan))
@@ -385,7 +386,8 @@ def test_a_sharded_checkpoint_is_never_unpickled(two_ranks, tmp_path, monkeypatc
     marker = tmp_path / "payload-ran"
     (checkpoint / ".metadata").write_bytes(pickle.dumps(RunsCode(marker)))
     manifest = json.loads((checkpoint / ckpt.MANIFEST).read_text())
-    (checkpoint / ckpt.MANIFEST).write_text(json.dumps({**manifest, ".metadata": ckpt.sha256(checkpoint / ".metadata")}))
+    manifest[".metadata"] = ckpt.sha256(checkpoint / ".metadata")
+    (checkpoint / ckpt.MANIFEST).write_text(json.dumps(manifest))
     model = AutoModelForCausalLM.from_pretrained(tiny_model_dir)
     optimizer = torch.optim.AdamW(param_groups(model, 0.0), lr=1e-3)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 1.0)
@@ -405,6 +407,23 @@ def test_a_sharded_checkpoint_is_never_unpickled(two_ranks, tmp_path, monkeypatc
 
 
 @pytest.mark.multiprocess
+def test_a_sharded_checkpoint_of_another_shape_is_refused(two_ranks, tiny_model_dir):
+    import torch
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    from tiltlm import checkpoint as ckpt
+    from tiltlm import distributed
+
+    config = AutoConfig.from_pretrained(tiny_model_dir)
+    config.intermediate_size += 16  # the same names, wider MLPs
+    model = AutoModelForCausalLM.from_config(config)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 1.0)
+    with pytest.raises(ckpt.CheckpointError, match=r"mlp\.\w+_proj\.weight.* fits no trainable weight"):
+        distributed.load_checkpoint(two_ranks["fsdp"] / "checkpoints" / f"step-{CUT}", model, optimizer, scheduler)
+
+
+@pytest.mark.multiprocess
 def test_fsdp_final_is_written_in_shards_plain_transformers_loads(two_ranks, single):
     """final/ of the sharded run: Hugging Face's sharded layout (files of at most SHARD_BYTES, an index),
     beside the same config, generation config and tokenizer as the one-process save_pretrained; it loads
@@ -416,7 +435,8 @@ def test_fsdp_final_is_written_in_shards_plain_transformers_loads(two_ranks, sin
     final, reference = two_ranks["fsdp"] / "final", single["batch2x2"] / "final"
     index = json.loads((final / "model.safetensors.index.json").read_text())
     files = sorted(set(index["weight_map"].values()))
-    assert len(files) > 1 and files == [f"model-{k:05d}-of-{len(files):05d}.safetensors" for k in range(1, len(files) + 1)]
+    assert len(files) > 1
+    assert files == [f"model-{k:05d}-of-{len(files):05d}.safetensors" for k in range(1, len(files) + 1)]
     assert sorted(p.name for p in final.glob("*.safetensors")) == files
     for file in files:
         tensors = load_file(final / file)

@@ -217,6 +217,8 @@ def _local_slices(model: nn.Module, optimizer, rank: int) -> tuple[Slices, Slice
 def _save_slices(slices: Slices, path: Path) -> None:
     """A safetensors file of slices, their offsets in its header where DCP's HuggingFaceStorageReader
     looks for them (JSON, like the rest of the header)."""
+    # an empty slice (more ranks than rows) holds nothing, and its offset could be a real slice's
+    slices = {name: (tensor, offset) for name, (tensor, offset) in slices.items() if tensor.numel() > 0}
     offsets = {name: {SAVED_OFFSETS_KEY: offset} for name, (_, offset) in slices.items()}
     save_file({name: tensor.detach().cpu().contiguous() for name, (tensor, _) in slices.items()}, path,
               metadata={CUSTOM_METADATA_KEY: json.dumps(offsets)})
@@ -234,7 +236,7 @@ def load_checkpoint(checkpoint: Path, model: nn.Module, optimizer, scheduler) ->
     params = dict(trainable(model))
     if whole:  # a checkpoint one process wrote fits one host: read it whole, keep this rank's slices
         saved, groups = _whole_state(checkpoint, optimizer, params)
-        targets = _targets(checkpoint, {key: value.dim() for key, value in saved.items()}, params)
+        targets = _targets(checkpoint, {key: tuple(value.shape) for key, value in saved.items()}, params)
         with torch.no_grad():
             for key, target in targets.items():
                 _copy_slice(saved[key], target)
@@ -269,29 +271,33 @@ def _whole_state(checkpoint: Path, optimizer, params: dict[str, nn.Parameter]) -
     return saved, optimizer_state["param_groups"]
 
 
-def _shard_keys(checkpoint: Path) -> dict[str, int]:
-    """Name -> number of dimensions of every tensor in a sharded checkpoint, from the files' headers."""
-    keys = {}
+def _shard_keys(checkpoint: Path) -> dict[str, tuple[int, ...]]:
+    """Name -> whole shape of every tensor in a sharded checkpoint, from the files' headers."""
+    shapes: dict[str, tuple[int, ...]] = {}
     for path in sorted(checkpoint.glob("*-rank*.safetensors")):
         with safe_open(path, framework="pt") as handle:
-            keys.update({key: len(handle.get_slice(key).get_shape()) for key in handle.keys()})
-    return keys
+            offsets = json.loads(handle.metadata()[CUSTOM_METADATA_KEY])
+            for key in handle.keys():
+                end = [o + n for o, n in zip(offsets[key][SAVED_OFFSETS_KEY], handle.get_slice(key).get_shape())]
+                shapes[key] = tuple(max(pair) for pair in zip(shapes.get(key, end), end))
+    return shapes
 
 
-def _targets(checkpoint: Path, keys: dict[str, int], params: dict[str, nn.Parameter]) -> dict[str, torch.Tensor]:
+def _targets(checkpoint: Path, shapes: dict[str, tuple[int, ...]],
+             params: dict[str, nn.Parameter]) -> dict[str, torch.Tensor]:
     """Where each saved tensor goes: a weight into its parameter (this rank's shard of it, in place), an
     optimizer state entry into a new tensor laid out like its parameter (a 0-d one for step counts)."""
-    missing = sorted(set(params) - set(keys))
+    missing = sorted(set(params) - set(shapes))
     if missing:
         raise ckpt.CheckpointError(f"{checkpoint}: no saved weights for {missing[:3]}; it is not a checkpoint "
                                    f"of this model")
     targets = {}
-    for key, dims in keys.items():
+    for key, shape in shapes.items():
         name = key if key in params else key.rpartition(".")[0]
-        if name not in params:
-            raise ckpt.CheckpointError(f"{checkpoint}: {key} belongs to no trainable weight of this model")
+        if name not in params or shape != tuple(params[name].shape) and (key in params or shape != ()):
+            raise ckpt.CheckpointError(f"{checkpoint}: {key} {list(shape)} fits no trainable weight of this model")
         param = params[name].detach()
-        targets[key] = param if key in params else torch.zeros_like(param) if dims else torch.zeros(())
+        targets[key] = param if key in params else torch.zeros_like(param) if shape else torch.zeros(())
     return targets
 
 

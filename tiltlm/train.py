@@ -258,8 +258,9 @@ def loop(run: Run) -> Outcome:
                     writer.write({"step": done, "epoch": done / run.order.steps_per_epoch, **eval_row})
             preempted = collectives.any_rank(bool(stop_requested))  # every rank stops at the same step
             if done % config.save_every == 0 or preempted:
-                distributed.save_checkpoint(run.out / "checkpoints", run.model, run.optimizer, run.scheduler,
-                                            ckpt.TrainingState(done, run.order.pairs_per_step), config.keep_checkpoints, runtime)
+                state = ckpt.TrainingState(done, run.order.pairs_per_step)
+                distributed.save_checkpoint(run.out / "checkpoints", run.model, run.optimizer, run.scheduler, state,
+                                            config.keep_checkpoints, runtime)
             if preempted and done < run.total_steps:
                 break
     finally:
