@@ -64,3 +64,32 @@ def test_a_failed_save_leaves_the_previous_checkpoint(tmp_path, monkeypatch):
         ckpt.save_checkpoint(directory, model, optimizer, scheduler, ckpt.TrainingState(2), 10)
     assert [p.name for p in directory.iterdir()] == ["step-1"]  # no debris, step-1 intact
     ckpt.verify(directory / "step-1")
+
+
+def test_a_streamed_model_directory_is_what_save_pretrained_writes(tmp_path, monkeypatch, tiny_tokenizer):
+    """save_streamed, fed one tensor at a time, writes a directory plain transformers loads, in the
+    asked dtype, with save_pretrained's config; past SHARD_BYTES in Hugging Face's sharded layout."""
+    import json
+
+    from transformers import AutoModelForCausalLM
+
+    from tiltlm.models import tiny_llama
+
+    model = tiny_llama(vocab_size=len(tiny_tokenizer))
+    state = model.state_dict()
+    specs = {name: (tuple(t.shape), torch.bfloat16) for name, t in state.items()}
+    monkeypatch.setattr(ckpt, "SHARD_BYTES", 20_000)
+    ckpt.save_streamed(tmp_path / "streamed", model, tiny_tokenizer, torch.bfloat16, specs,
+                       ((name, t.to(torch.bfloat16)) for name, t in state.items()))
+    ckpt.save_pretrained_atomically(tmp_path / "reference", model, tiny_tokenizer,
+                                    ckpt.cast(state, torch.bfloat16), torch.bfloat16)
+    streamed = tmp_path / "streamed"
+    files = sorted(set(json.loads((streamed / ckpt.INDEX).read_text())["weight_map"].values()))
+    assert len(files) > 1
+    assert files == [f"model-{k:05d}-of-{len(files):05d}.safetensors" for k in range(1, len(files) + 1)]
+    assert (json.loads((streamed / "config.json").read_text())
+            == json.loads((tmp_path / "reference" / "config.json").read_text()))
+    loaded = AutoModelForCausalLM.from_pretrained(streamed)
+    assert loaded.dtype == torch.bfloat16
+    for name, tensor in loaded.state_dict().items():
+        assert torch.equal(tensor, state[name].to(torch.bfloat16)), name

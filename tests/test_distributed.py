@@ -1,6 +1,7 @@
 """Training under torchrun, 2 processes on CPU (gloo): DDP and FSDP2 reach the weights one process
-reaches on the same pairs; only rank 0 writes under DDP; sharded FSDP checkpoints resume exactly; two
-"nodes" rendezvous over loopback.
+reaches on the same pairs; only rank 0 writes under DDP; sharded FSDP checkpoints resume exactly, with
+2 processes or 1, and a one-process checkpoint resumes sharded; FSDP's final/ is written one gathered
+tensor at a time in Hugging Face's sharded layout; two "nodes" rendezvous over loopback.
 
 One ``torchrun`` launch runs every 2-process training in sequence (each launch costs seconds of
 imports on a busy machine): this file is also the script it runs (see :func:`driver` at the bottom).
@@ -24,6 +25,8 @@ import pytest
 LAUNCH_TIMEOUT = 300  # seconds; a launch takes ~30-60 s on 2 busy cores, so this only catches a hang
 STEPS = 6  # 8 pairs, 4 pairs a step (2 ranks x 2, or 1 process x 4): 2 steps an epoch, 3 epochs
 PREEMPTED_AFTER = 2  # the step after which one rank of the preempted run gets SIGTERM
+CUT = 3  # the step the resharding resumes start from
+SHARD_BYTES = 40_000  # FSDP's final/ files in the launch: the tiny model (~180 KB) spans several
 
 # The run's settings; the batch shape (per rank) is added per run. warmup 0.25 of 6 steps = 2 warm-up
 # steps then linear decay, so a resumed run must also restore the LR schedule.
@@ -70,9 +73,11 @@ def launch(args: list[str], cwd: Path) -> subprocess.Popen:
 
 
 def weights(run: Path) -> dict:
+    """final/'s weights, from ``model.safetensors`` or the files of a sharded layout."""
     from safetensors.torch import load_file
 
-    return load_file(run / "final" / "model.safetensors")
+    return {name: tensor for path in sorted((run / "final").glob("model*.safetensors"))
+            for name, tensor in load_file(path).items()}
 
 
 def assert_same_weights(a: dict, b: dict, atol: float) -> None:
@@ -121,33 +126,51 @@ def inputs(tmp_path_factory, tiny_model_dir) -> dict[str, str]:
 
 
 @pytest.fixture(scope="module")
-def single(tmp_path_factory, inputs) -> dict[str, Path]:
+def bf16_model_dir(tmp_path_factory, tiny_model_dir) -> Path:
+    """The tiny model saved in bfloat16."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    import torch
+
+    directory = tmp_path_factory.mktemp("tiny-bf16")
+    AutoModelForCausalLM.from_pretrained(tiny_model_dir, dtype=torch.bfloat16).save_pretrained(directory)
+    AutoTokenizer.from_pretrained(tiny_model_dir).save_pretrained(directory)
+    return directory
+
+
+@pytest.fixture(scope="module")
+def single(tmp_path_factory, inputs, bf16_model_dir) -> dict[str, Path]:
     """One process, in this one: 4 pairs a step as one micro-batch of 4 ("batch 2b") and as 2 micro-batches
-    of 2 ("b with 2-step accumulation")."""
+    of 2 ("b with 2-step accumulation"); 2 steps of the latter from the bfloat16-saved model."""
     from tiltlm.cli import main
 
     base = tmp_path_factory.mktemp("single")
     runs = {"batch4": ["--batch-size", "4", "--grad-accum", "1"],
-            "batch2x2": ["--batch-size", "2", "--grad-accum", "2"]}
+            "batch2x2": ["--batch-size", "2", "--grad-accum", "2"],
+            "bf16-start": ["--batch-size", "2", "--grad-accum", "2", "--max-steps", "2"]}
     for name, shape in runs.items():
-        assert main(["train", "--model", inputs["model"], "--data", inputs["data"], "--output", str(base / name),
+        model = str(bf16_model_dir) if name == "bf16-start" else inputs["model"]
+        assert main(["train", "--model", model, "--data", inputs["data"], "--output", str(base / name),
                      *COMMON, *shape]) == 0
     return {name: base / name for name in runs}
 
 
 @pytest.fixture(scope="module")
-def two_ranks(tmp_path_factory, inputs) -> dict[str, Path]:
+def two_ranks(tmp_path_factory, inputs, single, bf16_model_dir) -> dict[str, Path]:
     """One ``torchrun --nproc-per-node 2`` launch of :func:`driver`, which runs in turn:
 
     ``ddp``          batch 2 a rank, rank 1 with the output directory mounted read-only where possible
     ``ddp-preempted`` batch 1 x 2 accumulation steps a rank; SIGTERM reaches rank 1 only, after step 2;
                      then resumed
-    ``fsdp``         batch 1 x 2 accumulation steps a rank, sharded
+    ``fsdp``         batch 1 x 2 accumulation steps a rank, sharded (final/ files of SHARD_BYTES from here on)
     ``fsdp-resumed`` a copy of ``fsdp`` cut back to step 3, resumed
     ``fsdp-bf16``    sharded with dtype bfloat16 (MixedPrecisionPolicy: float32 master weights), 2 steps
+    ``fsdp-from-one`` a copy of the one-process run ``batch2x2`` cut back to step 3, resumed sharded
+    ``fsdp-bf16-start`` 2 steps from the bfloat16-saved model, sharded
     """
     base = tmp_path_factory.mktemp("two-ranks")
-    runs = {name: base / name for name in ("ddp", "ddp-preempted", "fsdp", "fsdp-resumed", "fsdp-bf16")}
+    runs = {name: base / name for name in ("ddp", "ddp-preempted", "fsdp", "fsdp-resumed", "fsdp-bf16",
+                                           "fsdp-from-one", "fsdp-bf16-start")}
     runs["ddp"].mkdir()  # exists before rank 1 mounts it read-only
     train = ["train", "--model", inputs["model"], "--data", inputs["data"], *COMMON]
     plan = {
@@ -159,11 +182,18 @@ def two_ranks(tmp_path_factory, inputs) -> dict[str, Path]:
              "--grad-accum", "2"],
             ["run", "train", "--config", str(runs["ddp-preempted"] / "config.yaml"), "--resume",
              str(runs["ddp-preempted"])],
+            ["shard-bytes", str(SHARD_BYTES)],
             ["run", *train, "--output", str(runs["fsdp"]), "--batch-size", "1", "--grad-accum", "2", "parallel=fsdp"],
             ["cut", str(runs["fsdp"]), str(runs["fsdp-resumed"]), "3"],
             ["run", "train", "--config", str(runs["fsdp"] / "config.yaml"), "--resume", str(runs["fsdp-resumed"])],
             ["run", *train, "--output", str(runs["fsdp-bf16"]), "--batch-size", "1", "--grad-accum", "2",
              "--max-steps", "2", "--dtype", "bfloat16", "parallel=fsdp"],
+            ["cut", str(single["batch2x2"]), str(runs["fsdp-from-one"]), str(CUT)],
+            ["run", "train", "--config", str(single["batch2x2"] / "config.yaml"), "--resume",
+             str(runs["fsdp-from-one"]), "--batch-size", "1", "--grad-accum", "2", "parallel=fsdp"],
+            ["run", "train", "--model", str(bf16_model_dir), "--data", inputs["data"], *COMMON, "--output",
+             str(runs["fsdp-bf16-start"]), "--batch-size", "1", "--grad-accum", "2", "--max-steps", "2",
+             "parallel=fsdp"],
         ],
     }
     (base / "plan.json").write_text(json.dumps(plan))
@@ -227,8 +257,8 @@ def test_fsdp_matches_one_process_and_saves_a_plain_model(two_ranks, single):
     AutoModelForCausalLM.from_pretrained(run / "final")  # final/ is a plain transformers directory
     step = run / "checkpoints" / "step-1"
     assert sorted(p.name for p in step.iterdir()) == [
-        "manifest.json", "optimizer-rank0.pt", "optimizer-rank1.pt", "rng.pt", "scheduler.pt", "state.json",
-        "trainable-rank0.safetensors", "trainable-rank1.safetensors"]
+        "manifest.json", "optimizer-rank0.safetensors", "optimizer-rank1.safetensors", "rng.pt", "scheduler.pt",
+        "state.json", "trainable-rank0.safetensors", "trainable-rank1.safetensors"]
 
 
 @pytest.mark.multiprocess
@@ -271,6 +301,168 @@ def test_fsdp_mixed_precision_keeps_float32_master_weights(two_ranks, single):
         assert row["loss"] == pytest.approx(reference["loss"], abs=2e-2)
         assert row["logps/chosen"] == pytest.approx(reference["logps/chosen"], rel=2e-2)
     assert abs(rows[0]["logps/chosen"] - want[0]["logps/chosen"]) > 5e-5
+
+
+# --- resharding checkpoints and final/ shard by shard ---------------------------------------------------
+
+
+def refuse_unrestricted_unpickling(monkeypatch) -> None:
+    """From here on, any unpickling but torch.load's ``weights_only`` one (its own unpickler) fails."""
+    import pickle
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("a file was unpickled without restriction")
+
+    for name in ("load", "loads", "Unpickler"):
+        monkeypatch.setattr(pickle, name, refuse)
+
+
+class RunsCode:
+    """Unpickling this runs Python code (it creates ``marker``): a malicious file's payload."""
+
+    def __init__(self, marker: Path):
+        self.marker = marker
+
+    def __reduce__(self):
+        return (exec, (f"open({str(self.marker)!r}, 'w').close()",))
+
+
+@pytest.mark.multiprocess
+def test_a_sharded_checkpoint_resumes_in_one_process(two_ranks, single, tmp_path, monkeypatch):
+    """2 ranks wrote step 3; one process finishes the run (4 pairs a step as 2 x 2) and reaches the
+    weights of the uninterrupted 2-rank run, with no file unpickled on the way but by weights_only."""
+    from tiltlm.cli import main
+
+    run = tmp_path / "run"
+    interrupted_copy(two_ranks["fsdp"], run, CUT)
+    refuse_unrestricted_unpickling(monkeypatch)
+    assert main(["train", "--config", str(two_ranks["fsdp"] / "config.yaml"), "--resume", str(run),
+                 "--batch-size", "2", "--grad-accum", "2"]) == 0
+    assert_same_weights(weights(run), weights(two_ranks["fsdp"]), atol=1e-5)
+    assert_same_metrics(run, single["batch2x2"])
+    assert (run / "checkpoints" / f"step-{STEPS}" / "trainable.safetensors").is_file()  # one process's layout
+
+
+@pytest.mark.multiprocess
+def test_a_one_process_checkpoint_resumes_sharded(two_ranks, single):
+    run = two_ranks["fsdp-from-one"]
+    assert f"resumed from {run / 'checkpoints' / f'step-{CUT}'}" in two_ranks["log"].read_text()
+    assert_same_weights(weights(run), weights(single["batch2x2"]), atol=1e-5)
+    assert_same_metrics(run, single["batch2x2"])
+    assert (run / "checkpoints" / f"step-{STEPS}" / "trainable-rank1.safetensors").is_file()  # sharded from then on
+
+
+@pytest.mark.multiprocess
+def test_a_resume_that_changes_the_pairs_of_a_step_is_refused(two_ranks, tmp_path):
+    from tiltlm.cli import main
+
+    run = tmp_path / "run"
+    interrupted_copy(two_ranks["fsdp"], run, CUT)
+    before = (run / "metrics.jsonl").read_text()
+    # one process with the 2-rank run's batch 1 x 2 would take 2 pairs a step, not 4: the data would shift
+    assert main(["train", "--config", str(two_ranks["fsdp"] / "config.yaml"), "--resume", str(run)]) == 2
+    assert (run / "metrics.jsonl").read_text() == before and not (run / "final").exists()
+
+
+@pytest.mark.multiprocess
+def test_a_sharded_checkpoint_is_never_unpickled(two_ranks, tmp_path, monkeypatch, tiny_model_dir):
+    """DCP's default FileSystemReader unpickles a ``.metadata`` file without restriction; the checkpoint
+    reader reads the layout from the safetensors headers. Given a malicious ``.metadata`` (listed in the
+    manifest), a sharded checkpoint loads into one process and the payload never runs; each weight and
+    AdamW moment is its ranks' slices put together."""
+    import pickle
+
+    import torch
+    from safetensors.torch import load_file
+    from torch.distributed.checkpoint import FileSystemReader
+    from transformers import AutoModelForCausalLM
+
+    from tiltlm import checkpoint as ckpt
+    from tiltlm import distributed
+    from tiltlm.train import param_groups
+
+    checkpoint = tmp_path / f"step-{CUT}"
+    shutil.copytree(two_ranks["fsdp"] / "checkpoints" / f"step-{CUT}", checkpoint)
+    marker = tmp_path / "payload-ran"
+    (checkpoint / ".metadata").write_bytes(pickle.dumps(RunsCode(marker)))
+    manifest = json.loads((checkpoint / ckpt.MANIFEST).read_text())
+    manifest[".metadata"] = ckpt.sha256(checkpoint / ".metadata")
+    (checkpoint / ckpt.MANIFEST).write_text(json.dumps(manifest))
+    model = AutoModelForCausalLM.from_pretrained(tiny_model_dir)
+    optimizer = torch.optim.AdamW(param_groups(model, 0.0), lr=1e-3)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 1.0)
+    refuse_unrestricted_unpickling(monkeypatch)
+    with pytest.raises(AssertionError, match="unpickled"):  # the guard catches DCP's default way in
+        FileSystemReader(str(checkpoint)).read_metadata()
+    assert distributed.load_checkpoint(checkpoint, model, optimizer, scheduler).step == CUT
+    assert not marker.exists()
+    trainables, moments = ([load_file(checkpoint / f"{kind}-rank{r}.safetensors") for r in range(2)]
+                         for kind in ("trainable", "optimizer"))
+    for name, p in model.named_parameters():
+        assert torch.equal(p.detach(), torch.cat([trainables[0][name], trainables[1][name]])), name
+        for key in ("exp_avg", "exp_avg_sq"):
+            whole = torch.cat([moments[0][f"{name}.{key}"], moments[1][f"{name}.{key}"]])
+            assert torch.equal(optimizer.state[p][key], whole), (name, key)
+        assert optimizer.state[p]["step"].item() == CUT
+
+
+@pytest.mark.multiprocess
+def test_a_sharded_checkpoint_of_another_shape_is_refused(two_ranks, tiny_model_dir):
+    import torch
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    from tiltlm import checkpoint as ckpt
+    from tiltlm import distributed
+
+    config = AutoConfig.from_pretrained(tiny_model_dir)
+    config.intermediate_size += 16  # the same names, wider MLPs
+    model = AutoModelForCausalLM.from_config(config)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 1.0)
+    with pytest.raises(ckpt.CheckpointError, match=r"mlp\.\w+_proj\.weight.* fits no trainable weight"):
+        distributed.load_checkpoint(two_ranks["fsdp"] / "checkpoints" / f"step-{CUT}", model, optimizer, scheduler)
+
+
+@pytest.mark.multiprocess
+def test_fsdp_final_is_written_in_shards_plain_transformers_loads(two_ranks, single):
+    """final/ of the sharded run: Hugging Face's sharded layout (files of at most SHARD_BYTES, an index),
+    beside the same config, generation config and tokenizer as the one-process save_pretrained; it loads
+    with plain from_pretrained and holds the one-process run's weights."""
+    import torch
+    from safetensors.torch import load_file
+    from transformers import AutoModelForCausalLM
+
+    final, reference = two_ranks["fsdp"] / "final", single["batch2x2"] / "final"
+    index = json.loads((final / "model.safetensors.index.json").read_text())
+    files = sorted(set(index["weight_map"].values()))
+    assert len(files) > 1
+    assert files == [f"model-{k:05d}-of-{len(files):05d}.safetensors" for k in range(1, len(files) + 1)]
+    assert sorted(p.name for p in final.glob("*.safetensors")) == files
+    for file in files:
+        tensors = load_file(final / file)
+        assert len(tensors) == 1 or sum(t.numel() * t.element_size() for t in tensors.values()) <= SHARD_BYTES
+        assert {index["weight_map"][name] for name in tensors} == {file}
+    others = lambda d: sorted(p.name for p in d.iterdir() if "safetensors" not in p.name)  # noqa: E731
+    assert others(final) == others(reference)
+    for name in ("config.json", "generation_config.json"):
+        assert json.loads((final / name).read_text()) == json.loads((reference / name).read_text()), name
+    loaded = AutoModelForCausalLM.from_pretrained(final)
+    assert loaded.dtype == torch.float32
+    assert_same_weights(loaded.state_dict(), AutoModelForCausalLM.from_pretrained(reference).state_dict(), atol=1e-6)
+
+
+@pytest.mark.multiprocess
+def test_fsdp_final_keeps_the_starting_dtype(two_ranks, single):
+    """From a bfloat16-saved model, final/ is bfloat16 like the one-process run's: float32 master weights
+    agreeing to ~1e-6 round to the same bfloat16 value, or to its neighbour at a rounding boundary."""
+    import torch
+
+    run, reference = two_ranks["fsdp-bf16-start"], single["bf16-start"]
+    assert json.loads((run / "final" / "config.json").read_text())["dtype"] == "bfloat16"
+    mine, theirs = weights(run), weights(reference)
+    assert mine.keys() == theirs.keys() and {t.dtype for t in mine.values()} == {torch.bfloat16}
+    for name in mine:
+        torch.testing.assert_close(mine[name].float(), theirs[name].float(), rtol=2 ** -7, atol=0, msg=name)
 
 
 @pytest.mark.parametrize("setting, message", [
@@ -360,6 +552,8 @@ def driver(plan_file: str) -> int:
     plan = json.loads(Path(plan_file).read_text())
     if int(os.environ["RANK"]) != 0:
         read_only_view(plan["read_only"], plan["isolated_marker"])
+    import importlib
+
     import torch.distributed as dist
 
     from tiltlm.cli import main
@@ -367,7 +561,9 @@ def driver(plan_file: str) -> int:
     dist.init_process_group("gloo")
     try:
         for kind, *args in plan["steps"]:
-            if kind in ("run", "preempt"):
+            if kind == "shard-bytes":  # a smaller file size for final/ under FSDP, in this process
+                importlib.import_module("tiltlm.checkpoint").SHARD_BYTES = int(args[0])
+            elif kind in ("run", "preempt"):
                 if kind == "preempt":  # args: the rank that gets SIGTERM, after which step, the command
                     rank, after, *args = args
                     if dist.get_rank() == int(rank):

@@ -2,22 +2,31 @@
 
 A checkpoint ``OUTPUT/checkpoints/step-N/`` holds the trainable weights (safetensors), the optimizer and
 scheduler states and the RNG states (``torch.save``, read back with ``weights_only=True``: no pickle
-from a file is ever executed), ``state.json`` (step; the data position follows from it, since the data
-order is a function of seed and epoch) and, written last, ``manifest.json`` with the SHA-256 of every
-file. It is written in a hidden temporary directory and renamed into place, so a crash mid-save leaves
-the previous checkpoints as they were and no ``step-N`` directory without a manifest.
+from a file is ever executed), ``state.json`` (step and pairs per step; the data position follows from
+them, since the data order is a function of seed and epoch) and, written last, ``manifest.json`` with the
+SHA-256 of every file. It is written in a hidden temporary directory and renamed into place, so a crash
+mid-save leaves the previous checkpoints as they were and no ``step-N`` directory without a manifest.
+This module writes and reads one process's checkpoints; distributed.py the sharded ones (the same
+staging, seal and manifest) and either into any layout.
+
+Model directories (``final/``, ``merged/``) are written atomically too: by ``save_pretrained``, or under
+FSDP by :func:`save_streamed`, which writes each weight as it arrives.
 """
 
 from __future__ import annotations
 
+import copy
 import hashlib
 import json
+import math
 import os
 import pickle
 import random
 import shutil
-from dataclasses import dataclass
+import struct
+from dataclasses import asdict, dataclass, fields
 from pathlib import Path
+from typing import Iterator
 
 import torch
 from safetensors import SafetensorError
@@ -44,6 +53,7 @@ WRITE_ERRORS = (OSError, RuntimeError, SafetensorError)
 @dataclass
 class TrainingState:
     step: int
+    pairs_per_step: int | None = None  # batch_size x grad_accum x processes; None in older checkpoints
 
 
 def sha256(path: Path) -> str:
@@ -138,7 +148,7 @@ def save_checkpoint(directory: Path, model: nn.Module, optimizer, scheduler, sta
         torch.save(optimizer.state_dict(), tmp / "optimizer.pt")
         torch.save(scheduler.state_dict(), tmp / "scheduler.pt")
         torch.save(rng_state(), tmp / "rng.pt")
-        (tmp / "state.json").write_text(json.dumps({"step": state.step}))
+        (tmp / "state.json").write_text(json.dumps(asdict(state)))
 
     directory.mkdir(parents=True, exist_ok=True)
     write_atomically(final, write)
@@ -212,8 +222,13 @@ def load_checkpoint(checkpoint: Path, model: nn.Module, optimizer, scheduler) ->
     optimizer.load_state_dict(read_tensors(checkpoint / "optimizer.pt"))
     scheduler.load_state_dict(read_tensors(checkpoint / "scheduler.pt"))
     set_rng_state(read_tensors(checkpoint / "rng.pt"))
+    return TrainingState(**saved_state(checkpoint))
+
+
+def saved_state(checkpoint: Path) -> dict:
+    """The :class:`TrainingState` fields of a checkpoint's ``state.json``."""
     state = json.loads((checkpoint / "state.json").read_text())
-    return TrainingState(step=state["step"])
+    return {field.name: state[field.name] for field in fields(TrainingState) if field.name in state}
 
 
 # --- model directories ---------------------------------------------------------------------------------
@@ -222,30 +237,32 @@ def load_checkpoint(checkpoint: Path, model: nn.Module, optimizer, scheduler) ->
 def save_pretrained_atomically(directory: Path, model, tokenizer, weights: dict | None = None,
                                dtype: torch.dtype | None = None) -> None:
     """``model.save_pretrained`` (safetensors) and the tokenizer into ``directory``, atomically.
-    ``weights``: the state dict to save instead of the model's own (gathered or cast); ``dtype``: what
-    config.json then says they are (transformers writes the dtype of the model in memory)."""
+    ``weights``: the state dict to save instead of the model's own (cast); ``dtype``: what config.json
+    then says they are (transformers writes the dtype of the model in memory)."""
     def write(tmp: Path) -> None:
         model.save_pretrained(tmp, safe_serialization=True, state_dict=weights, **save_options(model))
         tokenizer.save_pretrained(tmp)
         if dtype is not None:
-            config = json.loads((tmp / "config.json").read_text())
-            config["dtype"] = str(dtype).removeprefix("torch.")
-            (tmp / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
+            _declare_dtype(tmp, dtype)
 
     write_atomically(directory, write)
 
 
-def save_final(out: Path, policy, tokenizer, base_model: str, dtype: torch.dtype, merge_lora: bool = False,
-               weights: dict | None = None) -> None:
+def _declare_dtype(directory: Path, dtype: torch.dtype) -> None:
+    config = json.loads((directory / "config.json").read_text())
+    config["dtype"] = str(dtype).removeprefix("torch.")
+    (directory / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
+
+
+def save_final(out: Path, policy, tokenizer, base_model: str, dtype: torch.dtype, merge_lora: bool = False) -> None:
     """``final/``: a transformers model directory in ``dtype`` (the dtype of the checkpoint the run
     started from: float32 master weights are a training device, not a format change), or with LoRA a peft
     adapter directory (and with ``merge_lora`` also ``merged/``, the adapters folded into the base
-    weights, in ``dtype``). ``weights``: the full state dict of a sharded policy."""
+    weights, in ``dtype``). A sharded policy's goes through :func:`save_streamed` instead."""
     for adapter in getattr(policy, "peft_config", {}).values():
         adapter.base_model_name_or_path = canonical_name(base_model)  # an alias stays one; a path, absolute
     adapter = hasattr(policy, "peft_config")
-    if not adapter:
-        weights = cast(weights if weights is not None else policy.state_dict(), dtype)
+    weights = None if adapter else cast(policy.state_dict(), dtype)
     save_pretrained_atomically(out / "final", policy, tokenizer, weights, None if adapter else dtype)
     if merge_lora and adapter:
         merged = policy.merge_and_unload()
@@ -256,3 +273,80 @@ def cast(state: dict[str, torch.Tensor], dtype: torch.dtype) -> dict[str, torch.
     """Floating-point tensors of ``state`` in ``dtype`` (tensors already in it stay the same objects, so
     tied weights stay tied)."""
     return {k: v.to(dtype) if v.is_floating_point() else v for k, v in state.items()}
+
+
+# --- model directories written one tensor at a time ------------------------------------------------------
+
+SHARD_BYTES = 5 * 10**9  # the largest weights file of a streamed model directory
+INDEX = "model.safetensors.index.json"
+SAFETENSORS_DTYPES = {torch.float64: "F64", torch.float32: "F32", torch.float16: "F16", torch.bfloat16: "BF16",
+                      torch.int64: "I64", torch.int32: "I32", torch.int16: "I16", torch.int8: "I8",
+                      torch.uint8: "U8", torch.bool: "BOOL"}
+
+Specs = dict[str, tuple[tuple[int, ...], torch.dtype]]  # name -> (shape, dtype), in the order they come
+
+
+def save_streamed(directory: Path, model, tokenizer, dtype: torch.dtype, specs: Specs,
+                  tensors: Iterator[tuple[str, torch.Tensor]]) -> None:
+    """A transformers model directory, atomically, whose weights arrive one at a time from ``tensors``
+    (in the order of ``specs``) and are written as they come: memory holds one tensor, never the model.
+    The layout is save_pretrained's: ``model.safetensors``, or past :data:`SHARD_BYTES`
+    ``model-0000k-of-0000n.safetensors`` and ``model.safetensors.index.json``; config.json says ``dtype``."""
+    shards = _plan_shards(specs)
+    files = (["model.safetensors"] if len(shards) == 1 else
+             [f"model-{k:05d}-of-{len(shards):05d}.safetensors" for k in range(1, len(shards) + 1)])
+
+    def write(tmp: Path) -> None:
+        for file, names in zip(files, shards):
+            _write_safetensors(tmp / file, {name: specs[name] for name in names}, tensors)
+        if len(shards) > 1:
+            index = {"metadata": {"total_size": sum(_nbytes(*spec) for spec in specs.values())},
+                     "weight_map": {name: file for file, names in zip(files, shards) for name in names}}
+            (tmp / INDEX).write_text(json.dumps(index, indent=2, sort_keys=True) + "\n")
+        config = copy.deepcopy(model.config)
+        config.architectures = [type(model).__name__]
+        config.save_pretrained(tmp)
+        _declare_dtype(tmp, dtype)
+        if model.can_generate() and getattr(model, "generation_config", None) is not None:
+            model.generation_config.save_pretrained(tmp)
+        tokenizer.save_pretrained(tmp)
+
+    write_atomically(directory, write)
+
+
+def _nbytes(shape: tuple[int, ...], dtype: torch.dtype) -> int:
+    return math.prod(shape) * dtype.itemsize
+
+
+def _plan_shards(specs: Specs) -> list[list[str]]:
+    """Consecutive names in files of at most SHARD_BYTES each (a larger tensor alone in its own)."""
+    shards: list[list[str]] = [[]]
+    size = 0
+    for name, spec in specs.items():
+        if shards[-1] and size + _nbytes(*spec) > SHARD_BYTES:
+            shards.append([])
+            size = 0
+        shards[-1].append(name)
+        size += _nbytes(*spec)
+    return shards
+
+
+def _write_safetensors(path: Path, specs: Specs, tensors: Iterator[tuple[str, torch.Tensor]]) -> None:
+    """A safetensors file: its header (known from the shapes alone), then each tensor's bytes as it
+    arrives from ``tensors``."""
+    header, offset = {}, 0
+    for name, (shape, dtype) in specs.items():
+        header[name] = {"dtype": SAFETENSORS_DTYPES[dtype], "shape": list(shape),
+                        "data_offsets": [offset, offset + _nbytes(shape, dtype)]}
+        offset += _nbytes(shape, dtype)
+    header["__metadata__"] = {"format": "pt"}
+    encoded = json.dumps(header, separators=(",", ":")).encode()
+    encoded += b" " * (-len(encoded) % 8)  # the data starts 8-byte aligned
+    with open(path, "wb") as handle:
+        handle.write(struct.pack("<Q", len(encoded)) + encoded)
+        for name, (shape, dtype) in specs.items():
+            got, tensor = next(tensors)
+            if got != name or tuple(tensor.shape) != shape or tensor.dtype != dtype:
+                raise ValueError(f"{path}: expected {name} {shape} {dtype}, got {got} {tuple(tensor.shape)} "
+                                 f"{tensor.dtype}")
+            handle.write(tensor.contiguous().reshape(-1).view(torch.uint8).numpy().data)  # little-endian, as on disk

@@ -12,13 +12,19 @@
           shards stay float32 (master weights) and layers compute in ``dtype``, gradients reduced in
           float32 (``MixedPrecisionPolicy``).
 
-FSDP checkpoints are sharded: ``trainable-rank{r}.safetensors`` and ``optimizer-rank{r}.pt`` (read back
-with ``weights_only=True``) per rank, plus the usual scheduler, RNG, state and manifest files, written
-into one hidden staging directory and renamed into place by rank 0 once every rank has written, so a
-crash leaves at most a hidden directory that resume ignores. They resume only with the same number of
-processes. (``torch.distributed.checkpoint`` could reshard, but its reader unpickles its metadata
-file without restriction, and no checkpoint file of ours is ever unpickled that way.) ``final/`` is a
-plain transformers directory: the full weights are gathered to rank 0's CPU and saved there.
+FSDP checkpoints are sharded: every rank writes ``trainable-rank{r}.safetensors`` and
+``optimizer-rank{r}.safetensors`` (its slice of each weight and AdamW moment, the slice's offset in the
+file's JSON header), rank 0 the scheduler, RNG, state (with the optimizer's param_groups) and manifest
+files, all into one hidden staging directory that rank 0 renames into place once every rank has
+written, so a crash leaves at most a hidden directory that resume ignores. Any layout resumes any
+checkpoint: N sharded processes, M sharded ones, or one process (either way round). Each rank reads only
+the slices it needs, planned by ``torch.distributed.checkpoint`` with its safetensors reader
+(``HuggingFaceStorageReader``: the layout comes from the files' headers; DCP's default reader would
+unpickle a ``.metadata`` file without restriction, and no checkpoint file of ours is ever unpickled that
+way). The RNG states are rank 0's, restored on every rank whatever their number (training draws no
+random numbers with dropout off; the data order is a function of seed and step). ``final/`` is
+written one weight at a time: gathered (``full_tensor``), cast, appended by rank 0 to its file of Hugging
+Face's sharded layout; no host ever holds the whole model.
 
 Not supported with FSDP (a clear :class:`ConfigError`): LoRA (the adapters-off reference and
 ``merge_lora`` need the whole model), and ``eval_data`` (every FSDP forward is a collective, and the
@@ -30,13 +36,16 @@ from __future__ import annotations
 import contextlib
 import json
 import shutil
+import warnings
+from dataclasses import asdict
 from pathlib import Path
 from typing import Iterator, Optional
 
 import torch
-import torch.distributed as dist
+from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 from torch import nn
+from torch.distributed.checkpoint._hf_utils import CUSTOM_METADATA_KEY, SAVED_OFFSETS_KEY
 from torch.nn.parallel import DistributedDataParallel
 
 from tiltlm import checkpoint as ckpt
@@ -134,7 +143,7 @@ def is_sharded(model: nn.Module) -> bool:
     return any(isinstance(p, DTensor) for p in model.parameters())
 
 
-# --- checkpoints -------------------------------------------------------------------------------------
+# --- checkpoints ---------------------------------------------------------------------------------------
 
 
 def save_checkpoint(directory: Path, model: nn.Module, optimizer, scheduler, state: ckpt.TrainingState,
@@ -159,10 +168,10 @@ def _save_sharded(directory: Path, model: nn.Module, optimizer, scheduler, state
         staging.mkdir()
     collectives.barrier()
     rank = runtime.rank
+    weights, moments = _local_slices(model, optimizer, rank)
     try:
-        save_file({name: p.detach().to_local().cpu().contiguous() for name, p in trainable(model)},
-                  staging / f"trainable-rank{rank}.safetensors")
-        torch.save(_local_optimizer_state(optimizer), staging / f"optimizer-rank{rank}.pt")
+        _save_slices(weights, staging / f"trainable-rank{rank}.safetensors")
+        _save_slices(moments, staging / f"optimizer-rank{rank}.safetensors")
     except ckpt.WRITE_ERRORS as error:
         raise ckpt.save_error(final, error) from error
     # A rank that failed to write raises above and never arrives here: torchrun then stops the job and
@@ -172,8 +181,9 @@ def _save_sharded(directory: Path, model: nn.Module, optimizer, scheduler, state
         try:
             torch.save(scheduler.state_dict(), staging / "scheduler.pt")
             torch.save(ckpt.rng_state(), staging / "rng.pt")
-            layout = {"step": state.step, "world_size": runtime.world_size}
-            (staging / "state.json").write_text(json.dumps(layout))
+            groups = optimizer.state_dict()["param_groups"]  # plain numbers and flags: JSON holds them
+            (staging / "state.json").write_text(json.dumps({**asdict(state), "world_size": runtime.world_size,
+                                                            "param_groups": groups}))
             ckpt.seal(staging, final)
         except ckpt.WRITE_ERRORS as error:
             shutil.rmtree(staging, ignore_errors=True)
@@ -186,69 +196,159 @@ def trainable(model: nn.Module) -> list[tuple[str, nn.Parameter]]:
     return [(name, p) for name, p in model.named_parameters() if p.requires_grad]
 
 
-def _local_optimizer_state(optimizer) -> dict:
-    """The optimizer's state dict with each DTensor replaced by this rank's local shard (plain tensors
-    only, so that it loads back with ``weights_only=True``)."""
-    from torch.distributed.tensor import DTensor
+Slices = dict[str, tuple[torch.Tensor, list[int]]]  # name -> (this rank's slice, where it starts in the whole)
 
-    saved = optimizer.state_dict()
-    state = {index: {key: value.to_local() if isinstance(value, DTensor) else value for key, value in entry.items()}
-             for index, entry in saved["state"].items()}
-    return {"state": state, "param_groups": saved["param_groups"]}
+
+def _local_slices(model: nn.Module, optimizer, rank: int) -> tuple[Slices, Slices]:
+    """This rank's slice of every trainable weight and of its optimizer state (``NAME.exp_avg``, ...),
+    each with its offset in the whole tensor. The step counts, equal on every rank, come from rank 0."""
+    weights, moments = {}, {}
+    for name, p in trainable(model):
+        offsets = list(p.__create_chunk_list__()[0].offsets)  # the chunk protocol DCP itself uses
+        weights[name] = (p.detach().to_local(), offsets)
+        for key, value in optimizer.state.get(p, {}).items():
+            if value.dim() > 0:
+                moments[f"{name}.{key}"] = (value.to_local(), offsets)
+            elif rank == 0:
+                moments[f"{name}.{key}"] = (value, [])
+    return weights, moments
+
+
+def _save_slices(slices: Slices, path: Path) -> None:
+    """A safetensors file of slices, their offsets in its header where DCP's HuggingFaceStorageReader
+    looks for them (JSON, like the rest of the header)."""
+    # an empty slice (more ranks than rows) holds nothing, and its offset could be a real slice's
+    slices = {name: (tensor, offset) for name, (tensor, offset) in slices.items() if tensor.numel() > 0}
+    offsets = {name: {SAVED_OFFSETS_KEY: offset} for name, (_, offset) in slices.items()}
+    save_file({name: tensor.detach().cpu().contiguous() for name, (tensor, _) in slices.items()}, path,
+              metadata={CUSTOM_METADATA_KEY: json.dumps(offsets)})
 
 
 def load_checkpoint(checkpoint: Path, model: nn.Module, optimizer, scheduler) -> ckpt.TrainingState:
-    """Restore a checkpoint written by :func:`save_checkpoint` in the same layout as this run's."""
+    """Called on every rank: restore a checkpoint written by :func:`save_checkpoint` by any number of
+    processes, sharded or not, into this run's model, sharded or not. Each rank reads only the slices of
+    the files it needs (DCP's planner with its safetensors reader); nothing is unpickled but the small
+    ``.pt`` files, with ``weights_only=True``."""
     ckpt.verify(checkpoint)
-    saved_sharded = (checkpoint / "trainable-rank0.safetensors").is_file()
-    if not is_sharded(model):
-        if saved_sharded:
-            raise ckpt.CheckpointError(f"{checkpoint}: a sharded (parallel = fsdp) checkpoint; resume it with "
-                                       f"parallel = fsdp and the same number of processes")
+    whole = (checkpoint / "trainable.safetensors").is_file()  # written by one process (or DDP's rank 0)
+    if whole and not is_sharded(model):
         return ckpt.load_checkpoint(checkpoint, model, optimizer, scheduler)
-    state = json.loads((checkpoint / "state.json").read_text())
-    world_size = dist.get_world_size()
-    if not saved_sharded or state.get("world_size") != world_size:
-        raise ckpt.CheckpointError(f"{checkpoint}: written by {state.get('world_size', 1)} process(es) "
-                                   f"({'sharded' if saved_sharded else 'not sharded'}); this FSDP run has "
-                                   f"{world_size}: resume with the layout it was saved with")
-    rank = dist.get_rank()
-    shards = load_file(checkpoint / f"trainable-rank{rank}.safetensors")
-    with torch.no_grad():
-        for name, p in trainable(model):
-            if name not in shards or shards[name].shape != p.to_local().shape:
-                raise ckpt.CheckpointError(f"{checkpoint / f'trainable-rank{rank}.safetensors'}: "
-                                           f"no shard of shape {tuple(p.to_local().shape)} for {name}")
-            p.to_local().copy_(shards[name])
-    optimizer.load_state_dict(_global_optimizer_state(ckpt.read_tensors(checkpoint / f"optimizer-rank{rank}.pt"),
-                                                      optimizer))
+    params = dict(trainable(model))
+    if whole:  # a checkpoint one process wrote fits one host: read it whole, keep this rank's slices
+        saved, groups = _whole_state(checkpoint, optimizer, params)
+        targets = _targets(checkpoint, {key: tuple(value.shape) for key, value in saved.items()}, params)
+        with torch.no_grad():
+            for key, target in targets.items():
+                _copy_slice(saved[key], target)
+    else:
+        targets = _targets(checkpoint, _shard_keys(checkpoint), params)
+        _read_slices(checkpoint, targets)
+        groups = json.loads((checkpoint / "state.json").read_text())["param_groups"]
+    index = {id(p): i for i, p in enumerate(p for group in optimizer.param_groups for p in group["params"])}
+    state: dict[int, dict] = {}
+    for key, value in targets.items():
+        if key not in params:  # NAME.step, NAME.exp_avg, ...: the optimizer's state of weight NAME
+            name, _, entry = key.rpartition(".")
+            state.setdefault(index[id(params[name])], {})[entry] = value
+    optimizer.load_state_dict({"state": state, "param_groups": groups})
     scheduler.load_state_dict(ckpt.read_tensors(checkpoint / "scheduler.pt"))
     ckpt.set_rng_state(ckpt.read_tensors(checkpoint / "rng.pt"))
-    return ckpt.TrainingState(step=state["step"])
+    return ckpt.TrainingState(**ckpt.saved_state(checkpoint))
 
 
-def _global_optimizer_state(saved: dict, optimizer) -> dict:
-    """Local shards back into DTensors laid out like the parameters they belong to."""
+def _whole_state(checkpoint: Path, optimizer, params: dict[str, nn.Parameter]) -> tuple[dict, list]:
+    """An unsharded checkpoint's weights and optimizer state by name (``NAME``, ``NAME.exp_avg``, ...),
+    and its optimizer's param_groups."""
+    saved = load_file(checkpoint / "trainable.safetensors")
+    optimizer_state = ckpt.read_tensors(checkpoint / "optimizer.pt")
+    names = {id(p): name for name, p in params.items()}
+    order = [names.get(id(p)) for group in optimizer.param_groups for p in group["params"]]
+    for index, entries in optimizer_state["state"].items():
+        if index >= len(order) or order[index] is None:
+            raise ckpt.CheckpointError(f"{checkpoint / 'optimizer.pt'}: state for parameter {index}, which this "
+                                       f"model's optimizer does not have")
+        saved.update({f"{order[index]}.{key}": value for key, value in entries.items()})
+    return saved, optimizer_state["param_groups"]
+
+
+def _shard_keys(checkpoint: Path) -> dict[str, tuple[int, ...]]:
+    """Name -> whole shape of every tensor in a sharded checkpoint, from the files' headers."""
+    shapes: dict[str, tuple[int, ...]] = {}
+    for path in sorted(checkpoint.glob("*-rank*.safetensors")):
+        with safe_open(path, framework="pt") as handle:
+            offsets = json.loads(handle.metadata()[CUSTOM_METADATA_KEY])
+            for key in handle.keys():
+                end = [o + n for o, n in zip(offsets[key][SAVED_OFFSETS_KEY], handle.get_slice(key).get_shape())]
+                shapes[key] = tuple(max(pair) for pair in zip(shapes.get(key, end), end))
+    return shapes
+
+
+def _targets(checkpoint: Path, shapes: dict[str, tuple[int, ...]],
+             params: dict[str, nn.Parameter]) -> dict[str, torch.Tensor]:
+    """Where each saved tensor goes: a weight into its parameter (this rank's shard of it, in place), an
+    optimizer state entry into a new tensor laid out like its parameter (a 0-d one for step counts)."""
+    missing = sorted(set(params) - set(shapes))
+    if missing:
+        raise ckpt.CheckpointError(f"{checkpoint}: no saved weights for {missing[:3]}; it is not a checkpoint "
+                                   f"of this model")
+    targets = {}
+    for key, shape in shapes.items():
+        name = key if key in params else key.rpartition(".")[0]
+        if name not in params or shape != tuple(params[name].shape) and (key in params or shape != ()):
+            raise ckpt.CheckpointError(f"{checkpoint}: {key} {list(shape)} fits no trainable weight of this model")
+        param = params[name].detach()
+        targets[key] = param if key in params else torch.zeros_like(param) if shape else torch.zeros(())
+    return targets
+
+
+def _read_slices(checkpoint: Path, targets: dict[str, torch.Tensor]) -> None:
+    """Fill ``targets`` (whole tensors or DTensors) in place from a sharded checkpoint, whatever number
+    of ranks wrote it. ``HuggingFaceStorageReader`` reads the layout from the safetensors headers
+    (JSON) and each slice with ``safe_open(...).get_slice``: no file is unpickled (DCP's default
+    FileSystemReader would unpickle a ``.metadata`` file without restriction)."""
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint import HuggingFaceStorageReader
+
+    try:  # no_dist: every rank plans its own reads; they need nothing from one another
+        with warnings.catch_warnings():  # ... which DCP warns of, as if it could be a mistake
+            warnings.filterwarnings("ignore", "torch.distributed is disabled")
+            dcp.load(targets, storage_reader=HuggingFaceStorageReader(str(checkpoint)), no_dist=True)
+    except (RuntimeError, ValueError, AssertionError) as error:
+        raise ckpt.CheckpointError(f"{checkpoint}: its shards do not fit this model "
+                                   f"({' '.join(str(error).split())[:300]})") from None
+
+
+def _copy_slice(whole: torch.Tensor, target: torch.Tensor) -> None:
+    """Copy into ``target`` its part of ``whole``: all of it, or a DTensor's local chunk."""
     from torch.distributed.tensor import DTensor
 
-    params = [p for group in optimizer.param_groups for p in group["params"]]
-
-    def restore(value, param):
-        if isinstance(param, DTensor) and torch.is_tensor(value) and value.dim() > 0:
-            return DTensor.from_local(value.to(param.device), param.device_mesh, param.placements,
-                                      run_check=False, shape=param.shape, stride=param.stride())
-        return value
-
-    state = {index: {key: restore(value, params[index]) for key, value in entry.items()}
-             for index, entry in saved["state"].items()}
-    return {"state": state, "param_groups": saved["param_groups"]}
+    if whole.shape != target.shape:
+        raise ckpt.CheckpointError(f"a saved tensor of shape {tuple(whole.shape)} for one of {tuple(target.shape)}")
+    if not isinstance(target, DTensor):
+        target.copy_(whole)
+        return
+    chunk = target.__create_chunk_list__()[0]
+    target.to_local().copy_(whole[tuple(slice(o, o + n) for o, n in zip(chunk.offsets, chunk.sizes))])
 
 
-def full_state_dict(model: nn.Module) -> Optional[dict[str, torch.Tensor]]:
-    """Called on every rank: the whole state dict of a sharded model on rank 0's CPU (``{}`` on other
-    ranks); None for a model that is not sharded (save it as it is)."""
-    if not is_sharded(model):
-        return None
-    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+def save_final(out: Path, model: nn.Module, tokenizer, dtype: torch.dtype, runtime: Runtime) -> None:
+    """Called on every rank, for a sharded model: ``final/`` as :func:`checkpoint.save_final` writes it,
+    without ever holding the whole model on one host. The weights are gathered one at a time
+    (``full_tensor``, a collective every rank joins in the same order), cast to ``dtype``, and rank 0
+    appends each to its file of Hugging Face's sharded layout, then forgets it."""
+    from torch.distributed.tensor import DTensor
 
-    return get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+    names = set(model.state_dict())  # persistent buffers too; without tied duplicates (named_* drop them)
+    tensors = {name: t for name, t in [*model.named_parameters(), *model.named_buffers()] if name in names}
+    specs = {name: (tuple(t.shape), dtype if t.is_floating_point() else t.dtype) for name, t in tensors.items()}
+
+    def gathered() -> Iterator[tuple[str, torch.Tensor]]:
+        for name, tensor in tensors.items():
+            whole = tensor.detach().full_tensor() if isinstance(tensor, DTensor) else tensor.detach()
+            yield name, whole.to("cpu", specs[name][1])
+
+    if runtime.is_main:
+        ckpt.save_streamed(out / "final", model, tokenizer, dtype, specs, gathered())
+    else:
+        for _ in gathered():
+            pass

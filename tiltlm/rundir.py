@@ -27,9 +27,11 @@ ARTIFACTS = ("config.yaml", "metrics.jsonl", "checkpoints", "final", "merged", "
 LEFTOVERS = (".final.tmp-*", ".merged.tmp-*")
 LOCK = "run.lock"  # holds the pid of the run that uses the directory (see locked)
 
-# Options that may change between a run and its resumption without changing what it computes.
+# Options that may change between a run and its resumption without changing what it computes. The layout
+# too (checkpoints reshard): train.resume checks that a step still takes as many pairs as before.
 RESUMABLE_CHANGES = {"output", "resume", "overwrite", "progress", "tensorboard", "eval_every", "save_every",
-                     "keep_checkpoints", "log_every", "max_steps", "epochs", "device", "resume_fallback"}
+                     "keep_checkpoints", "log_every", "max_steps", "epochs", "device", "resume_fallback",
+                     "batch_size", "grad_accum", "parallel"}
 
 # Options naming local paths, hub ids or aliases: stored absolute when local (models.canonical_name).
 LOCATIONS = ("model", "ref", "data", "eval_data", "ref_cache")

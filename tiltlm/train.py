@@ -124,7 +124,7 @@ def setup(config: TrainConfig, runtime: Runtime) -> Run:
     scheduler = get_scheduler("constant_with_warmup" if config.scheduler == "constant" else config.scheduler,
                               optimizer, num_warmup_steps=round(config.warmup_ratio * total_steps),
                               num_training_steps=total_steps)
-    start_step = resume(config, out, model, optimizer, scheduler, runtime, total_steps, log)
+    start_step = resume(config, out, model, optimizer, scheduler, runtime, order, total_steps, log)
     log(f"policy {config.model} ({'LoRA r=%d' % config.lora_r if config.lora_r else 'full'}, weights "
         f"{precision.weights}, compute {precision.compute}), reference: {reference.mode}, "
         f"objective: {config.loss if isinstance(objective, PairObjective) else type(objective).__name__}, "
@@ -208,15 +208,23 @@ def param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict]:
             {"params": [p for p in trainable if p.dim() < 2], "weight_decay": 0.0}]
 
 
-def resume(config: TrainConfig, out: Path, model, optimizer, scheduler, runtime: Runtime, total_steps: int,
-           log) -> int:
-    """The step to start from: 0, or the newest intact checkpoint's step (its state restored)."""
+def resume(config: TrainConfig, out: Path, model, optimizer, scheduler, runtime: Runtime, order: DataOrder,
+           total_steps: int, log) -> int:
+    """The step to start from: 0, or the newest intact checkpoint's step (its state restored). Any number
+    of processes may resume it (the checkpoint reshards), as long as a step takes the same pairs: the
+    data position is a function of the step."""
     if not config.resume:
         return 0
     latest = ckpt.latest_checkpoint(out / "checkpoints", config.resume_fallback, log)
     done = 0
     if latest is not None:
-        done = distributed.load_checkpoint(latest, model, optimizer, scheduler).step
+        state = distributed.load_checkpoint(latest, model, optimizer, scheduler)
+        if state.pairs_per_step not in (None, order.pairs_per_step):
+            raise ConfigError(f"resume: {latest} was written at {state.pairs_per_step} pairs a step, this run "
+                              f"takes {order.pairs_per_step} (batch_size {config.batch_size} x grad_accum "
+                              f"{config.grad_accum} x {runtime.world_size} processes); choose batch_size and "
+                              f"grad_accum to make {state.pairs_per_step}")
+        done = state.step
         log(f"resumed from {latest} (step {done} of {total_steps})")
     if runtime.is_main:
         truncate_metrics(out / "metrics.jsonl", done)
@@ -250,8 +258,9 @@ def loop(run: Run) -> Outcome:
                     writer.write({"step": done, "epoch": done / run.order.steps_per_epoch, **eval_row})
             preempted = collectives.any_rank(bool(stop_requested))  # every rank stops at the same step
             if done % config.save_every == 0 or preempted:
-                distributed.save_checkpoint(run.out / "checkpoints", run.model, run.optimizer, run.scheduler,
-                                            ckpt.TrainingState(done), config.keep_checkpoints, runtime)
+                state = ckpt.TrainingState(done, run.order.pairs_per_step)
+                distributed.save_checkpoint(run.out / "checkpoints", run.model, run.optimizer, run.scheduler, state,
+                                            config.keep_checkpoints, runtime)
             if preempted and done < run.total_steps:
                 break
     finally:
@@ -334,8 +343,9 @@ def finish(run: Run, done: int) -> None:
         run.log(f"\nSIGTERM: checkpoint saved at step {done}; continue with --resume: the run stopped at step "
                 f"{done} of {run.total_steps}; tiltlm train --resume {run.out} finishes it")
         return
-    weights = distributed.full_state_dict(run.model)  # FSDP: a collective gathering the weights on rank 0
-    if run.runtime.is_main:
-        ckpt.save_final(run.out, run.model, run.tokenizer, run.config.model, saved_dtype(run.config.model),
-                        run.config.merge_lora, weights)
-        run.log(f"saved {run.out / 'final'}")
+    dtype = saved_dtype(run.config.model)
+    if distributed.is_sharded(run.model):  # every rank: the weights are gathered one at a time
+        distributed.save_final(run.out, run.model, run.tokenizer, dtype, run.runtime)
+    elif run.runtime.is_main:
+        ckpt.save_final(run.out, run.model, run.tokenizer, run.config.model, dtype, run.config.merge_lora)
+    run.log(f"saved {run.out / 'final'}")
