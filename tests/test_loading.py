@@ -24,7 +24,7 @@ from tiltlm import collectives, distributed
 from tiltlm.loading import load_sharded
 from tiltlm.logprobs import CompletionLogps
 from tiltlm.models import load_model
-from tiltlm.runtime import start, stop
+from tiltlm.runtime import lost_update_fraction, start, stop
 
 def status(key):
     line = next(l for l in open("/proc/self/status") if l.startswith(key + ":"))
@@ -49,7 +49,8 @@ with torch.no_grad():
 scorer.reshard()
 save_file(tensors, f"{out}/{mode}-rank{runtime.rank}.safetensors")
 facts = {"before": before, "peak": peak, "tied": model.lm_head.weight is model.model.embed_tokens.weight,
-         "meta": any(t.is_meta for t in list(model.parameters()) + list(model.buffers()))}
+         "meta": any(t.is_meta for t in list(model.parameters()) + list(model.buffers())),
+         "lost": lost_update_fraction(model.parameters(), 1e-3)}  # train's bf16 warning, from the shards
 open(f"{out}/{mode}-rank{runtime.rank}.json", "w").write(json.dumps(facts))
 collectives.barrier()
 stop(runtime)
@@ -85,7 +86,10 @@ def test_loading_once_gives_the_old_shards_with_half_the_memory(model_dir, tmp_p
     import torch
     from safetensors.torch import load_file
 
+    from tiltlm.runtime import lost_update_fraction
+
     old, new = launch(model_dir, "old", tmp_path), launch(model_dir, "new", tmp_path)
+    whole = load_file(model_dir / "model.safetensors")
     for rank in range(2):
         expected = load_file(tmp_path / f"old-rank{rank}.safetensors")
         got = load_file(tmp_path / f"new-rank{rank}.safetensors")
@@ -94,13 +98,14 @@ def test_loading_once_gives_the_old_shards_with_half_the_memory(model_dir, tmp_p
         for name in expected:
             assert got[name].dtype == expected[name].dtype and torch.equal(got[name], expected[name]), (rank, name)
         assert new[rank]["tied"] and old[rank]["tied"] and not new[rank]["meta"]
-    weights = sum(t.numel() * t.element_size() for t in load_file(model_dir / "model.safetensors").values())
+        assert new[rank]["lost"] == old[rank]["lost"] == lost_update_fraction(whole.values(), 1e-3)
+    weights = sum(t.numel() * t.element_size() for t in whole.values())
     grown = {mode: [r["peak"] - r["before"] for r in runs] for mode, runs in (("old", old), ("new", new))}
     print(f"weights {weights / 2**20:.0f} MB; peak growth per rank (MB): "
           + ", ".join(f"{mode} {[round(g / 2**20) for g in growth]}" for mode, growth in grown.items()))
     # Loading the whole model, each rank held all the weights. Loading once, the rank that does not read
     # holds its half and, while they arrive, one whole tensor (at most the largest) and its slice; a fifth
     # of the weights is left for the allocator. Rank 0 still holds the whole model while it loads.
-    largest = max(t.numel() * t.element_size() for t in load_file(model_dir / "model.safetensors").values())
+    largest = max(t.numel() * t.element_size() for t in whole.values())
     assert grown["old"][1] >= weights
     assert grown["new"][1] <= weights / 2 + 2 * largest + weights / 5
