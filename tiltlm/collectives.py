@@ -62,6 +62,15 @@ def gather_rows(rows: Tensor, width: int) -> list[Tensor]:
     return [shard.cpu() for shard in shards]
 
 
+def broadcast_object(obj: object) -> object:
+    """broadcast (pickled): rank 0's ``obj`` on every rank. Pickle runs only between the job's own ranks."""
+    if world()[1] == 1:
+        return obj
+    carried = [obj]
+    dist.broadcast_object_list(carried, src=0)
+    return carried[0]
+
+
 def barrier() -> None:
     """Wait for every rank."""
     if world()[1] > 1:

@@ -31,6 +31,7 @@ import torch
 from torch import Tensor, nn
 
 from tiltlm.data.collate import Batch
+from tiltlm.loading import load_sharded
 from tiltlm.logprobs import CompletionLogps
 from tiltlm.models import eval_mode, frozen
 from tiltlm.refcache import cached_reference_table, lookup_reference
@@ -73,7 +74,8 @@ class Reference:
 
 
 class OnlineReference(Reference):
-    """A frozen model run on every batch. ``load()`` gives it (unsharded); ``wrap`` shards it under FSDP."""
+    """A frozen model run on every batch. ``load()`` gives it (unsharded); ``wrap`` shards it under FSDP,
+    where only rank 0 calls ``load`` and the other ranks receive their shards (loading.py)."""
 
     mode = "online"
 
@@ -83,8 +85,13 @@ class OnlineReference(Reference):
         self.scorer: nn.Module | None = None
 
     def prepare(self, model: nn.Module, datasets: dict[str, list], collate: Collate) -> None:
-        scorer = CompletionLogps(frozen(self.load()), self.chunk_size)
-        self.scorer = self.wrap(scorer) if self.wrap else scorer.to(self.precision.device)
+        def scorer(reference: nn.Module) -> CompletionLogps:
+            return CompletionLogps(frozen(reference), self.chunk_size)
+
+        if self.wrap:
+            self.scorer = load_sharded(self.load, lambda reference: self.wrap(scorer(reference)), self.precision.device)
+        else:
+            self.scorer = scorer(self.load()).to(self.precision.device)
 
     @torch.no_grad()
     def __call__(self, batch: Batch, dataset: str) -> Scores:

@@ -129,7 +129,8 @@ def lost_update_fraction(parameters, lr: float) -> float:
     nearest drops any change below half of that: ``lr < 2**(floor(log2|w|) - 8)``."""
     lost, total = 0, 0
     for p in parameters:
-        w = p.detach().float().abs()
+        w = p.detach().full_tensor() if hasattr(p, "full_tensor") else p.detach()  # FSDP: the whole weight
+        w = w.float().abs()
         exponent = torch.floor(torch.log2(w.clamp(min=torch.finfo(torch.float32).tiny)))
         lost += int((lr < torch.exp2(exponent - 8)).sum())
         total += w.numel()

@@ -27,6 +27,7 @@ from tiltlm import checkpoint as ckpt
 from tiltlm import collectives, distributed, rundir, step
 from tiltlm.config import ConfigError, TrainConfig, validate
 from tiltlm.data.order import DataOrder
+from tiltlm.loading import load_sharded
 from tiltlm.metrics import MetricSums, MetricsWriter, displacement_warning, truncate_metrics
 from tiltlm.models import add_lora, check_same_tokenizer, disable_dropout, load_tokenizer, saved_dtype
 from tiltlm.objectives import PairObjective, data_kind, make_objective
@@ -113,12 +114,11 @@ def setup(config: TrainConfig, runtime: Runtime) -> Run:
     order, total_steps = data_order(config, datasets["train"], objective, runtime)
     reference = make_reference(config, runtime, precision, objective, tokenizer, sharded, log,
                                covers_data=total_steps >= order.steps_per_epoch and not sharded)
-    model = build_policy(config, precision, reference, datasets, objective, sharded)
+    model, forward = build_policy(config, precision, runtime, reference, datasets, objective, sharded)
     if precision.weights == torch.bfloat16:
         lost = lost_update_fraction((p for p in model.parameters() if p.requires_grad), config.lr)
         log(f"warning: bf16 weights: at lr {config.lr:g}, {lost:.0%} of the trained weights are too large for an "
             f"update of that size to change them; without --bf16-weights they train in float32")
-    forward = distributed.wrap(objective.scorer(model), config.parallel, runtime, precision.compute)
     optimizer = torch.optim.AdamW(param_groups(model, config.weight_decay), lr=config.lr,
                                   fused=runtime.device.type in ("cpu", "cuda"))
     scheduler = get_scheduler("constant_with_warmup" if config.scheduler == "constant" else config.scheduler,
@@ -182,22 +182,40 @@ def make_reference(config: TrainConfig, runtime: Runtime, precision: Precision, 
     return Reference()
 
 
-def build_policy(config: TrainConfig, precision: Precision, reference: Reference, datasets: dict,
-                 objective, sharded: bool) -> torch.nn.Module:
-    """The policy, in order: loaded (master weights' dtype), reference prepared from its starting weights,
-    gradient checkpointing, LoRA, placed (FSDP places the shards itself), reference attached."""
-    model = objective.load(config.model, precision.weights, config.trust_remote_code, config.attention,
-                           precision.device)
-    disable_dropout(model)
-    reference.prepare(model, datasets, objective.collate)
-    if config.gradient_checkpointing:
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-    if config.lora_r > 0:
-        model = add_lora(model, config.lora_r, config.lora_alpha, config.lora_dropout, config.lora_targets,
-                         "SEQ_CLS" if config.objective == "reward-model" else "CAUSAL_LM")
-    model.to("cpu" if sharded else precision.device).train()
+def build_policy(config: TrainConfig, precision: Precision, runtime: Runtime, reference: Reference, datasets: dict,
+                 objective, sharded: bool) -> tuple[torch.nn.Module, torch.nn.Module]:
+    """The policy and what computes its scores, in order: loaded (master weights' dtype, dropout off),
+    reference prepared from its starting weights, gradient checkpointing, LoRA, placed, wrapped (DDP or
+    FSDP), reference attached. Under FSDP only rank 0 reads the weights and the other ranks receive their
+    shards (loading.py); the reference is prepared after, so that rank 0 never holds two whole models."""
+    def load() -> torch.nn.Module:
+        model = objective.load(config.model, precision.weights, config.trust_remote_code, config.attention,
+                               precision.device)
+        disable_dropout(model)
+        return model
+
+    def prepare(model: torch.nn.Module) -> torch.nn.Module:
+        if config.gradient_checkpointing:
+            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        if config.lora_r > 0:
+            model = add_lora(model, config.lora_r, config.lora_alpha, config.lora_dropout, config.lora_targets,
+                             "SEQ_CLS" if config.objective == "reward-model" else "CAUSAL_LM")
+        return model.train()
+
+    def wrap(model: torch.nn.Module) -> torch.nn.Module:
+        return distributed.wrap(objective.scorer(model), config.parallel, runtime, precision.compute)
+
+    if sharded:
+        forward = load_sharded(load, lambda model: wrap(prepare(model)), precision.device)
+        model = forward.model
+        reference.prepare(model, datasets, objective.collate)
+    else:
+        model = load()
+        reference.prepare(model, datasets, objective.collate)
+        model = prepare(model).to(precision.device)
+        forward = wrap(model)
     reference.attach(model)
-    return model
+    return model, forward
 
 
 def param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict]:
