@@ -62,6 +62,13 @@ def gather_rows(rows: Tensor, width: int) -> list[Tensor]:
     return [shard.cpu() for shard in shards]
 
 
+def full_tensor(tensor: Tensor) -> Tensor:
+    """all-gather: the whole value of a sharded tensor (a DTensor) on every rank; any other tensor as it is."""
+    from torch.distributed.tensor import DTensor
+
+    return tensor.full_tensor() if isinstance(tensor, DTensor) else tensor
+
+
 def barrier() -> None:
     """Wait for every rank."""
     if world()[1] > 1:

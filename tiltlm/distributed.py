@@ -7,8 +7,12 @@
           device. Each decoder layer is a unit of its own (all-gathered just before it runs, freed
           after); the embeddings, final norm and LM head belong to the root unit, the
           :class:`~tiltlm.logprobs.CompletionLogps` around the model, whose ``forward`` is what the loop
-          calls. The online reference is sharded the same way (frozen, in the master weights' dtype, resharded
-          after every call; see reference.py). With a reduced ``dtype`` the policy's
+          calls. Every forward is a collective, so every rank runs the same number of them (the
+          reference pass and evaluation pad a rank that runs out of examples: refcache.py, step.py).
+          A separate reference (online, or ``--ref`` scoring the precomputed table) is sharded the
+          same way (frozen, in the master weights' dtype, resharded after every call); the policy's
+          own table and the adapters-off reference run through the sharded policy (reference.py).
+          LoRA adapters are added before sharding. With a reduced ``dtype`` the policy's
           shards stay float32 (master weights) and layers compute in ``dtype``, gradients reduced in
           float32 (``MixedPrecisionPolicy``).
 
@@ -20,9 +24,8 @@ processes. (``torch.distributed.checkpoint`` could reshard, but its reader unpic
 file without restriction, and no checkpoint file of ours is ever unpickled that way.) ``final/`` is a
 plain transformers directory: the full weights are gathered to rank 0's CPU and saved there.
 
-Not supported with FSDP (a clear :class:`ConfigError`): LoRA (the adapters-off reference and
-``merge_lora`` need the whole model), and ``eval_data`` (every FSDP forward is a collective, and the
-evaluation gives ranks unequal numbers of batches).
+Not supported with FSDP (a clear :class:`ConfigError`): ``merge_lora`` (merging needs the whole model on
+one host; ``final/`` is the adapter, gathered to rank 0).
 """
 
 from __future__ import annotations
@@ -55,12 +58,9 @@ def uses_fsdp(config: TrainConfig, runtime: Runtime) -> bool:
         raise ConfigError(f"parallel = {config.parallel!r}: expected {' or '.join(PARALLEL)}")
     if config.parallel != "fsdp":
         return False
-    if config.lora_r > 0:
-        raise ConfigError("parallel = fsdp with LoRA (lora_r > 0) is not supported: the adapters-off reference "
-                          "and merge_lora need the whole model on each rank; use parallel = ddp")
-    if config.eval_data:
-        raise ConfigError("parallel = fsdp with eval_data is not supported: every FSDP forward is a collective, "
-                          "and evaluation gives ranks unequal numbers of batches; evaluate final/ with tiltlm eval")
+    if config.lora_r > 0 and config.merge_lora:
+        raise ConfigError("parallel = fsdp with merge_lora is not supported: merging needs the whole model on one "
+                          "host; train without merge_lora and merge final/ (a peft adapter) on a host that holds the model")
     return runtime.distributed
 
 

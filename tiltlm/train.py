@@ -112,13 +112,14 @@ def setup(config: TrainConfig, runtime: Runtime) -> Run:
     objective = make_objective(config, tokenizer, one_kind(datasets, config))
     order, total_steps = data_order(config, datasets["train"], objective, runtime)
     reference = make_reference(config, runtime, precision, objective, tokenizer, sharded, log,
-                               covers_data=total_steps >= order.steps_per_epoch and not sharded)
+                               covers_data=total_steps >= order.steps_per_epoch)
     model = build_policy(config, precision, reference, datasets, objective, sharded)
     if precision.weights == torch.bfloat16:
         lost = lost_update_fraction((p for p in model.parameters() if p.requires_grad), config.lr)
         log(f"warning: bf16 weights: at lr {config.lr:g}, {lost:.0%} of the trained weights are too large for an "
             f"update of that size to change them; without --bf16-weights they train in float32")
     forward = distributed.wrap(objective.scorer(model), config.parallel, runtime, precision.compute)
+    reference.attach(model, forward if sharded else None)  # a sharded policy runs only through its sharded root
     optimizer = torch.optim.AdamW(param_groups(model, config.weight_decay), lr=config.lr,
                                   fused=runtime.device.type in ("cpu", "cuda"))
     scheduler = get_scheduler("constant_with_warmup" if config.scheduler == "constant" else config.scheduler,
@@ -170,12 +171,11 @@ def make_reference(config: TrainConfig, runtime: Runtime, precision: Precision, 
         return objective.load(config.ref or config.model, precision.weights, config.trust_remote_code,
                               config.attention, precision.device)
 
-    if mode == "precompute":
-        own = config.ref is None and not sharded  # the policy's own starting weights: no second copy
+    wrap = (lambda scorer: distributed.shard(scorer, runtime)) if sharded else None
+    if mode == "precompute":  # without --ref: the policy's own starting weights, no second copy
         return PrecomputedReference(tokenizer, precision, config.logprob_chunk, 4 * config.batch_size,
-                                    config.ref_cache, load=None if own else load, log=log)
+                                    config.ref_cache, load=load if config.ref else None, wrap=wrap, log=log)
     if mode == "online":
-        wrap = (lambda scorer: distributed.shard(scorer, runtime)) if sharded else None
         return OnlineReference(load, precision, config.logprob_chunk, wrap)
     if mode == "adapters-off":
         return AdaptersOffReference(precision, config.logprob_chunk)
@@ -185,7 +185,8 @@ def make_reference(config: TrainConfig, runtime: Runtime, precision: Precision, 
 def build_policy(config: TrainConfig, precision: Precision, reference: Reference, datasets: dict,
                  objective, sharded: bool) -> torch.nn.Module:
     """The policy, in order: loaded (master weights' dtype), reference prepared from its starting weights,
-    gradient checkpointing, LoRA, placed (FSDP places the shards itself), reference attached."""
+    gradient checkpointing, LoRA, placed (FSDP places the shards itself). The reference is attached once
+    the policy is wrapped (:func:`setup`)."""
     model = objective.load(config.model, precision.weights, config.trust_remote_code, config.attention,
                            precision.device)
     disable_dropout(model)
@@ -196,7 +197,6 @@ def build_policy(config: TrainConfig, precision: Precision, reference: Reference
         model = add_lora(model, config.lora_r, config.lora_alpha, config.lora_dropout, config.lora_targets,
                          "SEQ_CLS" if config.objective == "reward-model" else "CAUSAL_LM")
     model.to("cpu" if sharded else precision.device).train()
-    reference.attach(model)
     return model
 
 
@@ -323,8 +323,9 @@ def step_sources(run: Run, index: int) -> list[str]:
 
 
 def evaluate(run: Run) -> dict[str, float]:
-    """The eval set's metrics (``eval/...``) with the policy as it is now."""
-    return step.evaluate(run.objective.scorer(run.model), run.reference, run.objective,
+    """The eval set's metrics (``eval/...``) with the policy as it is now (sharded: through its root)."""
+    scorer = run.forward if distributed.is_sharded(run.forward) else run.objective.scorer(run.model)
+    return step.evaluate(scorer, run.reference, run.objective,
                          run.datasets["eval"], "eval", run.config.batch_size, run.precision, progress=run.config.progress)
 
 
