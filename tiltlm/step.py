@@ -83,9 +83,9 @@ def evaluate(policy: torch.nn.Module, reference: Reference, objective, examples:
     rank, world = collectives.world()
     mine = range(len(examples))[rank::world]
     sums = MetricSums()
+    most = -(-len(examples) // world)  # rank 0's share
     with eval_mode(policy):
-        for start in tqdm(range(0, len(range(len(examples))[::world]), batch_size), desc="eval",
-                          disable=not progress or rank != 0, leave=False):
+        for start in tqdm(range(0, most, batch_size), desc="eval", disable=not progress or rank != 0, leave=False):
             indices = mine[start:start + batch_size]
             batch = make_batch(objective, examples, indices or [0], precision.device)
             metrics = score(policy, reference, objective, batch, dataset, precision).metrics
