@@ -123,3 +123,51 @@ def test_lora_under_fsdp_trains_and_evaluates_as_one_process(runs, name):
         assert len(sharded) == 2 and sharded.keys() == one.keys()  # train and eval sets
         for key, table in one.items():
             torch.testing.assert_close(sharded[key], table, rtol=1e-6, atol=1e-6)
+
+
+def test_a_separate_sharded_reference_is_freed_once_its_table_is_computed(tmp_path, monkeypatch):
+    """``--ref`` under FSDP (one rank): the model is loaded, sharded, scores, and is gone after ``prepare``."""
+    import gc
+    import weakref
+
+    import torch
+    import torch.distributed as dist
+
+    from tiltlm import distributed
+    from tiltlm.data.collate import collate_shared
+    from tiltlm.data.types import TokenizedPair
+    from tiltlm.models import tiny_llama
+    from tiltlm.reference import PrecomputedReference
+    from tiltlm.runtime import Precision, start
+    from test_distributed import free_port
+
+    monkeypatch.setenv("MASTER_ADDR", "127.0.0.1")
+    monkeypatch.setenv("MASTER_PORT", str(free_port()))
+    dist.init_process_group("gloo", rank=0, world_size=1)
+    try:
+        runtime, loaded = start("cpu"), []
+
+        def load():
+            model = tiny_llama(vocab_size=16, seed=1)
+            loaded.append(weakref.ref(model))
+            return model
+
+        class Tokenizer:  # what the fingerprint reads
+            backend_tokenizer = None
+
+            def get_vocab(self):
+                return {"a": 1}
+
+        reference = PrecomputedReference(Tokenizer(), Precision(torch.device("cpu")), 16, 4, str(tmp_path),
+                                         load=load, wrap=lambda scorer: distributed.shard(scorer, runtime),
+                                         log=lambda message: None)
+        pairs = [TokenizedPair([1, 2, 3], [4, 5, 9], [6, 7]), TokenizedPair([3, 1], [8], [5, 5, 2])]
+        gc.disable()  # no collection by chance: what frees the model must be prepare's doing
+        try:
+            reference.prepare(None, {"train": pairs}, lambda rows: collate_shared(rows, 0))
+            assert loaded[0]() is None
+        finally:
+            gc.enable()
+        assert reference.tables["train"](collate_shared(pairs, 0), [0, 1])[0].shape == (4,)
+    finally:
+        dist.destroy_process_group()

@@ -28,6 +28,7 @@ example at least once, else adapters-off under LoRA, else online.
 from __future__ import annotations
 
 import contextlib
+import gc
 import time
 from typing import Callable, Optional
 
@@ -137,6 +138,8 @@ class PrecomputedReference(Reference):
             model = frozen(self.load())
             scorer = CompletionLogps(model, self.chunk_size)
             self.fill(model, self.wrap(scorer) if self.wrap else scorer.to(self.precision.device))
+            del model, scorer
+            gc.collect()  # FSDP's hooks keep a sharded model in reference cycles: free it before training
         elif self.wrap is None:
             self.fill(model, CompletionLogps(model.to(self.precision.device), self.chunk_size))
 
