@@ -246,9 +246,11 @@ def _global_optimizer_state(saved: dict, optimizer) -> dict:
 
 def full_state_dict(model: nn.Module) -> Optional[dict[str, torch.Tensor]]:
     """Called on every rank: the whole state dict of a sharded model on rank 0's CPU (``{}`` on other
-    ranks); None for a model that is not sharded (save it as it is)."""
+    ranks; a peft model's adapter weights only, on every rank); None for a model that is not sharded."""
     if not is_sharded(model):
         return None
+    if hasattr(model, "peft_config"):  # final/ is the adapter: gather its weights only, never the base's
+        return {name: collectives.full_tensor(p.detach()).cpu() for name, p in trainable(model)}
     from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
 
     return get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
