@@ -25,7 +25,7 @@ file without restriction, and no checkpoint file of ours is ever unpickled that 
 plain transformers directory: the full weights are gathered to rank 0's CPU and saved there.
 
 Not supported with FSDP (a clear :class:`ConfigError`): ``merge_lora`` (merging needs the whole model on
-one host; ``final/`` is the adapter, gathered to rank 0).
+one host; ``final/`` is the adapter, whose weights alone are gathered).
 """
 
 from __future__ import annotations
