@@ -467,14 +467,12 @@ def test_fsdp_final_keeps_the_starting_dtype(two_ranks, single):
 
 @pytest.mark.parametrize("setting, message", [
     (["parallel=fdsp"], "parallel = 'fdsp': expected ddp or fsdp"),
-    (["parallel=fsdp", "--lora-r", "4"], "parallel = fsdp with LoRA"),
-    (["parallel=fsdp", "--eval-data", "EVAL"], "parallel = fsdp with eval_data"),
+    (["parallel=fsdp", "--lora-r", "4", "--merge-lora"], "parallel = fsdp with merge_lora"),
 ])
 def test_settings_fsdp_cannot_run_are_refused_before_anything_is_written(inputs, tmp_path, capsys, setting, message):
     from tiltlm.cli import main
 
     out = tmp_path / "run"
-    setting = [inputs["data"] if s == "EVAL" else s for s in setting]
     assert main(["train", "--model", inputs["model"], "--data", inputs["data"], "--output", str(out), *setting]) == 2
     assert message in capsys.readouterr().err
     assert not out.exists()

@@ -254,17 +254,19 @@ def _declare_dtype(directory: Path, dtype: torch.dtype) -> None:
     (directory / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
 
 
-def save_final(out: Path, policy, tokenizer, base_model: str, dtype: torch.dtype, merge_lora: bool = False) -> None:
+def save_final(out: Path, policy, tokenizer, base_model: str, dtype: torch.dtype, merge_lora: bool = False,
+               adapter_weights: dict[str, torch.Tensor] | None = None) -> None:
     """``final/``: a transformers model directory in ``dtype`` (the dtype of the checkpoint the run
     started from: float32 master weights are a training device, not a format change), or with LoRA a peft
     adapter directory (and with ``merge_lora`` also ``merged/``, the adapters folded into the base
-    weights, in ``dtype``). A sharded policy's goes through :func:`save_streamed` instead."""
-    for adapter in getattr(policy, "peft_config", {}).values():
-        adapter.base_model_name_or_path = canonical_name(base_model)  # an alias stays one; a path, absolute
-    adapter = hasattr(policy, "peft_config")
-    weights = None if adapter else cast(policy.state_dict(), dtype)
-    save_pretrained_atomically(out / "final", policy, tokenizer, weights, None if adapter else dtype)
-    if merge_lora and adapter:
+    weights, in ``dtype``). ``adapter_weights``: a sharded peft policy's adapters, gathered whole; a sharded
+    policy without adapters goes through :func:`save_streamed` instead."""
+    for config in getattr(policy, "peft_config", {}).values():
+        config.base_model_name_or_path = canonical_name(base_model)  # an alias stays one; a path, absolute
+    peft = hasattr(policy, "peft_config")
+    weights = adapter_weights if peft else cast(policy.state_dict(), dtype)
+    save_pretrained_atomically(out / "final", policy, tokenizer, weights, None if peft else dtype)
+    if merge_lora and peft:
         merged = policy.merge_and_unload()
         save_pretrained_atomically(out / "merged", merged, tokenizer, cast(merged.state_dict(), dtype), dtype)
 

@@ -71,6 +71,13 @@ def broadcast_object(obj: object) -> object:
     return carried[0]
 
 
+def full_tensor(tensor: Tensor) -> Tensor:
+    """all-gather: the whole value of a sharded tensor (a DTensor) on every rank; any other tensor as it is."""
+    from torch.distributed.tensor import DTensor
+
+    return tensor.full_tensor() if isinstance(tensor, DTensor) else tensor
+
+
 def barrier() -> None:
     """Wait for every rank."""
     if world()[1] > 1:

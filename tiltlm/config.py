@@ -167,6 +167,8 @@ class TrainConfig:
                             choices=("auto", "flex", "blocks", "sdpa", "eager"))
     trust_remote_code: bool = option(False, "run the model repository's own code (only for models you trust)")
     parallel: str = option("ddp", "under torchrun: ddp (replicated) or fsdp (sharded)", choices=("ddp", "fsdp"))
+    cpu_offload: bool = option(False, "fsdp: the policy's weight shards, gradients and AdamW state live in host "
+                                      "memory, layers are copied to the device to run (less device memory, slower)")
 
     # logging and saving
     log_every: int = option(1, "steps between metric rows", at_least=1)
@@ -228,6 +230,8 @@ def validate(config: TrainConfig) -> None:
                           "use dtype = bf16 (GPUs with native bf16) or float32")
     if config.bf16_weights and config.dtype not in ("bf16", "bfloat16", "auto"):
         raise ConfigError(f"bf16_weights with dtype = {config.dtype}: expected dtype = bf16")
+    if config.cpu_offload and config.parallel != "fsdp":
+        raise ConfigError("cpu_offload needs parallel = fsdp (FSDP's CPUOffloadPolicy): expected parallel = fsdp")
     if config.ref_mode == "adapters-off" and config.lora_r == 0:
         raise ConfigError("ref_mode = adapters-off needs LoRA (lora_r > 0)")
     _, names, _ = loss_setup(config)

@@ -7,8 +7,12 @@
           device. Each decoder layer is a unit of its own (all-gathered just before it runs, freed
           after); the embeddings, final norm and LM head belong to the root unit, the
           :class:`~tiltlm.logprobs.CompletionLogps` around the model, whose ``forward`` is what the loop
-          calls. The online reference is sharded the same way (frozen, in the master weights' dtype, resharded
-          after every call; see reference.py). With a reduced ``dtype`` the policy's
+          calls. Every forward is a collective, so every rank runs the same number of them (the
+          reference pass and evaluation pad a rank that runs out of examples: refcache.py, step.py).
+          A separate reference (online, or ``--ref`` scoring the precomputed table) is sharded the
+          same way (frozen, in the master weights' dtype, resharded after every call); the policy's
+          own table and the adapters-off reference run through the sharded policy (reference.py).
+          LoRA adapters are added before sharding. With a reduced ``dtype`` the policy's
           shards stay float32 (master weights) and layers compute in ``dtype``, gradients reduced in
           float32 (``MixedPrecisionPolicy``).
 
@@ -26,9 +30,8 @@ random numbers with dropout off; the data order is a function of seed and step).
 written one weight at a time: gathered (``full_tensor``), cast, appended by rank 0 to its file of Hugging
 Face's sharded layout; no host ever holds the whole model.
 
-Not supported with FSDP (a clear :class:`ConfigError`): LoRA (the adapters-off reference and
-``merge_lora`` need the whole model), and ``eval_data`` (every FSDP forward is a collective, and the
-evaluation gives ranks unequal numbers of batches).
+Not supported with FSDP (a clear :class:`ConfigError`): ``merge_lora`` (merging needs the whole model on
+one host; ``final/`` is the adapter, whose weights alone are gathered).
 """
 
 from __future__ import annotations
@@ -64,30 +67,31 @@ def uses_fsdp(config: TrainConfig, runtime: Runtime) -> bool:
         raise ConfigError(f"parallel = {config.parallel!r}: expected {' or '.join(PARALLEL)}")
     if config.parallel != "fsdp":
         return False
-    if config.lora_r > 0:
-        raise ConfigError("parallel = fsdp with LoRA (lora_r > 0) is not supported: the adapters-off reference "
-                          "and merge_lora need the whole model on each rank; use parallel = ddp")
-    if config.eval_data:
-        raise ConfigError("parallel = fsdp with eval_data is not supported: every FSDP forward is a collective, "
-                          "and evaluation gives ranks unequal numbers of batches; evaluate final/ with tiltlm eval")
+    if config.lora_r > 0 and config.merge_lora:
+        raise ConfigError("parallel = fsdp with merge_lora is not supported: merging needs the whole model on one "
+                          "host; train without merge_lora and merge final/ (a peft adapter) on a host that holds the model")
     return runtime.distributed
 
 
 # --- wrapping ----------------------------------------------------------------------------------------
 
 
-def shard(scorer: CompletionLogps, runtime: Runtime, compute_dtype: Optional[torch.dtype] = None) -> CompletionLogps:
+def shard(scorer: CompletionLogps, runtime: Runtime, compute_dtype: Optional[torch.dtype] = None,
+          offload: bool = False) -> CompletionLogps:
     """Apply ``fully_shard`` to each decoder layer of ``scorer.model``, then to ``scorer`` (the root: it
-    owns the remaining weights and its ``forward`` drives the gathering). Changes ``scorer`` in place."""
+    owns the remaining weights and its ``forward`` drives the gathering). Changes ``scorer`` in place.
+    ``offload``: shards, gradients (and so the optimizer state) in host memory (``CPUOffloadPolicy``;
+    pinned on CUDA, for asynchronous copies)."""
     from torch.distributed.device_mesh import init_device_mesh
-    from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+    from torch.distributed.fsdp import CPUOffloadPolicy, MixedPrecisionPolicy, OffloadPolicy, fully_shard
 
     mesh = init_device_mesh(runtime.device.type, (runtime.world_size,))
     mixed = (MixedPrecisionPolicy(param_dtype=compute_dtype, reduce_dtype=torch.float32)
              if compute_dtype not in (None, torch.float32) else MixedPrecisionPolicy())
+    policy = CPUOffloadPolicy(pin_memory=runtime.device.type == "cuda") if offload else OffloadPolicy()
     for layer in decoder_layers(scorer.model):
-        fully_shard(layer, mesh=mesh, mp_policy=mixed)
-    fully_shard(scorer, mesh=mesh, mp_policy=mixed)
+        fully_shard(layer, mesh=mesh, mp_policy=mixed, offload_policy=policy)
+    fully_shard(scorer, mesh=mesh, mp_policy=mixed, offload_policy=policy)
     return scorer
 
 
@@ -103,13 +107,14 @@ def decoder_layers(model: nn.Module) -> list[nn.Module]:
     return list(max(lists, key=len)) if lists else []
 
 
-def wrap(scorer: CompletionLogps, parallel: str, runtime: Runtime, compute_dtype: torch.dtype) -> nn.Module:
+def wrap(scorer: CompletionLogps, parallel: str, runtime: Runtime, compute_dtype: torch.dtype,
+         offload: bool = False) -> nn.Module:
     """What the loop calls for the policy's log-probs: ``scorer`` itself in one process, DDP around it,
-    or ``scorer`` sharded in place (FSDP)."""
+    or ``scorer`` sharded in place (FSDP, its state in host memory with ``offload``)."""
     if not runtime.distributed:
         return scorer
     if parallel == "fsdp":
-        return shard(scorer, runtime, compute_dtype)
+        return shard(scorer, runtime, compute_dtype, offload)
     return DistributedDataParallel(scorer)
 
 
@@ -329,6 +334,14 @@ def _copy_slice(whole: torch.Tensor, target: torch.Tensor) -> None:
         return
     chunk = target.__create_chunk_list__()[0]
     target.to_local().copy_(whole[tuple(slice(o, o + n) for o, n in zip(chunk.offsets, chunk.sizes))])
+
+
+def adapter_weights(model: nn.Module) -> Optional[dict[str, torch.Tensor]]:
+    """Called on every rank: a sharded peft model's adapter weights, gathered whole (small: the base's
+    weights are never gathered); None for any other model."""
+    if not (is_sharded(model) and hasattr(model, "peft_config")):
+        return None
+    return {name: collectives.full_tensor(p.detach()).cpu() for name, p in trainable(model)}
 
 
 def save_final(out: Path, model: nn.Module, tokenizer, dtype: torch.dtype, runtime: Runtime) -> None:

@@ -470,8 +470,6 @@ def check(setup: Setup) -> None:
             raise ConfigError(f"{name} {getattr(setup, name)}: expected a positive number")
     if setup.seq_len < 3:
         raise ConfigError(f"seq_len {setup.seq_len}: a pair needs at least 3 tokens")
-    if setup.parallel == "fsdp" and setup.lora_r > 0:
-        raise ConfigError("parallel fsdp with LoRA: tiltlm does not shard LoRA yet; use ddp")
     if setup.ref_mode == "adapters-off" and setup.lora_r == 0:
         raise ConfigError("ref_mode adapters-off needs LoRA (lora_r > 0)")
 
@@ -567,11 +565,9 @@ def alternatives(setup: Setup) -> list[tuple[str, Setup]]:
     if setup.lora_r == 0:
         single.append(("LoRA r=16", {"lora_r": 16, "ref_mode": "precompute" if setup.ref_mode == "precompute"
                                      else "adapters-off"}))
-    if setup.lora_r == 0 and (setup.parallel != "fsdp" or setup.devices < 8):
+    if setup.parallel != "fsdp" or setup.devices < 8:
         devices = max(8, setup.devices)
-        single.append((f"FSDP on {devices} devices", {"devices": devices, "parallel": "fsdp",
-                                                      "ref_mode": "online" if setup.ref_mode == "precompute"
-                                                      else setup.ref_mode}))
+        single.append((f"FSDP on {devices} devices", {"devices": devices, "parallel": "fsdp"}))
     if setup.batch_size > 1:
         single.append((f"batch {setup.batch_size // 2}, grad accum x2",
                        {"batch_size": setup.batch_size // 2, "grad_accum": setup.grad_accum * 2}))
@@ -586,7 +582,7 @@ def alternatives(setup: Setup) -> list[tuple[str, Setup]]:
 
 def offloaded(result: Plan) -> int:
     """Peak per device with weights, gradients and optimizer state kept in host memory (FSDP's
-    ``CPUOffloadPolicy``; not in tiltlm yet): derived from the trace, the state lines removed."""
+    ``CPUOffloadPolicy``: ``--cpu-offload``): derived from the trace, the state lines removed."""
     step = result.step
     return max(step.total - step.weights - step.gradients - step.optimizer, result.precompute_peak)
 

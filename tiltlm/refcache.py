@@ -31,7 +31,8 @@ given.
 
 Under torchrun each rank scores every ``world_size``-th pair and the shards are all-gathered, so every
 pair is computed exactly once and every rank ends with the whole table in memory (no shared file system
-needed); rank 0 writes the file.
+needed); rank 0 writes the file. The reference may be sharded (FSDP): every rank then runs the same
+number of forwards, and its weights are fingerprinted as the gathered whole.
 """
 
 from __future__ import annotations
@@ -104,11 +105,12 @@ def reference_state(model: nn.Module) -> Iterable[tuple[str, Tensor]]:
     """The state dict of the model that scores, with peft's wrapping undone: a LoRA model's adapters
     are left out and its ``base_layer`` names read as the plain model's, so a base model and the same
     base under (disabled) adapters have one fingerprint, and a table computed before LoRA was added is
-    found again by an evaluation of the adapter."""
+    found again by an evaluation of the adapter. A sharded (FSDP) model's tensors are gathered one at a
+    time, so it has the fingerprint of the same weights in one process (every rank must iterate to the end)."""
     base = model.get_base_model() if hasattr(model, "get_base_model") else model
     for name, tensor in base.state_dict().items():
         if ".lora_" not in name:
-            yield name.replace(".base_layer.", "."), tensor
+            yield name.replace(".base_layer.", "."), collectives.full_tensor(tensor)
 
 
 def tokenizer_fingerprint(tokenizer) -> str:
@@ -196,11 +198,15 @@ def precompute_reference(scorer: Scorer, pairs: Sequence[TokenizedPair], collate
     mine = order[rank::world]
     width = width_of(pairs)
     rows = torch.zeros(len(mine), width, dtype=torch.float32)
-    starts = range(0, len(mine), batch_size)
+    # Every rank runs as many forwards as rank 0, which has the most examples: a sharded (FSDP) forward is a
+    # collective. A rank out of examples scores the first one again and drops its row.
+    starts = range(0, len(order[::world]), batch_size)
     for start in tqdm(starts, desc="reference", disable=not progress or rank != 0, leave=False):
         chunk = [pairs[i] for i in mine[start:start + batch_size]]
-        batch = collate(chunk)
+        batch = collate(chunk or [pairs[order[0]]])
         logps, counts = scorer(batch.to(device))
+        if not chunk:
+            continue
         example, completion = (torch.tensor(v, dtype=torch.long) for v in sequence_slots(batch, chunk))
         rows[start + example, completion] = logps.float().cpu()
         rows[start + example, width // 2 + completion] = counts.float().cpu()

@@ -2,7 +2,8 @@
 
 ``prepare(model, datasets, collate)``  once, after the policy is loaded and *before* adapters are added or a
                                        checkpoint is loaded, so ``model`` still holds the starting weights;
-``attach(policy)``                     once, with the policy as it will train (LoRA-wrapped or not);
+``attach(policy, scorer)``             once, with the policy as it will train (LoRA-wrapped or not) and, under
+                                       FSDP, its sharded scorer: the only way to run a sharded policy;
 ``reference(batch, dataset)``          per batch: (summed log-probs, token counts) per sequence, never with
                                        grad, under the same autocast as the policy, or None.
 
@@ -11,7 +12,9 @@ Strategies (``--ref-mode``):
 ``precompute``    one no-grad pass over each dataset in ``prepare`` (or a cache hit: see refcache.py); each
                   batch then reads its examples' rows of the table (``Batch.indices``). The reference forward
                   is paid once per dataset instead of once per step and epoch, and no second model stays in
-                  memory; with no ``--ref`` the pass runs on the policy's own starting weights.
+                  memory; with no ``--ref`` the pass runs on the policy's own starting weights. Under FSDP
+                  the model that scores is sharded: each rank scores its share of the examples and the
+                  rows are gathered to every rank (refcache.py).
 ``online``        a frozen model (no grad, eval mode) run on every batch: the starting weights loaded a second
                   time, or the model named by ``--ref``; sharded like the policy under FSDP.
 ``adapters-off``  with LoRA, the policy itself with its adapters disabled: the same base weights, no second
@@ -24,6 +27,8 @@ example at least once, else adapters-off under LoRA, else online.
 
 from __future__ import annotations
 
+import contextlib
+import gc
 import time
 from typing import Callable, Optional
 
@@ -66,7 +71,7 @@ class Reference:
     def prepare(self, model: nn.Module, datasets: dict[str, list], collate: Collate) -> None:
         pass
 
-    def attach(self, policy: nn.Module) -> None:
+    def attach(self, policy: nn.Module, scorer: nn.Module | None = None) -> None:
         pass
 
     def __call__(self, batch: Batch, dataset: str) -> Optional[Scores]:
@@ -85,21 +90,10 @@ class OnlineReference(Reference):
         self.scorer: nn.Module | None = None
 
     def prepare(self, model: nn.Module, datasets: dict[str, list], collate: Collate) -> None:
-        def scorer(reference: nn.Module) -> CompletionLogps:
-            return CompletionLogps(frozen(reference), self.chunk_size)
+        self.scorer = load_reference(self.load, self.chunk_size, self.wrap, self.precision.device)
 
-        if self.wrap:
-            self.scorer = load_sharded(self.load, lambda reference: self.wrap(scorer(reference)), self.precision.device)
-        else:
-            self.scorer = scorer(self.load()).to(self.precision.device)
-
-    @torch.no_grad()
     def __call__(self, batch: Batch, dataset: str) -> Scores:
-        with self.precision.autocast():
-            out = self.scorer(batch)
-        if hasattr(self.scorer, "reshard"):
-            self.scorer.reshard()  # FSDP's root otherwise stays gathered, expecting a backward that never comes
-        return out
+        return frozen_forward(self.scorer, batch, self.precision)
 
 
 class AdaptersOffReference(Reference):
@@ -111,50 +105,84 @@ class AdaptersOffReference(Reference):
         self.precision, self.chunk_size = precision, chunk_size
         self.policy: nn.Module | None = None
 
-    def attach(self, policy: nn.Module) -> None:
+    def attach(self, policy: nn.Module, scorer: nn.Module | None = None) -> None:
         self.policy = policy
+        self.scorer = scorer if scorer is not None else CompletionLogps(policy, self.chunk_size)
 
-    @torch.no_grad()
     def __call__(self, batch: Batch, dataset: str) -> Scores:
-        with self.policy.disable_adapter(), eval_mode(self.policy), self.precision.autocast():
-            return CompletionLogps(self.policy, self.chunk_size)(batch)
+        with self.policy.disable_adapter(), eval_mode(self.scorer):
+            return frozen_forward(self.scorer, batch, self.precision)
 
 
 class PrecomputedReference(Reference):
-    """Tables of every example's reference log-probs, filled in ``prepare`` and read per batch."""
+    """Tables of every example's reference log-probs, filled once and read per batch.
+
+    With ``load`` (``--ref``) its model scores in ``prepare`` (sharded by ``wrap`` under FSDP) and is freed
+    afterwards. Else the policy's starting weights score: in ``prepare`` in one process; under FSDP
+    (``wrap`` given) in ``attach``, through the sharded policy, since every sharded forward is a
+    collective and the policy is sharded only after ``prepare`` (its adapters off: with B = 0 at
+    initialisation the same numbers, exactly)."""
 
     mode = "precompute"
 
     def __init__(self, tokenizer, precision: Precision, chunk_size: int, batch_size: int, cache_dir: str | None,
-                 load: Callable[[], nn.Module] | None = None, log: Log = print):
+                 load: Callable[[], nn.Module] | None = None,
+                 wrap: Callable[[CompletionLogps], nn.Module] | None = None, log: Log = print):
         self.tokenizer, self.precision, self.chunk_size, self.batch_size = tokenizer, precision, chunk_size, batch_size
-        self.cache_dir, self.load, self.log = cache_dir, load, log
+        self.cache_dir, self.load, self.wrap, self.log = cache_dir, load, wrap, log
         self.tables: dict[str, Callable] = {}
+        self.datasets: dict[str, list] = {}
 
     def prepare(self, model: nn.Module, datasets: dict[str, list], collate: Collate) -> None:
-        """Score every dataset with ``model`` itself (the starting weights), or with the model ``load``
-        gives, which is freed afterwards."""
-        model = self.load().to(self.precision.device) if self.load else model.to(self.precision.device)
-        for name, examples in datasets.items():
-            self.tables[name] = self.table(model, name, examples, collate)
+        self.datasets, self.collate = datasets, collate
+        if self.load is not None:
+            scorer = load_reference(self.load, self.chunk_size, self.wrap, self.precision.device)
+            self.fill(scorer.model, scorer)
+            del scorer
+            gc.collect()  # FSDP's hooks keep a sharded model in reference cycles: free it before training
+        elif self.wrap is None:
+            self.fill(model, CompletionLogps(model.to(self.precision.device), self.chunk_size))
 
-    def table(self, model: nn.Module, name: str, examples: list, collate: Collate) -> Callable:
-        peft = hasattr(model, "disable_adapter")  # an adapter evaluated against its own base
-        started = time.perf_counter()
+    def attach(self, policy: nn.Module, scorer: nn.Module | None = None) -> None:
+        if self.wrap is not None and self.load is None:
+            self.fill(policy, scorer)
 
-        def scorer(batch: Batch) -> Scores:
-            with self.precision.autocast():
-                if peft:
-                    with model.disable_adapter():
-                        return CompletionLogps(model, self.chunk_size)(batch)
-                return CompletionLogps(model, self.chunk_size)(batch)
+    def fill(self, model: nn.Module, scorer: nn.Module) -> None:
+        """A table per dataset, scored by ``scorer`` (``model``'s log-probs; a peft model's with its
+        adapters off) or read from the cache by ``model``'s fingerprint."""
+        adapters_off = model.disable_adapter if hasattr(model, "disable_adapter") else contextlib.nullcontext
 
-        table, path, hit = cached_reference_table(
-            model, self.tokenizer, examples, collate, self.batch_size, self.precision.device, self.chunk_size,
-            self.cache_dir, name=name, extra={"dtype": str(self.precision.compute)}, scorer=scorer)
-        how = "read" if hit else f"computed in {time.perf_counter() - started:.1f} s and saved"
-        self.log(f"reference log-probs of {len(examples)} pairs ({name}): {how}: {path}")
-        return lookup_reference(table)
+        def score(batch: Batch) -> Scores:
+            with adapters_off():
+                return frozen_forward(scorer, batch, self.precision)
+
+        for name, examples in self.datasets.items():
+            started = time.perf_counter()
+            table, path, hit = cached_reference_table(
+                model, self.tokenizer, examples, self.collate, self.batch_size, self.precision.device,
+                self.chunk_size, self.cache_dir, name=name, extra={"dtype": str(self.precision.compute)}, scorer=score)
+            how = "read" if hit else f"computed in {time.perf_counter() - started:.1f} s and saved"
+            self.log(f"reference log-probs of {len(examples)} pairs ({name}): {how}: {path}")
+            self.tables[name] = lookup_reference(table)
 
     def __call__(self, batch: Batch, dataset: str) -> Scores:
         return self.tables[dataset](batch)
+
+
+def load_reference(load: Callable[[], nn.Module], chunk_size: int, wrap: Callable[[CompletionLogps], nn.Module] | None,
+                   device: torch.device) -> nn.Module:
+    """A frozen reference model's log-prob scorer: on ``device``, or sharded by ``wrap`` under FSDP, where only
+    rank 0 calls ``load`` and the other ranks receive their shards (loading.py)."""
+    if wrap is None:
+        return CompletionLogps(frozen(load()), chunk_size).to(device)
+    return load_sharded(lambda: frozen(load()), lambda model: wrap(CompletionLogps(model, chunk_size)), device)
+
+
+def frozen_forward(scorer: nn.Module, batch: Batch, precision: Precision) -> Scores:
+    """``scorer(batch)`` without grad, under the run's autocast. A sharded (FSDP) root is resharded after:
+    FSDP keeps the root's weights gathered after a forward, expecting a backward that never comes."""
+    with torch.no_grad(), precision.autocast():
+        scores = scorer(batch)
+    if hasattr(scorer, "reshard"):
+        scorer.reshard()
+    return scores

@@ -33,10 +33,13 @@ def make_batch(objective, examples: Sequence, indices: Sequence[int], device: to
 def score(policy: Callable[[Batch], tuple], reference: Reference, objective, batch: Batch, dataset: str,
           precision: Precision) -> Scored:
     """Policy scores (with grad when enabled) and reference scores (never grad) of ``batch``, both under
-    the run's autocast, through the objective."""
+    the run's autocast, through the objective. The reference runs first: under FSDP it may be the sharded
+    policy itself (adapters off), whose no-grad forward should not fall between the policy's forward and
+    its backward."""
+    reference_scores = reference(batch, dataset)
     with precision.autocast():
         policy_scores = policy(batch)
-    return objective(policy_scores, reference(batch, dataset), batch)
+    return objective(policy_scores, reference_scores, batch)
 
 
 def read_examples(source: str, tokenizer, config: TrainConfig, log) -> list:
@@ -73,13 +76,21 @@ def check_one_kind(examples: list, source: str) -> None:
 def evaluate(policy: torch.nn.Module, reference: Reference, objective, examples: Sequence, dataset: str,
              batch_size: int, precision: Precision, prefix: str = "eval/", progress: bool = True) -> dict[str, float]:
     """Mean loss and metrics over ``examples``, in eval mode. Under torchrun each rank takes every
-    world_size-th example and the sums are added over ranks, so all ranks return the same numbers."""
+    world_size-th example and the sums are added over ranks, so all ranks return the same numbers.
+
+    Every rank runs as many batches as rank 0, which has the most examples, since a sharded (FSDP)
+    forward is a collective: a rank out of examples scores the first one again and does not count it."""
     rank, world = collectives.world()
     mine = range(len(examples))[rank::world]
     sums = MetricSums()
+    most = -(-len(examples) // world)  # rank 0's share
     with eval_mode(policy):
-        for start in tqdm(range(0, len(mine), batch_size), desc="eval", disable=not progress or rank != 0,
-                          leave=False):
-            batch = make_batch(objective, examples, mine[start:start + batch_size], precision.device)
-            sums.add(score(policy, reference, objective, batch, dataset, precision).metrics)
+        for start in tqdm(range(0, most, batch_size), desc="eval", disable=not progress or rank != 0, leave=False):
+            indices = mine[start:start + batch_size]
+            batch = make_batch(objective, examples, indices or [0], precision.device)
+            metrics = score(policy, reference, objective, batch, dataset, precision).metrics
+            if indices:
+                sums.add(metrics)
+    if hasattr(policy, "reshard"):
+        policy.reshard()  # a sharded root stays gathered after a forward that no backward follows
     return sums.means(collectives.sum_over_ranks(sums.totals()), prefix)

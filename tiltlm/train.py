@@ -113,7 +113,7 @@ def setup(config: TrainConfig, runtime: Runtime) -> Run:
     objective = make_objective(config, tokenizer, one_kind(datasets, config))
     order, total_steps = data_order(config, datasets["train"], objective, runtime)
     reference = make_reference(config, runtime, precision, objective, tokenizer, sharded, log,
-                               covers_data=total_steps >= order.steps_per_epoch and not sharded)
+                               covers_data=total_steps >= order.steps_per_epoch)
     model, forward = build_policy(config, precision, runtime, reference, datasets, objective, sharded)
     if precision.weights == torch.bfloat16:
         lost = lost_update_fraction((p for p in model.parameters() if p.requires_grad), config.lr)
@@ -170,12 +170,11 @@ def make_reference(config: TrainConfig, runtime: Runtime, precision: Precision, 
         return objective.load(config.ref or config.model, precision.weights, config.trust_remote_code,
                               config.attention, precision.device)
 
-    if mode == "precompute":
-        own = config.ref is None and not sharded  # the policy's own starting weights: no second copy
+    wrap = (lambda scorer: distributed.shard(scorer, runtime)) if sharded else None
+    if mode == "precompute":  # without --ref: the policy's own starting weights, no second copy
         return PrecomputedReference(tokenizer, precision, config.logprob_chunk, 4 * config.batch_size,
-                                    config.ref_cache, load=None if own else load, log=log)
+                                    config.ref_cache, load=load if config.ref else None, wrap=wrap, log=log)
     if mode == "online":
-        wrap = (lambda scorer: distributed.shard(scorer, runtime)) if sharded else None
         return OnlineReference(load, precision, config.logprob_chunk, wrap)
     if mode == "adapters-off":
         return AdaptersOffReference(precision, config.logprob_chunk)
@@ -186,8 +185,9 @@ def build_policy(config: TrainConfig, precision: Precision, runtime: Runtime, re
                  objective, sharded: bool) -> tuple[torch.nn.Module, torch.nn.Module]:
     """The policy and what computes its scores, in order: loaded (master weights' dtype, dropout off),
     reference prepared from its starting weights, gradient checkpointing, LoRA, placed, wrapped (DDP or
-    FSDP), reference attached. Under FSDP only rank 0 reads the weights and the other ranks receive their
-    shards (loading.py); the reference is prepared after, so that rank 0 never holds two whole models."""
+    FSDP), reference attached. Under FSDP only rank 0 reads the weights and adds the adapters; the other
+    ranks receive their shards (loading.py); the reference is prepared after, so that rank 0 never holds
+    two whole models, and attached to the sharded root, since every sharded forward is a collective."""
     def load() -> torch.nn.Module:
         model = objective.load(config.model, precision.weights, config.trust_remote_code, config.attention,
                                precision.device)
@@ -203,10 +203,12 @@ def build_policy(config: TrainConfig, precision: Precision, runtime: Runtime, re
         return model.train()
 
     def wrap(model: torch.nn.Module) -> torch.nn.Module:
-        return distributed.wrap(objective.scorer(model), config.parallel, runtime, precision.compute)
+        return distributed.wrap(objective.scorer(model), config.parallel, runtime, precision.compute,
+                                config.cpu_offload)
 
-    if sharded:
-        forward = load_sharded(load, lambda model: wrap(prepare(model)), precision.device)
+    if sharded:  # LoRA's starting weights (A random, B zero) travel from rank 0 with the base's
+        forward = load_sharded(lambda: prepare(load()), wrap, torch.device("cpu") if config.cpu_offload
+                               else precision.device)
         model = forward.model
         reference.prepare(model, datasets, objective.collate)
     else:
@@ -214,7 +216,7 @@ def build_policy(config: TrainConfig, precision: Precision, runtime: Runtime, re
         reference.prepare(model, datasets, objective.collate)
         model = prepare(model).to(precision.device)
         forward = wrap(model)
-    reference.attach(model)
+    reference.attach(model, forward if sharded else None)
     return model, forward
 
 
@@ -350,8 +352,9 @@ def step_sources(run: Run, index: int) -> list[str]:
 
 
 def evaluate(run: Run) -> dict[str, float]:
-    """The eval set's metrics (``eval/...``) with the policy as it is now."""
-    return step.evaluate(run.objective.scorer(run.model), run.reference, run.objective,
+    """The eval set's metrics (``eval/...``) with the policy as it is now (sharded: through its root)."""
+    scorer = run.forward if distributed.is_sharded(run.forward) else run.objective.scorer(run.model)
+    return step.evaluate(scorer, run.reference, run.objective,
                          run.datasets["eval"], "eval", run.config.batch_size, run.precision, progress=run.config.progress)
 
 
@@ -361,9 +364,9 @@ def finish(run: Run, done: int) -> None:
         run.log(f"\nSIGTERM: checkpoint saved at step {done}; continue with --resume: the run stopped at step "
                 f"{done} of {run.total_steps}; tiltlm train --resume {run.out} finishes it")
         return
-    dtype = saved_dtype(run.config.model)
-    if distributed.is_sharded(run.model):  # every rank: the weights are gathered one at a time
+    dtype, adapter = saved_dtype(run.config.model), distributed.adapter_weights(run.model)  # FSDP + LoRA: gathered
+    if distributed.is_sharded(run.model) and adapter is None:  # every rank: the weights gathered one at a time
         distributed.save_final(run.out, run.model, run.tokenizer, dtype, run.runtime)
     elif run.runtime.is_main:
-        ckpt.save_final(run.out, run.model, run.tokenizer, run.config.model, dtype, run.config.merge_lora)
+        ckpt.save_final(run.out, run.model, run.tokenizer, run.config.model, dtype, run.config.merge_lora, adapter)
     run.log(f"saved {run.out / 'final'}")

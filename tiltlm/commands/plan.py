@@ -25,7 +25,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--lora-r", type=int, default=0, help="LoRA rank; 0: full fine-tuning")
     parser.add_argument("--gradient-checkpointing", action="store_true")
     parser.add_argument("--ref-mode", choices=REF_MODES, default=None,
-                        help="default: precompute, or online under FSDP (as the trainer chooses)")
+                        help="default: precompute (as the trainer chooses for a run of an epoch or more)")
     parser.add_argument("--logprob-chunk", type=int, default=256)
     parser.add_argument("--devices", type=int, default=1)
     parser.add_argument("--parallel", choices=("ddp", "fsdp"), default="ddp")
@@ -39,7 +39,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def setup_from(args: argparse.Namespace) -> Setup:
-    ref_mode = args.ref_mode or ("online" if args.parallel == "fsdp" and args.devices > 1 else "precompute")
+    ref_mode = args.ref_mode or "precompute"
     lengths = ()
     if args.data:
         prompt = args.max_prompt_length or args.seq_len // 2
