@@ -5,9 +5,9 @@ from types import SimpleNamespace
 import pytest
 import torch
 
-from tiltlm.data.collate import collate_concatenated, collate_shared, pack_rows, shared_prefix_mask
+from tiltlm.data.collate import collate_concatenated, collate_shared, pack_rows, segment_mask
 from tiltlm.data.types import TokenizedPair
-from tiltlm.logprobs import additive_mask, chunked_token_logps, naive_sequence_logps, sequence_logps
+from tiltlm.logprobs import chunked_token_logps, naive_sequence_logps, sequence_logps
 from model_builders import random_pairs  # noqa: E402 (tests/ is on sys.path)
 from tiltlm.models import tiny_llama
 
@@ -82,7 +82,7 @@ def test_packed_rows_hold_no_more_than_budget():
 def test_shared_mask_hides_chosen_from_rejected():
     pair = TokenizedPair([5, 6], [7, 8, 9], [10, 11])
     batch = collate_shared([pair], pad_id=0)
-    mask = shared_prefix_mask(batch.segment_ids, batch.part_ids)[0, 0]
+    mask = segment_mask(batch.segment_ids, batch.part_ids)[0, 0]
     # positions: prompt 0-1, chosen 2-4, rejected 5-6
     assert mask[5, :2].all() and not mask[5, 2:5].any() and mask[6, 5]
     assert batch.position_ids[0].tolist() == [0, 1, 2, 3, 4, 2, 3]
@@ -112,19 +112,6 @@ def test_closed_form_head_gradient_passes_gradcheck():
     generic_grads = torch.autograd.grad(generic, (hidden, weight, bias), grad)
     for a, b in zip(grads, generic_grads):
         torch.testing.assert_close(a, b)
-
-
-def test_additive_mask_gives_the_boolean_mask_results(model):
-    pairs = random_pairs(4, seed=5)
-    batch = collate_shared(pairs, pad_id=0, row_tokens=40)
-    mask = shared_prefix_mask(batch.segment_ids, batch.part_ids)
-    additive = additive_mask(mask, torch.float32)
-    assert additive.dtype == torch.float32 and torch.equal(additive == 0, mask)
-    assert torch.isneginf(additive[~mask]).all()
-    with torch.no_grad():  # the model given each mask directly, through its own attention code
-        direct = [model.model(input_ids=batch.input_ids, attention_mask=m, position_ids=batch.position_ids)
-                  .last_hidden_state for m in (mask, additive)]
-    torch.testing.assert_close(direct[0], direct[1], rtol=1e-6, atol=1e-6)
 
 
 # issue 15, item 1: a pair whose prompt is empty has no token to predict its first completion token from

@@ -175,16 +175,6 @@ def backbone_and_head(model: nn.Module) -> tuple[nn.Module, nn.Linear]:
     return base.get_decoder(), base.get_output_embeddings()
 
 
-def additive_mask(mask: Tensor, dtype: torch.dtype) -> Tensor:
-    """A boolean [rows, 1, L, L] mask (True: may attend) as an additive float mask (0 or -inf); other
-    masks as they are. (Batches no longer carry such masks; :mod:`tiltlm.attention` builds its own.) Converted once per batch: given a boolean mask, CPU attention converts it in
-    every layer and keeps each copy for the backward (SmolLM2: 30 float copies of [rows, L, L]). GPU
-    kernels take boolean masks as they are (and FlexAttention block masks are another path)."""
-    if mask.dtype != torch.bool or mask.device.type != "cpu":
-        return mask
-    return torch.zeros(mask.shape, dtype=dtype, device=mask.device).masked_fill_(~mask, float("-inf"))
-
-
 def backbone_states(backbone: nn.Module, config, batch: Batch, dtype: torch.dtype) -> Tensor:
     """Last hidden states [rows, L', H] of a batch (L' >= L: FlexAttention pads rows to whole tiles).
 

@@ -223,8 +223,3 @@ def segment_mask(segment_ids: Tensor, part_ids: Tensor, position_ids: Tensor | N
         mask &= (position_ids[:, :, None] - position_ids[:, None, :]) < sliding_window
     mask |= index[:, None] == index[None, :]
     return mask.unsqueeze(1)
-
-
-def shared_prefix_mask(segment: Tensor, part: Tensor) -> Tensor:
-    """The dense boolean mask of a shared-layout batch (see :func:`segment_mask`)."""
-    return segment_mask(segment, part)
