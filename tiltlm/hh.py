@@ -74,11 +74,12 @@ def run_hh(config: HHConfig) -> dict:
     from tiltlm.hh_report import write_report
 
     out = prepare_output(check_options(config))
-    split = stage(out, "split", lambda: split_by_prompt(config, out))
-    results = {"split": split.value}
+    stages = [stage(out, "split", lambda: split_by_prompt(config, out))]
     for name in ("reward_model", "dpo", "preferred_ft"):
-        results[name] = stage(out, name, lambda: train_and_score(config, out, name)).value
-    results["generation"] = stage(out, "generation", lambda: generation(config, out)).value
+        stages.append(stage(out, name, lambda: train_and_score(config, out, name)))
+    stages.append(stage(out, "generation", lambda: generation(config, out)))
+    results = {done.name: done.value for done in stages}
+    results["stage_seconds"] = {done.name: done.seconds for done in stages}
     write_report(Path(config.report or out), config, results)
     return results
 

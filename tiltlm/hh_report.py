@@ -51,7 +51,8 @@ def plot(data: dict, path: Path) -> None:
         axes.bar(range(len(keys)), values, yerr=errors, capsize=6, color="#4c72b0")
         axes.axhline(0.5, color="grey", linestyle="--", linewidth=1)
         axes.set_xticks(range(len(keys)), labels, fontsize=8)
-        axes.set_ylim(0.3, 0.8)
+        low, high = min(e["ci"][0] for e in entries), max(e["ci"][1] for e in entries)
+        axes.set_ylim(min(0.3, low - 0.05), max(0.8, high + 0.05))
         axes.set_title(title, fontsize=10)
     figure.tight_layout()
     figure.savefig(path, dpi=120)
@@ -91,14 +92,19 @@ def markdown(config, data: dict) -> list[str]:
     lines += [f"| reference | - | - | {ref['mean_reward'][0]:+.3f} ({interval(ref['mean_reward'][1:])}) | 0 |", "",
               "Win rates: ties count 1/2; intervals are percentile bootstraps over prompts. Mean reward and KL: "
               "normal intervals over prompts; KL is the mean of log pi(y|x) - log pi_ref(y|x) over the "
-              "policy's own samples.", "", "![accuracy and win rates](hh.png)", "", "## Cost", "",
-              "| stage | wall time | training tokens / s |", "|---|---|---|"]
-    for key, label in (("reward_model", "reward model: train + held-out eval"), ("dpo", "DPO: train + eval"),
-                       ("preferred_ft", "preferred-FT: train + eval")):
-        lines.append(f"| {label} | {details[key]['train_seconds'] / 60:.1f} min training | "
-                     f"{details[key]['train_tokens_per_second']:.0f} |")
-    for name in ("reference", "dpo", "preferred_ft"):
-        g = generation[name]
-        lines.append(f"| sampling + judging, {name} | {g['seconds'] / 60:.1f} min ({g['tokens'] / g['seconds']:.1f} "
-                     f"sampled tokens / s) | - |")
+              "policy's own samples.", "", "![accuracy and win rates](hh.png)", ""]
+    return lines + cost(details)
+
+
+def cost(details: dict) -> list[str]:
+    """Wall times of the stages, as measured on the machine that ran them."""
+    lines = ["## Cost (2 CPU cores)", "", "| stage | training | training tokens / s | whole stage (held-out scoring "
+             "included) |", "|---|---|---|---|"]
+    seconds = details.get("stage_seconds", {})
+    for key, label in (("reward_model", "reward model"), ("dpo", "DPO"), ("preferred_ft", "preferred-FT")):
+        lines.append(f"| {label} | {details[key]['train_seconds'] / 60:.1f} min, {details[key]['train_steps']} steps | "
+                     f"{details[key]['train_tokens_per_second']:.0f} | {seconds.get(key, 0) / 60:.1f} min |")
+    sampled = ", ".join(f"{name} {details['generation'][name]['seconds'] / 60:.1f} min" for name in
+                        ("reference", "dpo", "preferred_ft"))
+    lines.append(f"| sampling, KL and judging ({sampled}) | - | - | {seconds.get('generation', 0) / 60:.1f} min |")
     return lines
