@@ -25,7 +25,7 @@ class ExperimentConfig:
     output: str = option("runs/experiment", "directory for the report and everything it is computed from")
     overwrite: bool = option(False, "replace a report already in --output")
     samples: int = option(4, "continuations per training prompt", at_least=2)
-    preferences: str = option("pair", "what DPO trains on: ranked (each prompt's N continuations as one ranked list, "
+    preferences: str = option("ranked", "what DPO trains on: ranked (each prompt's N continuations as one ranked list, "
                                       "Plackett-Luce) or pair (its best against its worst), at the same compute",
                               choices=("ranked", "pair"))
     max_new_tokens: int = option(24, "most tokens sampled per continuation", at_least=1)

@@ -94,7 +94,9 @@ def run_quickstart(config: QuickstartConfig) -> Path:
 
 
 # Why the default of --preferences is what it is: benchmarks/ranked_vs_pair.py, results in benchmarks/RESULTS.md.
-CHOICE = "pair"
+CHOICE = ("Ranked lists are the default: at the same compute (these 15 steps of 12 completions, seeds 0 and 1; "
+          "benchmarks/RESULTS.md) they reached the same held-out reward as one pair per prompt (mean +0.353 "
+          "against +0.367, each interval about +-0.1) at 40% less KL (0.91 against 1.52 nats).")
 
 
 def write_report(out: Path, config: QuickstartConfig, prompts: int, before: PolicyScore, after: PolicyScore,
