@@ -347,18 +347,15 @@ def adapter_weights(model: nn.Module) -> Optional[dict[str, torch.Tensor]]:
 def save_final(out: Path, model: nn.Module, tokenizer, dtype: torch.dtype, runtime: Runtime) -> None:
     """Called on every rank, for a sharded model: ``final/`` as :func:`checkpoint.save_final` writes it,
     without ever holding the whole model on one host. The weights are gathered one at a time
-    (``full_tensor``, a collective every rank joins in the same order), cast to ``dtype``, and rank 0
+    (``collectives.full_tensor``, which every rank joins in the same order), cast to ``dtype``, and rank 0
     appends each to its file of Hugging Face's sharded layout, then forgets it."""
-    from torch.distributed.tensor import DTensor
-
     names = set(model.state_dict())  # persistent buffers too; without tied duplicates (named_* drop them)
     tensors = {name: t for name, t in [*model.named_parameters(), *model.named_buffers()] if name in names}
     specs = {name: (tuple(t.shape), dtype if t.is_floating_point() else t.dtype) for name, t in tensors.items()}
 
     def gathered() -> Iterator[tuple[str, torch.Tensor]]:
         for name, tensor in tensors.items():
-            whole = tensor.detach().full_tensor() if isinstance(tensor, DTensor) else tensor.detach()
-            yield name, whole.to("cpu", specs[name][1])
+            yield name, collectives.full_tensor(tensor.detach()).to("cpu", specs[name][1])
 
     if runtime.is_main:
         ckpt.save_streamed(out / "final", model, tokenizer, dtype, specs, gathered())

@@ -22,7 +22,6 @@ The prompts are red-team prompts: the report (tiltlm.hh_report) shows figures, n
 
 from __future__ import annotations
 
-import gzip
 import json
 import random
 import time
@@ -30,7 +29,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from tiltlm.config import ConfigError, TrainConfig, check_options, option
-from tiltlm.data.formats import pair_from_row
+from tiltlm.data import load_pairs
 from tiltlm.experiment import score_policy, write_jsonl
 from tiltlm.metrics import read_metrics
 from tiltlm.stats import Z95
@@ -117,12 +116,9 @@ def split_by_prompt(config: HHConfig, out: Path) -> dict:
     it has ``heldout_pairs`` pairs, then to training until it has ``train_pairs``. Both written as
     explicit-format JSONL (prompt, chosen, rejected), so training and evaluation read the same texts."""
     by_prompt: dict[str, list[dict]] = {}
-    with gzip.open(config.data, "rt", encoding="utf-8") if config.data.endswith(".gz") else \
-            open(config.data, encoding="utf-8") as handle:
-        for number, line in enumerate(handle, 1):
-            pair = pair_from_row(json.loads(line), f"{config.data}:{number}")
-            by_prompt.setdefault(pair.prompt, []).append(
-                {"prompt": pair.prompt, "chosen": pair.chosen, "rejected": pair.rejected})
+    for pair in load_pairs(config.data):
+        by_prompt.setdefault(pair.prompt, []).append({"prompt": pair.prompt, "chosen": pair.chosen,
+                                                      "rejected": pair.rejected})
     prompts = sorted(by_prompt)
     random.Random(config.seed).shuffle(prompts)
     heldout, train = [], []
