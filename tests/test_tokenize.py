@@ -376,8 +376,8 @@ def test_cutting_text_to_the_budget_never_changes_the_kept_ids(bpe, sp, texts, m
 
     head = [tokenizer.bos_token_id] if use_sp or not whole(prompt) else []
     eos = tokenizer.eos_token_id
-    expected = fit(head, whole(prompt), with_eos(whole(chosen), eos), with_eos(whole(rejected), eos),
-                   max_length, max_prompt_length, "x")
+    expected = fit(Pair(prompt, chosen, rejected, "x"), head, whole(prompt),
+                   [with_eos(whole(chosen), eos), with_eos(whole(rejected), eos)], max_length, max_prompt_length)
     assert result == expected
 
 
@@ -460,5 +460,5 @@ def test_protected_encoding_equals_the_tokenizers_own_where_the_user_wrote_no_co
         return
     for row in ("conversational", "implicit conversational"):
         texts = render(pair_from_row(ROWS[row], "x"), tokenizer)
-        for text in (texts.prompt, texts.chosen, texts.rejected):
+        for text in (texts.prompt, *texts.completions):
             assert encode_protected(tokenizer, text, strings) == tokenizer(text, add_special_tokens=False)["input_ids"]

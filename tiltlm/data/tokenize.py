@@ -1,16 +1,17 @@
-"""From :class:`Pair` to :class:`TokenizedPair`: render, tokenise, truncate, and count what is dropped.
+"""From :class:`Pair` (or ranked list, or unpaired row) to its tokenised form: render, tokenise,
+truncate, and count what is dropped.
 
 Rules, and why:
 
-* Rendering. Text pairs are used as they are. Conversational pairs go through the tokenizer's own
-  ``apply_chat_template``: the prompt with ``add_generation_prompt=True``, and the completion as the
+* Rendering. Text is used as it is. Conversational examples go through the tokenizer's own
+  ``apply_chat_template``: the prompt with ``add_generation_prompt=True``, and each completion as the
   rendering of prompt + completion minus the rendering of the prompt. The prompt rendering must be a
   string prefix of the full one, or the completion cannot be cut out (a :class:`DataError` naming the
   pair). Templates often add a newline after the turn-ending token; when the rendered completion ends
   with EOS followed by whitespace only, it is cut right after EOS, so the scored completion ends with
   EOS and not with a token the model never has to produce before stopping.
 * Tokenising. Prompt and completions are tokenised separately, with ``add_special_tokens=False``, and
-  concatenated, so the prompt ids are the same for both completions and for the model, by construction
+  concatenated, so the prompt ids are the same for every completion and for the model, by construction
   (tokenising the joined text could merge tokens across the boundary). A text prompt starts with BOS
   exactly when the tokenizer's default encoding adds one; a chat-rendered prompt gets none (the
   template writes its own special tokens). Each completion ends with EOS: appended unless the last token
@@ -25,13 +26,16 @@ Rules, and why:
   ``limit`` tokens then end (or start) at least ``limit + 16`` tokens away from the cut, so the cut
   cannot change them (tokenisers look ahead a word or a few merges, not hundreds of tokens; a property
   test checks the ids against tokenising whole). Normal rows are shorter than the budget and untouched.
-* Control tokens written as text (``<|im_end|>`` inside a completion) are counted in the summary and
-  read as control tokens (``special_tokens="keep"``) or as text (``"split"``): :mod:`tiltlm.data.specials`.
+* Control tokens written as text (``<|im_end|>`` inside a completion) in a file of pairs are counted in
+  the summary and read as control tokens (``special_tokens="keep"``) or as text (``"split"``):
+  :mod:`tiltlm.data.specials`.
 * Skipping, counted by reason: an empty (or whitespace-only) completion, chosen identical to rejected,
   no room left for a completion token, an empty prompt with no BOS token to put there instead (the
   first completion token needs a token to be predicted from: an empty prompt becomes ``[BOS]`` when
   the tokenizer has a BOS token, whether or not it adds one by default), and completions that become
-  identical once truncated (their log-ratios would cancel: the pair would teach nothing).
+  identical once truncated (their log-ratios would cancel: the pair would teach nothing). A ranked list
+  with an empty completion or two identical completions is skipped whole: dropping one completion would
+  change what its ranking says.
 """
 
 from __future__ import annotations
@@ -56,11 +60,10 @@ DUPLICATE_AFTER_TRUNCATION = "duplicate completions in a list after truncation"
 
 @dataclass(frozen=True)
 class Rendered:
-    """The three texts to tokenise; ``chat`` when a chat template wrote them (and their special tokens)."""
+    """The texts to tokenise; ``chat`` when a chat template wrote them (and their special tokens)."""
 
     prompt: str
-    chosen: str
-    rejected: str
+    completions: list[str]
     chat: bool
     protected: bool = False  # control strings of the user's text stand as private-use characters (split)
     quotes_control: tuple[str, ...] = ()  # the control-token strings the user's text holds
@@ -68,75 +71,83 @@ class Rendered:
 
 def tokenize_pair(pair: Pair, tokenizer, max_length: int, max_prompt_length: int,
                   special_tokens: str = "keep") -> TokenizedPair | str:
-    """One pair's :class:`TokenizedPair`, or the reason it is skipped. The plain, unbatched path.
-    ``special_tokens``: how control-token strings in the pair's text are read
-    (:mod:`tiltlm.data.specials`)."""
-    _check_lengths(max_length, max_prompt_length, special_tokens)
-    strings = control_strings(tokenizer)
-    per_token = chars_per_token(tokenizer)
-    texts = _prepare(pair, tokenizer, strings, special_tokens, per_token, max_length, max_prompt_length)
-    if isinstance(texts, str):
-        return texts
-    three = (texts.prompt, texts.chosen, texts.rejected)
-    if texts.protected:
-        prompt, chosen, rejected = (encode_protected(tokenizer, t, strings) for t in three)
-    else:
-        prompt, chosen, rejected = (_encode(tokenizer, [t])[0] for t in three)
-    return _assemble(texts.chat, prompt, chosen, rejected, tokenizer, adds_bos(tokenizer),
-                     max_length, max_prompt_length, pair.source, pair.weight)
+    """One pair's :class:`TokenizedPair`, or the reason it is skipped."""
+    kept, summary = tokenize_pairs([pair], tokenizer, max_length, max_prompt_length, special_tokens)
+    return kept[0] if kept else next(iter(summary.skipped))
 
 
 def tokenize_pairs(pairs: list[Pair], tokenizer, max_length: int, max_prompt_length: int,
                    special_tokens: str = "keep") -> tuple[list[TokenizedPair], DataSummary]:
-    """The pairs that survive, tokenised (in batches: one tokenizer call for all prompts, one for all
-    completions), and a :class:`DataSummary` of what was kept and skipped."""
-    _check_lengths(max_length, max_prompt_length, special_tokens)
-    strings, per_token = control_strings(tokenizer), chars_per_token(tokenizer)
-    results: list[TokenizedPair | str | Rendered] = [
-        _prepare(pair, tokenizer, strings, special_tokens, per_token, max_length, max_prompt_length) for pair in pairs]
+    """The pairs that survive, tokenised, and a :class:`DataSummary` of what was kept and skipped."""
+    return tokenize_examples(pairs, tokenizer, max_length, max_prompt_length, special_tokens)
+
+
+def tokenize_examples(examples: list[Example], tokenizer, max_length: int, max_prompt_length: int,
+                      special_tokens: str = "keep") -> tuple[list[TokenizedExample], DataSummary]:
+    """Pairs, ranked lists and unpaired rows, tokenised in two tokenizer calls (all prompts, all
+    completions); the survivors in order and a :class:`DataSummary` that counts each kind.
+    ``special_tokens``: how control-token strings in the text of a file of pairs are read (only there:
+    :mod:`tiltlm.data.specials`)."""
+    if special_tokens not in MODES:
+        raise ValueError(f"special_tokens_in_text = {special_tokens!r}: expected {' or '.join(MODES)}")
+    if max_prompt_length < 1 or max_length < 2:
+        raise ValueError(f"max_length = {max_length}, max_prompt_length = {max_prompt_length}: expected "
+                         f"max_prompt_length >= 1 and max_length >= 2")
+    pairs_only = all(isinstance(example, Pair) for example in examples)
+    strings = control_strings(tokenizer) if pairs_only else []
+    # the most characters one token can stand for: its longest vocabulary entry (byte-level entries spell
+    # one character per byte, so they over-count multi-byte characters; safe)
+    per_token = max(1, max(map(len, tokenizer.get_vocab())))
+    results: list = [_prepare(e, tokenizer, strings, special_tokens, per_token, max_length, max_prompt_length)
+                     for e in examples]
     rendered = [(index, texts) for index, texts in enumerate(results) if isinstance(texts, Rendered)]
-    plain = [(index, texts) for index, texts in rendered if not texts.protected]
-    prompts = _encode(tokenizer, [texts.prompt for _, texts in plain])
-    completions = _encode(tokenizer, [text for _, texts in plain for text in (texts.chosen, texts.rejected)])
-    ids = {index: (prompts[k], completions[2 * k], completions[2 * k + 1]) for k, (index, _) in enumerate(plain)}
-    for index, texts in rendered:
-        if texts.protected:  # one at a time: only pairs that quote control tokens, with split
-            three = (texts.prompt, texts.chosen, texts.rejected)
-            ids[index] = tuple(encode_protected(tokenizer, t, strings) for t in three)
+    plain = [texts for _, texts in rendered if not texts.protected]
+    prompts = iter(_encode(tokenizer, [texts.prompt for texts in plain]))
+    completions = iter(_encode(tokenizer, [text for texts in plain for text in texts.completions]))
     bos = adds_bos(tokenizer)
     for index, texts in rendered:
-        results[index] = _assemble(texts.chat, *ids[index], tokenizer, bos, max_length, max_prompt_length,
-                                   pairs[index].source, pairs[index].weight)
+        if texts.protected:  # one at a time: only pairs that quote control tokens, with split
+            prompt, *ids = (encode_protected(tokenizer, t, strings) for t in (texts.prompt, *texts.completions))
+        else:
+            prompt, ids = next(prompts), [next(completions) for _ in texts.completions]
+        eos, head = _eos(tokenizer), _head(tokenizer, bos, texts.chat, prompt)
+        results[index] = EMPTY_PROMPT if head is None else fit(
+            examples[index], head, prompt, [with_eos(c, eos) for c in ids], max_length, max_prompt_length)
     summary = summarize(results)
-    summary.control_text = sum(bool(texts.quotes_control) for _, texts in rendered)
-    summary.control_found = sorted({s for _, texts in rendered for s in texts.quotes_control})
-    summary.special_tokens = special_tokens
-    return [r for r in results if isinstance(r, TokenizedPair)], summary
+    if pairs_only:
+        summary.control_text = sum(bool(texts.quotes_control) for _, texts in rendered)
+        summary.control_found = sorted({s for _, texts in rendered for s in texts.quotes_control})
+        summary.special_tokens = special_tokens
+    return [r for r in results if not isinstance(r, str)], summary
 
 
-def _prepare(pair: Pair, tokenizer, strings: list[str], special_tokens: str, per_token: int, max_length: int,
-             max_prompt_length: int) -> Rendered | str:
-    """A pair's texts ready to encode (rendered, protected when split asks, cut to the budget), or why
-    it is skipped."""
-    reason = skip_reason(pair)
+def _prepare(example: Example, tokenizer, strings: list[str], special_tokens: str, per_token: int,
+             max_length: int, max_prompt_length: int) -> Rendered | str:
+    """An example's texts ready to encode (rendered, protected when split asks, cut to the budget: the
+    prompt keeps its end, the completions their start), or why it is skipped."""
+    reason = skip_reason(example)
     if reason is not None:
         return reason
-    quotes = tuple(found_controls(pair, strings))
+    quotes = tuple(found_controls(example, strings)) if strings else ()
     protected = bool(quotes) and special_tokens == "split"
-    if protected and not isinstance(pair.prompt, str) and not segments_faithful(tokenizer, strings):
-        raise DataError(f"{pair.source}: the messages hold control tokens written as text ({', '.join(quotes)}), "
+    if protected and not isinstance(example.prompt, str) and not segments_faithful(tokenizer, strings):
+        raise DataError(f"{example.source}: the messages hold control tokens written as text ({', '.join(quotes)}), "
                         f"and with this tokenizer special_tokens_in_text=split cannot read them as text inside "
                         f"a chat template; use special_tokens_in_text=keep, or remove them from the data")
-    texts = render(protect(pair, strings) if protected else pair, tokenizer)
-    return bounded(replace(texts, protected=protected, quotes_control=quotes), per_token, max_length, max_prompt_length)
+    texts = render(protect(example, strings) if protected else example, tokenizer)
+    prompt_chars, completion_chars = ((2 * limit + 16) * per_token for limit in (max_prompt_length, max_length))
+    completions = [text[:completion_chars] for text in texts.completions]
+    return replace(texts, prompt=texts.prompt[-prompt_chars:], completions=completions, protected=protected,
+                   quotes_control=quotes)
 
 
-def skip_reason(pair: Pair) -> str | None:
-    """Why a pair is useless before tokenising it: an empty completion, or identical completions."""
-    if _is_empty(pair.chosen) or _is_empty(pair.rejected):
+def skip_reason(example: Example) -> str | None:
+    """Why an example is useless before tokenising it: an empty completion, or identical completions."""
+    completions = completion_texts(example)
+    if any(_is_empty(c) for c in completions):
         return EMPTY
-    if pair.chosen == pair.rejected:
-        return IDENTICAL
+    if _has_duplicates(completions):
+        return IDENTICAL if isinstance(example, Pair) else DUPLICATE
     return None
 
 
@@ -146,13 +157,16 @@ def _is_empty(completion: Text) -> bool:
     return all(not message["content"].strip() for message in completion)
 
 
-def render(pair: Pair, tokenizer) -> Rendered:
-    """The texts to tokenise: a text pair as is, a conversational pair through the chat template."""
-    kinds = {isinstance(text, str) for text in (pair.prompt, pair.chosen, pair.rejected)}
-    if len(kinds) != 1:
-        raise DataError(f"{pair.source}: prompt, chosen and rejected must be all strings or all message lists")
-    prompt, (chosen, rejected), chat = render_texts(pair.prompt, [pair.chosen, pair.rejected], tokenizer, pair.source)
-    return Rendered(prompt, chosen, rejected, chat)
+def _has_duplicates(items: list) -> bool:
+    return any(a == b for i, a in enumerate(items) for b in items[i + 1:])
+
+
+def render(example: Example, tokenizer) -> Rendered:
+    """The texts to tokenise: strings as they are, message lists through the chat template."""
+    completions = completion_texts(example)
+    if isinstance(example, Pair) and len({isinstance(text, str) for text in (example.prompt, *completions)}) != 1:
+        raise DataError(f"{example.source}: prompt, chosen and rejected must be all strings or all message lists")
+    return Rendered(*render_texts(example.prompt, completions, tokenizer, example.source))
 
 
 def render_texts(prompt: Text, completions: list[Text], tokenizer, source: str) -> tuple[str, list[str], bool]:
@@ -162,21 +176,6 @@ def render_texts(prompt: Text, completions: list[Text], tokenizer, source: str) 
         return prompt, list(completions), False
     prompt_text = _apply_template(tokenizer, prompt, True, source)
     return prompt_text, [completion_text(tokenizer, prompt, c, prompt_text, source) for c in completions], True
-
-
-def chars_per_token(tokenizer) -> int:
-    """The most characters one token can stand for: its longest vocabulary entry (byte-level entries
-    spell one character per byte, so they over-count multi-byte characters; safe)."""
-    return max(1, max(map(len, tokenizer.get_vocab())))
-
-
-def bounded(texts: Rendered, per_token: int, max_length: int, max_prompt_length: int) -> Rendered:
-    """``texts`` cut to what the limits can use, with a margin that leaves the kept tokens unchanged (see
-    the module docstring): the prompt keeps its end, the completions their start."""
-    prompt_chars = (2 * max_prompt_length + 16) * per_token
-    completion_chars = (2 * max_length + 16) * per_token
-    return replace(texts, prompt=texts.prompt[-prompt_chars:], chosen=texts.chosen[:completion_chars],
-                   rejected=texts.rejected[:completion_chars])
 
 
 def completion_text(tokenizer, prompt: Messages, completion: Messages, prompt_text: str, source: str) -> str:
@@ -213,18 +212,7 @@ def adds_bos(tokenizer) -> bool:
 
 
 def _encode(tokenizer, texts: list[str]) -> list[list[int]]:
-    if not texts:
-        return []
-    return tokenizer(texts, add_special_tokens=False)["input_ids"]
-
-
-def _assemble(chat: bool, prompt: list[int], chosen: list[int], rejected: list[int], tokenizer, bos: bool,
-              max_length: int, max_prompt_length: int, source: str, weight: float = 1.0) -> TokenizedPair | str:
-    eos, head = _eos(tokenizer), _head(tokenizer, bos, chat, prompt)
-    if head is None:
-        return EMPTY_PROMPT
-    return fit(head, prompt, with_eos(chosen, eos), with_eos(rejected, eos), max_length, max_prompt_length, source,
-               weight)
+    return tokenizer(texts, add_special_tokens=False)["input_ids"] if texts else []
 
 
 def _eos(tokenizer) -> int:
@@ -252,20 +240,28 @@ def with_eos(ids: list[int], eos: int) -> list[int]:
     return ids if ids[-1:] == [eos] else [*ids, eos]
 
 
-def fit(head: list[int], prompt: list[int], chosen: list[int], rejected: list[int], max_length: int,
-        max_prompt_length: int, source: str = "", weight: float = 1.0) -> TokenizedPair | str:
-    """Truncate to the limits: ``head + prompt`` (``head``, e.g. BOS, is kept) down to
-    ``max_prompt_length`` keeping the end of ``prompt``, then each completion keeping its start so that
-    prompt + completion fits ``max_length``. A skip reason when nothing useful is left."""
+def fit(example: Example, head: list[int], prompt: list[int], completions: list[list[int]], max_length: int,
+        max_prompt_length: int) -> TokenizedExample | str:
+    """The example's tokenised row, truncated to the limits (completions already end with EOS): ``head +
+    prompt`` (``head``, e.g. BOS, is kept) down to ``max_prompt_length`` keeping the end of ``prompt``,
+    then each completion keeping its start so that prompt + completion fits ``max_length``. A skip
+    reason when nothing useful is left."""
     full_prompt, prompt_cut = fit_prompt(head, prompt, max_prompt_length)
-    fitted = fit_completions(len(full_prompt), [chosen, rejected], max_length)
+    fitted = fit_completions(len(full_prompt), completions, max_length)
     if isinstance(fitted, str):
         return fitted
-    (chosen, rejected), completion_cut = fitted
-    if chosen == rejected:
+    cut, completion_cut = fitted
+    truncated = prompt_cut or completion_cut
+    if isinstance(example, Unpaired):
+        return TokenizedUnpaired(full_prompt, cut[0], example.label, truncated, example.source, example.weight)
+    if _has_duplicates(cut):
+        if isinstance(example, RankedList):
+            return DUPLICATE_AFTER_TRUNCATION
         return IDENTICAL_AFTER_TRUNCATION if completion_cut else IDENTICAL
-    return TokenizedPair(full_prompt, chosen, rejected, truncated=prompt_cut or completion_cut, source=source,
-                         weight=weight)
+    if isinstance(example, Pair):
+        return TokenizedPair(full_prompt, *cut, truncated, example.source, example.weight)
+    return TokenizedList(full_prompt, cut, example.ranking, example.scores, truncated, example.source,
+                         example.weight)
 
 
 def fit_completions(prompt_length: int, completions: list[list[int]],
@@ -320,99 +316,13 @@ def completion_ids(result: TokenizedExample) -> list[list[int]]:
     return [result.completion_ids]
 
 
-def _check_lengths(max_length: int, max_prompt_length: int, special_tokens: str = "keep") -> None:
-    if special_tokens not in MODES:
-        raise ValueError(f"special_tokens_in_text = {special_tokens!r}: expected {' or '.join(MODES)}")
-    if max_prompt_length < 1 or max_length < 2:
-        raise ValueError(f"max_length = {max_length}, max_prompt_length = {max_prompt_length}: expected "
-                         f"max_prompt_length >= 1 and max_length >= 2")
-
-
-# --- beyond pairs: ranked lists and unpaired rows ----------------------------------------------------------
-#
-# The same rules as pairs: the prompt rendered and tokenised once, each completion separately, ending
-# with EOS; the same truncation (fit_prompt, fit_completions). A ranked list with an empty completion or
-# two identical completions is skipped whole: dropping one completion would change what its ranking says.
-
-
-def tokenize_examples(examples: list[Example], tokenizer, max_length: int, max_prompt_length: int,
-                      special_tokens: str = "keep") -> tuple[list[TokenizedExample], DataSummary]:
-    """Pairs, ranked lists and unpaired rows, tokenised in two tokenizer calls (all prompts, all
-    completions); the survivors in order and a :class:`DataSummary` that counts each kind. Pairs come
-    out exactly as from :func:`tokenize_pairs` (a file of pairs goes through it, control tokens and
-    all)."""
-    if all(isinstance(example, Pair) for example in examples):
-        return tokenize_pairs(examples, tokenizer, max_length, max_prompt_length, special_tokens)
-    _check_lengths(max_length, max_prompt_length, special_tokens)
-    results: list[TokenizedExample | str | None] = []
-    rendered: list[tuple[int, str, list[str], bool]] = []
-    for index, example in enumerate(examples):
-        reason = example_skip_reason(example)
-        results.append(reason)
-        if reason is None:
-            rendered.append((index, *render_example(example, tokenizer)))
-    prompts = _encode(tokenizer, [prompt for _, prompt, _, _ in rendered])
-    completions = iter(_encode(tokenizer, [text for _, _, texts, _ in rendered for text in texts]))
-    bos, eos = adds_bos(tokenizer), _eos(tokenizer)
-    for k, (index, _, texts, chat) in enumerate(rendered):
-        ids = [with_eos(next(completions), eos) for _ in texts]
-        head = _head(tokenizer, bos, chat, prompts[k])
-        results[index] = EMPTY_PROMPT if head is None else fit_example(examples[index], head, prompts[k], ids,
-                                                                       max_length, max_prompt_length)
-    return [r for r in results if not isinstance(r, str)], summarize(results)
-
-
-def example_completions(example: Example) -> list[Text]:
+def completion_texts(example: Example) -> list[Text]:
     """The completions of an example, in order (chosen then rejected for a pair)."""
     if isinstance(example, Pair):
         return [example.chosen, example.rejected]
     if isinstance(example, RankedList):
         return list(example.completions)
     return [example.completion]
-
-
-def example_skip_reason(example: Example) -> str | None:
-    """Why an example is useless before tokenising it (see :func:`skip_reason` for pairs)."""
-    if isinstance(example, Pair):
-        return skip_reason(example)
-    completions = example_completions(example)
-    if any(_is_empty(c) for c in completions):
-        return EMPTY
-    if _has_duplicates(completions):
-        return DUPLICATE
-    return None
-
-
-def _has_duplicates(items: list) -> bool:
-    return any(a == b for i, a in enumerate(items) for b in items[i + 1:])
-
-
-def render_example(example: Example, tokenizer) -> tuple[str, list[str], bool]:
-    """``(prompt text, completion texts, chat)``; pairs through :func:`render` as always."""
-    if isinstance(example, Pair):
-        texts = render(example, tokenizer)
-        return texts.prompt, [texts.chosen, texts.rejected], texts.chat
-    return render_texts(example.prompt, example_completions(example), tokenizer, example.source)
-
-
-def fit_example(example: Example, head: list[int], prompt: list[int], completions: list[list[int]],
-                max_length: int, max_prompt_length: int) -> TokenizedExample | str:
-    """Truncate an example's ids (completions already ending with EOS) and build its tokenised row, or
-    the reason it is skipped."""
-    if isinstance(example, Pair):
-        return fit(head, prompt, *completions, max_length, max_prompt_length, example.source, example.weight)
-    full_prompt, prompt_cut = fit_prompt(head, prompt, max_prompt_length)
-    fitted = fit_completions(len(full_prompt), completions, max_length)
-    if isinstance(fitted, str):
-        return fitted
-    cut, completion_cut = fitted
-    truncated = prompt_cut or completion_cut
-    if isinstance(example, Unpaired):
-        return TokenizedUnpaired(full_prompt, cut[0], example.label, truncated, example.source, example.weight)
-    if _has_duplicates(cut):
-        return DUPLICATE_AFTER_TRUNCATION
-    return TokenizedList(full_prompt, cut, example.ranking, example.scores, truncated, example.source,
-                         example.weight)
 
 
 def expand_ranking_to_pairs(ranked: TokenizedList) -> list[TokenizedPair]:
