@@ -47,9 +47,12 @@ def pair_from_row(row: dict[str, Any], source: str) -> Pair:
     missing = [name for name in ("chosen", "rejected") if name not in row]
     if missing:
         raise DataError(f"{source}: missing field {missing[0]!r}; found columns {sorted(row)}; {LAYOUTS}")
-    pair = _explicit(row, source) if "prompt" in row else _implicit(row, source)
-    pair.weight = checked_weight(row, source)
-    return pair
+    if "prompt" in row:
+        prompt, (chosen, rejected) = _checked_texts(row["prompt"], [row["chosen"], row["rejected"]],
+                                                    ["chosen", "rejected"], source)
+    else:
+        prompt, chosen, rejected = _implicit(row, source)
+    return Pair(prompt, chosen, rejected, source, checked_weight(row, source))
 
 
 def example_from_row(row: dict[str, Any], source: str) -> Pair | RankedList | Unpaired:
@@ -62,12 +65,17 @@ def example_from_row(row: dict[str, Any], source: str) -> Pair | RankedList | Un
     return pair_from_row(row, source)
 
 
+def _is_number(value: Any) -> bool:
+    """A finite int or float (JSON's true and false are not numbers here)."""
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+
+
 def checked_weight(row: dict[str, Any], source: str) -> float:
     """The row's ``weight``: absent or null means 1; else a finite number >= 0."""
     weight = row.get("weight")
     if weight is None:
         return 1.0
-    if isinstance(weight, bool) or not isinstance(weight, (int, float)) or not math.isfinite(weight) or weight < 0:
+    if not _is_number(weight) or weight < 0:
         raise DataError(f"{source}: field 'weight': expected a finite number >= 0, got {weight!r}")
     return float(weight)
 
@@ -81,9 +89,8 @@ def ranked_from_row(row: dict[str, Any], source: str) -> RankedList:
     if not isinstance(completions, list) or len(completions) < 2:
         got = f"{len(completions)} item(s)" if isinstance(completions, list) else _kind_name(completions)
         raise DataError(f"{source}: field 'completions': expected a list of at least 2 completions, got {got}")
-    prompt = checked_text(row["prompt"], "prompt", source)
-    texts = [checked_text(c, f"completions[{k}]", source) for k, c in enumerate(completions)]
-    prompt, texts = _same_kind(prompt, texts, [f"completions[{k}]" for k in range(len(texts))], source)
+    names = [f"completions[{k}]" for k in range(len(completions))]
+    prompt, texts = _checked_texts(row["prompt"], completions, names, source)
     ranking, scores = _ranking_or_scores(row, len(texts), source)
     return RankedList(prompt, texts, ranking, scores, source, checked_weight(row, source))
 
@@ -105,7 +112,7 @@ def _ranking_or_scores(row: dict[str, Any], count: int, source: str) -> tuple[li
         got = f"{len(scores)} scores" if isinstance(scores, list) else _kind_name(scores)
         raise DataError(f"{source}: field 'scores': expected {count} numbers (one per completion), got {got}")
     for k, score in enumerate(scores):
-        if isinstance(score, bool) or not isinstance(score, (int, float)) or not math.isfinite(score):
+        if not _is_number(score):
             raise DataError(f"{source}: field 'scores', item {k}: expected a finite number, got {score!r}")
     return None, [float(score) for score in scores]
 
@@ -120,14 +127,16 @@ def unpaired_from_row(row: dict[str, Any], source: str) -> Unpaired:
     if not isinstance(label, bool):
         raise DataError(f"{source}: field 'label': expected true (desirable) or false (undesirable), "
                         f"got {label!r}")
-    prompt = checked_text(row["prompt"], "prompt", source)
-    completion = checked_text(row["completion"], "completion", source)
-    prompt, (completion,) = _same_kind(prompt, [completion], ["completion"], source)
+    prompt, (completion,) = _checked_texts(row["prompt"], [row["completion"]], ["completion"], source)
     return Unpaired(prompt, completion, label, source, checked_weight(row, source))
 
 
-def _same_kind(prompt: Text, completions: list[Text], names: list[str], source: str) -> tuple[Text, list[Text]]:
-    """All strings as they are; else all conversational, normalised as in :func:`_explicit`."""
+def _checked_texts(prompt: Any, completions: list, names: list[str], source: str) -> tuple[Text, list[Text]]:
+    """The checked prompt and completions of an explicit row: all strings as they are; else all
+    conversational, a string prompt becoming one user message and each completion the assistant
+    message(s) that follow the prompt (see the module docstring)."""
+    prompt = checked_text(prompt, "prompt", source)
+    completions = [checked_text(c, name, source) for c, name in zip(completions, names)]
     if isinstance(prompt, str) and all(isinstance(c, str) for c in completions):
         return prompt, completions
     if isinstance(prompt, str):
@@ -136,8 +145,6 @@ def _same_kind(prompt: Text, completions: list[Text], names: list[str], source: 
 
 
 def _as_reply(prompt: Messages, completion: Text, name: str, source: str) -> Messages:
-    """A completion as the assistant message(s) that follow ``prompt``: a string becomes one assistant
-    message; a whole conversation that repeats the prompt's turns has them removed."""
     if isinstance(completion, str):
         return [{"role": "assistant", "content": completion}]
     if completion[:len(prompt)] == prompt:
@@ -145,18 +152,7 @@ def _as_reply(prompt: Messages, completion: Text, name: str, source: str) -> Mes
     return _starting_with_assistant(completion, name, source)
 
 
-def _explicit(row: dict[str, Any], source: str) -> Pair:
-    values = {name: checked_text(row[name], name, source) for name in ("prompt", "chosen", "rejected")}
-    if all(isinstance(value, str) for value in values.values()):
-        return Pair(values["prompt"], values["chosen"], values["rejected"], source)
-    prompt = values["prompt"]
-    if isinstance(prompt, str):
-        prompt = [{"role": "user", "content": prompt}]
-    chosen, rejected = (_as_reply(prompt, values[name], name, source) for name in ("chosen", "rejected"))
-    return Pair(prompt, chosen, rejected, source)
-
-
-def _implicit(row: dict[str, Any], source: str) -> Pair:
+def _implicit(row: dict[str, Any], source: str) -> tuple[Text, Text, Text]:
     chosen = checked_text(row["chosen"], "chosen", source)
     rejected = checked_text(row["rejected"], "rejected", source)
     if isinstance(chosen, str) != isinstance(rejected, str):
@@ -169,15 +165,15 @@ def _implicit(row: dict[str, Any], source: str) -> Pair:
             raise DataError(f"{source}: fields 'chosen' and 'rejected': no shared prompt: their common "
                             f"beginning contains no {ASSISTANT_MARKER!r} (no 'prompt' field, so both must be "
                             f"HH-RLHF dialogues sharing their turns up to an assistant reply)")
-    else:
-        split = split_conversations(chosen, rejected)
-        if split is None:
-            raise DataError(f"{source}: fields 'chosen' and 'rejected': no shared prompt: the conversations do "
-                            f"not begin with the same non-assistant message(s) (no 'prompt' field, so the "
-                            f"prompt must be their shared opening turns)")
-        for name, completion in zip(("chosen", "rejected"), split[1:]):
-            _starting_with_assistant(completion, name, source)
-    return Pair(*split, source=source)
+        return split
+    split = split_conversations(chosen, rejected)
+    if split is None:
+        raise DataError(f"{source}: fields 'chosen' and 'rejected': no shared prompt: the conversations do "
+                        f"not begin with the same non-assistant message(s) (no 'prompt' field, so the "
+                        f"prompt must be their shared opening turns)")
+    for name, completion in zip(("chosen", "rejected"), split[1:]):
+        _starting_with_assistant(completion, name, source)
+    return split
 
 
 def split_dialogues(chosen: str, rejected: str) -> tuple[str, str, str] | None:

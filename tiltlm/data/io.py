@@ -92,7 +92,7 @@ def _gunzip(path: Path, source: str) -> bytes:
 
 def _without_bom(raw: bytes) -> bytes:
     """``raw`` without the UTF-8 byte-order mark some Windows editors write first (JSON forbids it)."""
-    return raw[len(codecs.BOM_UTF8):] if raw.startswith(codecs.BOM_UTF8) else raw
+    return raw.removeprefix(codecs.BOM_UTF8)
 
 
 def _decode(raw: bytes, source: str, line_offset: int = 0) -> str:
@@ -125,9 +125,8 @@ def _parse_jsonl(raw: bytes, source: str, limit: int | None) -> list[Row]:
 
 
 def _parse_json(raw: bytes, source: str, split: str | None, limit: int | None) -> list[Row]:
-    text = _decode(raw, source)
     try:
-        document = json.loads(text)
+        document = json.loads(_decode(raw, source))
     except json.JSONDecodeError as error:
         if error.msg == "Extra data":  # several top-level values: JSON Lines under a .json name
             return _parse_jsonl(raw, source, limit)
@@ -136,7 +135,7 @@ def _parse_json(raw: bytes, source: str, split: str | None, limit: int | None) -
     except RecursionError:  # Python's parser recurses once per nesting level
         raise DataError(f"{source}: JSON nested too deeply to read") from None
     records = _json_records(document, source, split)
-    return [(f"{source}:row {i}", _as_object(r, f"{source}:row {i}")) for i, r in enumerate(records, start=1)]
+    return [(where, _as_object(record, where)) for where, record in _numbered(records, source)]
 
 
 def _json_records(document: Any, source: str, split: str | None) -> list:
@@ -168,23 +167,19 @@ def _read_csv(path: Path, source: str) -> list[Row]:
     reader = csv.reader(io.StringIO(text, newline=""), strict=True)
     rows: list[Row] = []
     header: list[str] | None = None
-    while True:
-        line = reader.line_num + 1  # the record about to be read starts on this line
-        try:
-            cells = next(reader)
-        except StopIteration:
-            break
-        except csv.Error as error:
-            raise DataError(f"{source}:{line}: {_csv_problem(str(error))}") from None
-        if not cells:
-            continue  # a blank line
-        if header is None:
-            header = cells
-        elif len(cells) != len(header):
-            raise DataError(f"{source}:{line}: {len(cells)} cells, the header has {len(header)} "
-                            f"({', '.join(header)}); quote cells that hold commas")
-        else:
-            rows.append((f"{source}:row {len(rows) + 1}", dict(zip(header, cells))))
+    line = 1  # the line the record being read starts on
+    try:
+        for cells in reader:
+            if cells and header is None:
+                header = cells
+            elif cells and len(cells) != len(header):
+                raise DataError(f"{source}:{line}: {len(cells)} cells, the header has {len(header)} "
+                                f"({', '.join(header)}); quote cells that hold commas")
+            elif cells:  # not a blank line
+                rows.append((f"{source}:row {len(rows) + 1}", dict(zip(header, cells))))
+            line = reader.line_num + 1
+    except csv.Error as error:
+        raise DataError(f"{source}:{line}: {_csv_problem(str(error))}") from None
     if not rows:
         raise DataError(f"{source}: empty, no rows found after the header line")
     return rows
@@ -208,9 +203,7 @@ def _read_parquet(path: Path, source: str) -> list[Row]:
         records = pyarrow.parquet.read_table(path).to_pylist()
     except Exception as error:  # arrow raises many types for a damaged file
         raise DataError(f"{source}: cannot read as Parquet: {error}") from error
-    if not records:
-        raise DataError(f"{source}: empty, no rows found")
-    return [(f"{source}:row {i}", record) for i, record in enumerate(records, start=1)]
+    return _numbered(records, source)
 
 
 def _read_saved(path: Path, source: str, split: str | None) -> list[Row]:
@@ -244,5 +237,5 @@ def _read_hub(source: str, split: str | None) -> list[Row]:
 
 
 def _numbered(table, label: str) -> list[Row]:
-    """Rows of a ``datasets.Dataset`` labelled ``"label:row N"``, N from 1."""
+    """Rows of a list or a ``datasets.Dataset`` labelled ``"label:row N"``, N from 1."""
     return [(f"{label}:row {i}", row) for i, row in enumerate(table, start=1)]
