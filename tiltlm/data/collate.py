@@ -25,7 +25,7 @@ prompt give each completion's sequence id themselves (:class:`PromptCompletions`
 
 from __future__ import annotations
 
-from dataclasses import dataclass, fields
+from dataclasses import dataclass, fields, replace
 
 import torch
 from torch import Tensor
@@ -56,11 +56,8 @@ class Batch:
 
     def to(self, device: torch.device) -> "Batch":
         """The same batch (of the same class: subclasses add fields) with every tensor on ``device``."""
-        moved = {f.name: getattr(self, f.name) for f in fields(self)}
-        for name, value in moved.items():
-            if isinstance(value, Tensor):
-                moved[name] = value.to(device, non_blocking=True)
-        return type(self)(**moved)
+        tensors = {f.name: getattr(self, f.name) for f in fields(self) if isinstance(getattr(self, f.name), Tensor)}
+        return replace(self, **{name: value.to(device, non_blocking=True) for name, value in tensors.items()})
 
 
 @dataclass
@@ -74,26 +71,13 @@ class PromptCompletions:
     source: str = ""
 
 
-class _Targets:
-    """Accumulates (row, col, token, sequence) for the scored tokens while rows are laid out."""
+Target = tuple[int, int, int, int]  # (row, col, token, sequence) of a scored token
 
-    def __init__(self) -> None:
-        self.rows: list[int] = []
-        self.cols: list[int] = []
-        self.ids: list[int] = []
-        self.seq: list[int] = []
 
-    def add(self, row: int, predictor_cols: list[int], tokens: list[int], sequence: int) -> None:
-        self.rows += [row] * len(tokens)
-        self.cols += predictor_cols
-        self.ids += tokens
-        self.seq += [sequence] * len(tokens)
-
-    def tensors(self) -> dict[str, Tensor]:
-        return {"target_rows": torch.tensor(self.rows, dtype=torch.long),
-                "target_cols": torch.tensor(self.cols, dtype=torch.long),
-                "target_ids": torch.tensor(self.ids, dtype=torch.long),
-                "target_seq": torch.tensor(self.seq, dtype=torch.long)}
+def _target_tensors(targets: list[Target]) -> dict[str, Tensor]:
+    columns = torch.tensor(targets, dtype=torch.long).reshape(-1, 4).T
+    names = ("target_rows", "target_cols", "target_ids", "target_seq")
+    return {name: column.contiguous() for name, column in zip(names, columns)}
 
 
 def _check_prompts(pairs: list) -> None:
@@ -113,16 +97,16 @@ def collate_concatenated(pairs: list[TokenizedPair], pad_id: int) -> Batch:
     length = max(len(prompt) + len(completion) for prompt, completion in sequences)
     input_ids = torch.full((len(sequences), length), pad_id, dtype=torch.long)
     attention_mask = torch.zeros((len(sequences), length), dtype=torch.long)
-    targets = _Targets()
+    targets: list[Target] = []
     for row, (prompt, completion) in enumerate(sequences):
         n = len(prompt) + len(completion)
         input_ids[row, :n] = torch.tensor(prompt + completion)
         attention_mask[row, :n] = 1
         # the hidden state at position t predicts token t + 1
-        targets.add(row, list(range(len(prompt) - 1, n - 1)), completion, row)
+        targets += [(row, col, token, row) for col, token in zip(range(len(prompt) - 1, n - 1), completion)]
     position_ids = torch.arange(length).expand(len(sequences), length).clone()
     real = sum(len(p.prompt_ids) * 2 + len(p.chosen_ids) + len(p.rejected_ids) for p in pairs)
-    return Batch(input_ids, attention_mask, position_ids, **targets.tensors(), num_pairs=len(pairs),
+    return Batch(input_ids, attention_mask, position_ids, **_target_tensors(targets), num_pairs=len(pairs),
                  real_tokens=real, sources=tuple(p.source for p in pairs))
 
 
@@ -145,18 +129,12 @@ def pack_rows(lengths: list[int], row_tokens: int) -> list[list[int]]:
     return rows
 
 
-def pair_completions(pairs: list[TokenizedPair]) -> list[PromptCompletions]:
-    """Pairs as prompts with K = 2 completions: pair i's chosen is sequence i, its rejected P + i."""
-    return [PromptCompletions(p.prompt_ids, [p.chosen_ids, p.rejected_ids], [i, len(pairs) + i], p.source)
-            for i, p in enumerate(pairs)]
-
-
 def collate_shared(pairs: list[TokenizedPair], pad_id: int, row_tokens: int | None = None) -> Batch:
     """Prefix-shared rows ``[prompt | chosen | rejected]``, packed several to a row when ``row_tokens``
-    is given; see the module docstring."""
-    batch = collate_prompt_completions(pair_completions(pairs), pad_id, row_tokens)
-    batch.num_pairs, batch.num_sequences = len(pairs), 0
-    return batch
+    is given; see the module docstring. Pair i's chosen is sequence i, its rejected P + i."""
+    examples = [PromptCompletions(p.prompt_ids, [p.chosen_ids, p.rejected_ids], [i, len(pairs) + i], p.source)
+                for i, p in enumerate(pairs)]
+    return replace(collate_prompt_completions(examples, pad_id, row_tokens), num_sequences=0)
 
 
 def collate_prompt_completions(examples: list[PromptCompletions], pad_id: int,
@@ -173,19 +151,19 @@ def collate_prompt_completions(examples: list[PromptCompletions], pad_id: int,
     position_ids = torch.zeros(rows, dtype=torch.long)
     segment_ids = torch.full(rows, -1, dtype=torch.long)
     part_ids = torch.zeros(rows, dtype=torch.long)
-    targets = _Targets()
+    targets: list[Target] = []
     for row, group in enumerate(groups):
         start = 0
         for i in group:
             start = _lay_out(examples[i], i, row, start, (input_ids, position_ids, segment_ids, part_ids), targets)
     sequences = 1 + max((s for e in examples for s in e.sequence_ids), default=-1)
-    return Batch(input_ids, (segment_ids >= 0).long(), position_ids, **targets.tensors(),
+    return Batch(input_ids, (segment_ids >= 0).long(), position_ids, **_target_tensors(targets),
                  num_pairs=len(examples), real_tokens=sum(lengths), sources=tuple(e.source for e in examples),
                  segment_ids=segment_ids, part_ids=part_ids, num_sequences=sequences)
 
 
 def _lay_out(example: PromptCompletions, index: int, row: int, start: int, tensors: tuple[Tensor, ...],
-             targets: _Targets) -> int:
+             targets: list[Target]) -> int:
     """Write one example into ``row`` from column ``start``; returns the column after it."""
     input_ids, position_ids, segment_ids, part_ids = tensors
     p = len(example.prompt_ids)
@@ -202,7 +180,7 @@ def _lay_out(example: PromptCompletions, index: int, row: int, start: int, tenso
         part_ids[row, c0:c1] = k
         # each completion's first token is predicted from the last prompt token, the others from the
         # completion's own previous token
-        targets.add(row, ([last_prompt] + list(range(c0, c1 - 1)))[:len(completion)], completion, sequence)
+        targets += [(row, col, token, sequence) for col, token in zip([last_prompt, *range(c0, c1 - 1)], completion)]
         end = c1
     return end
 

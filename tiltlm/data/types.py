@@ -48,8 +48,16 @@ class TokenizedPair:
     weight: float = 1.0
 
 
+class _Ranked:
+    """Shared by :class:`RankedList` and :class:`TokenizedList`: ``completions``, ``ranking``, ``scores``."""
+
+    def ranks(self) -> list[int]:
+        """Each completion's rank, see :func:`ranks_of`."""
+        return ranks_of(len(self.completions), self.ranking, self.scores)
+
+
 @dataclass
-class RankedList:
+class RankedList(_Ranked):
     """K >= 2 completions of one prompt, ordered by ``ranking`` (completion indices, best first: a strict
     order) or by ``scores`` (one per completion, higher is better, ties allowed); exactly one is set.
     Texts are all strings or all message lists, as in :class:`Pair`."""
@@ -60,10 +68,6 @@ class RankedList:
     scores: list[float] | None = None
     source: str = ""
     weight: float = 1.0
-
-    def ranks(self) -> list[int]:
-        """Each completion's rank, see :func:`ranks_of`."""
-        return ranks_of(len(self.completions), self.ranking, self.scores)
 
 
 @dataclass
@@ -78,7 +82,7 @@ class Unpaired:
 
 
 @dataclass
-class TokenizedList:
+class TokenizedList(_Ranked):
     """Token ids of a :class:`RankedList`: the prompt once, each completion separately (ending with EOS
     unless truncation cut it); ``prompt_ids + completions[k]`` is what the model scores."""
 
@@ -89,10 +93,6 @@ class TokenizedList:
     truncated: bool = False
     source: str = ""
     weight: float = 1.0
-
-    def ranks(self) -> list[int]:
-        """Each completion's rank, see :func:`ranks_of`."""
-        return ranks_of(len(self.completions), self.ranking, self.scores)
 
 
 @dataclass
@@ -116,10 +116,7 @@ def ranks_of(count: int, ranking: list[int] | None, scores: list[float] | None) 
     scores 3, 7, 7, 1 give ranks 2, 0, 0, 1). From a ``ranking`` (best first) completion
     ``ranking[k]`` has rank ``k``. This is the form :func:`tiltlm.losses.plackett_luce` takes."""
     if ranking is not None:
-        ranks = [0] * count
-        for place, index in enumerate(ranking):
-            ranks[index] = place
-        return ranks
+        return [ranking.index(k) for k in range(count)]
     if scores is None:
         raise ValueError("a ranked list needs a ranking or scores")
     distinct = sorted(set(scores), reverse=True)
