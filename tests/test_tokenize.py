@@ -451,7 +451,7 @@ def test_protected_encoding_equals_the_tokenizers_own_where_the_user_wrote_no_co
     """The split path cuts a rendering at the template's control tokens and tokenises the pieces; on a
     rendering with no user control strings that equals tokenising it whole."""
     from tiltlm.data.specials import control_strings, encode_protected, segments_faithful
-    from tiltlm.data.tokenize import render
+    from tiltlm.data.tokenize import render_texts
 
     name, tokenizer = named
     strings = control_strings(tokenizer)
@@ -459,6 +459,7 @@ def test_protected_encoding_equals_the_tokenizers_own_where_the_user_wrote_no_co
     if name == "sp":
         return
     for row in ("conversational", "implicit conversational"):
-        texts = render(pair_from_row(ROWS[row], "x"), tokenizer)
-        for text in (texts.prompt, *texts.completions):
+        pair = pair_from_row(ROWS[row], "x")
+        prompt, completions, _ = render_texts(pair.prompt, [pair.chosen, pair.rejected], tokenizer, "x")
+        for text in (prompt, *completions):
             assert encode_protected(tokenizer, text, strings) == tokenizer(text, add_special_tokens=False)["input_ids"]

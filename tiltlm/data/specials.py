@@ -24,7 +24,7 @@ from __future__ import annotations
 import re
 from dataclasses import replace
 
-from tiltlm.data.types import Pair, Text
+from tiltlm.data.types import DataError, Pair, Text
 
 MODES = ("keep", "split")
 PRIVATE = 0xF0000  # Unicode plane 15, private use: characters no tokenizer vocabulary or data set uses
@@ -40,32 +40,24 @@ def control_strings(tokenizer) -> list[str]:
 
 def found_controls(pair: Pair, strings: list[str]) -> list[str]:
     """The control-token strings the pair's own text (for a message list: its contents) holds."""
-    texts = _texts(pair)
+    texts = [text for value in (pair.prompt, pair.chosen, pair.rejected)
+             for text in ([value] if isinstance(value, str) else [m["content"] for m in value])]
     return [s for s in strings if any(s in text for text in texts)]
-
-
-def _texts(pair: Pair) -> list[str]:
-    def of(value: Text) -> list[str]:
-        return [value] if isinstance(value, str) else [m["content"] for m in value]
-
-    return of(pair.prompt) + of(pair.chosen) + of(pair.rejected)
 
 
 def protect(pair: Pair, strings: list[str]) -> Pair:
     """``pair`` with each control string in its text replaced by its private-use character."""
-    if any(chr(PRIVATE + k) in text for text in _texts(pair) for k in range(len(strings))):
-        from tiltlm.data.types import DataError
-
+    markers = [chr(PRIVATE + k) for k in range(len(strings))]
+    if found_controls(pair, markers):
         raise DataError(f"{pair.source}: holds private-use characters (U+F0000...) that special_tokens_in_text="
                         f"split uses as markers; use special_tokens_in_text=keep for this data")
-    table = {s: chr(PRIVATE + k) for k, s in enumerate(strings)}
+    table = dict(zip(strings, markers))
     pattern = re.compile("|".join(map(re.escape, strings)))
 
     def sub(value: Text) -> Text:
         if isinstance(value, str):
             return pattern.sub(lambda m: table[m.group()], value)
-        return [{**message, "content": pattern.sub(lambda m: table[m.group()], message["content"])}
-                for message in value]
+        return [{**message, "content": sub(message["content"])} for message in value]
 
     return replace(pair, prompt=sub(pair.prompt), chosen=sub(pair.chosen), rejected=sub(pair.rejected))
 
@@ -74,17 +66,14 @@ def segments_faithful(tokenizer, strings: list[str]) -> bool:
     """Whether cutting at control tokens and tokenising the pieces alone gives the tokenizer's own ids
     (probed on short texts with a piece that starts right after a control token, with and without a space)."""
     probes = [f"x{s}y {s} z\n{s}w" for s in strings[:3]]
-    return all(_segments(tokenizer, probe, strings, {}) == tokenizer(probe, add_special_tokens=False)["input_ids"]
+    return all(encode_protected(tokenizer, probe, strings) == tokenizer(probe, add_special_tokens=False)["input_ids"]
                for probe in probes)
 
 
 def encode_protected(tokenizer, text: str, strings: list[str]) -> list[int]:
     """Ids of a protected rendering: control strings in ``text`` (the template's) become their tokens,
     private-use characters (the user's) become their strings read as text."""
-    return _segments(tokenizer, text, strings, {PRIVATE + k: s for k, s in enumerate(strings)})
-
-
-def _segments(tokenizer, text: str, strings: list[str], restore: dict[int, str]) -> list[int]:
+    restore = {PRIVATE + k: s for k, s in enumerate(strings)}
     ids: list[int] = []
     for piece in re.split("(" + "|".join(map(re.escape, strings)) + ")", text):
         if piece in strings:

@@ -40,7 +40,7 @@ Rules, and why:
 
 from __future__ import annotations
 
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 
 from jinja2 import TemplateError
 
@@ -65,8 +65,8 @@ class Rendered:
     prompt: str
     completions: list[str]
     chat: bool
-    protected: bool = False  # control strings of the user's text stand as private-use characters (split)
-    quotes_control: tuple[str, ...] = ()  # the control-token strings the user's text holds
+    protected: bool  # control strings of the user's text stand as private-use characters (split)
+    quotes_control: tuple[str, ...]  # the control-token strings the user's text holds
 
 
 def tokenize_pair(pair: Pair, tokenizer, max_length: int, max_prompt_length: int,
@@ -134,11 +134,14 @@ def _prepare(example: Example, tokenizer, strings: list[str], special_tokens: st
         raise DataError(f"{example.source}: the messages hold control tokens written as text ({', '.join(quotes)}), "
                         f"and with this tokenizer special_tokens_in_text=split cannot read them as text inside "
                         f"a chat template; use special_tokens_in_text=keep, or remove them from the data")
-    texts = render(protect(example, strings) if protected else example, tokenizer)
+    kinds = {isinstance(text, str) for text in (example.prompt, *completion_texts(example))}
+    if isinstance(example, Pair) and len(kinds) > 1:
+        raise DataError(f"{example.source}: prompt, chosen and rejected must be all strings or all message lists")
+    if protected:
+        example = protect(example, strings)
+    prompt, completions, chat = render_texts(example.prompt, completion_texts(example), tokenizer, example.source)
     prompt_chars, completion_chars = ((2 * limit + 16) * per_token for limit in (max_prompt_length, max_length))
-    completions = [text[:completion_chars] for text in texts.completions]
-    return replace(texts, prompt=texts.prompt[-prompt_chars:], completions=completions, protected=protected,
-                   quotes_control=quotes)
+    return Rendered(prompt[-prompt_chars:], [text[:completion_chars] for text in completions], chat, protected, quotes)
 
 
 def skip_reason(example: Example) -> str | None:
@@ -159,14 +162,6 @@ def _is_empty(completion: Text) -> bool:
 
 def _has_duplicates(items: list) -> bool:
     return any(a == b for i, a in enumerate(items) for b in items[i + 1:])
-
-
-def render(example: Example, tokenizer) -> Rendered:
-    """The texts to tokenise: strings as they are, message lists through the chat template."""
-    completions = completion_texts(example)
-    if isinstance(example, Pair) and len({isinstance(text, str) for text in (example.prompt, *completions)}) != 1:
-        raise DataError(f"{example.source}: prompt, chosen and rejected must be all strings or all message lists")
-    return Rendered(*render_texts(example.prompt, completions, tokenizer, example.source))
 
 
 def render_texts(prompt: Text, completions: list[Text], tokenizer, source: str) -> tuple[str, list[str], bool]:
