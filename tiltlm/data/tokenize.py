@@ -1,24 +1,22 @@
-"""From :class:`Pair` (or ranked list, or unpaired row) to its tokenised form: render, tokenise,
-truncate, and count what is dropped.
+"""From a :class:`Pair`, ranked list or unpaired row to token ids: render, tokenise, truncate, and count
+what is dropped.
 
 Rules, and why:
 
-* Rendering. Text is used as it is. Conversational examples go through the tokenizer's own
-  ``apply_chat_template``: the prompt with ``add_generation_prompt=True``, and each completion as the
-  rendering of prompt + completion minus the rendering of the prompt. The prompt rendering must be a
-  string prefix of the full one, or the completion cannot be cut out (a :class:`DataError` naming the
-  pair). Templates often add a newline after the turn-ending token; when the rendered completion ends
-  with EOS followed by whitespace only, it is cut right after EOS, so the scored completion ends with
-  EOS and not with a token the model never has to produce before stopping.
-* Tokenising. Prompt and completions are tokenised separately, with ``add_special_tokens=False``, and
+* Rendering. Text is used as it is. Message lists go through the tokenizer's ``apply_chat_template``:
+  the prompt with ``add_generation_prompt=True``, each completion as the rendering of prompt +
+  completion minus that of the prompt, which must be its string prefix (else a :class:`DataError`
+  naming the row). A rendered completion ending with EOS then whitespace only is cut right after EOS:
+  templates often add a newline after the turn-ending token, which the model never has to produce.
+* Tokenising. Prompt and completions are tokenised separately (``add_special_tokens=False``) and
   concatenated, so the prompt ids are the same for every completion and for the model, by construction
   (tokenising the joined text could merge tokens across the boundary). A text prompt starts with BOS
-  exactly when the tokenizer's default encoding adds one; a chat-rendered prompt gets none (the
-  template writes its own special tokens). Each completion ends with EOS: appended unless the last token
-  already is EOS (chat templates usually end turns with it), so never doubled.
-* Truncating. First the prompt, keeping its end (the latest turns matter most), down to
-  ``max_prompt_length``, keeping a leading BOS; then each completion, keeping its start, to fit
-  ``max_length`` together with the prompt. A cut completion loses its EOS.
+  exactly when the tokenizer's default encoding adds one; a chat template writes its own special
+  tokens. Each completion ends with one EOS, appended unless already last (chat templates end turns
+  with it).
+* Truncating. First the prompt, keeping its end (the latest turns matter most) and a leading BOS, to
+  ``max_prompt_length``; then each completion, keeping its start, to fit ``max_length`` with the
+  prompt. A cut completion loses its EOS.
 * Bounding the work. A text far longer than the limits is cut to a character budget *before* it is
   tokenised (one 60 MB row with ``max_length`` 128 took minutes and 15 GB when tokenised whole): the
   prompt keeps its last, a completion its first ``(2 * limit + 16) * K`` characters, where ``K``, the
@@ -29,13 +27,12 @@ Rules, and why:
 * Control tokens written as text (``<|im_end|>`` inside a completion) in a file of pairs are counted in
   the summary and read as control tokens (``special_tokens="keep"``) or as text (``"split"``):
   :mod:`tiltlm.data.specials`.
-* Skipping, counted by reason: an empty (or whitespace-only) completion, chosen identical to rejected,
-  no room left for a completion token, an empty prompt with no BOS token to put there instead (the
-  first completion token needs a token to be predicted from: an empty prompt becomes ``[BOS]`` when
-  the tokenizer has a BOS token, whether or not it adds one by default), and completions that become
-  identical once truncated (their log-ratios would cancel: the pair would teach nothing). A ranked list
-  with an empty completion or two identical completions is skipped whole: dropping one completion would
-  change what its ranking says.
+* Skipping, counted by reason: an empty (or whitespace-only) completion, identical completions (a
+  ranked list is skipped whole: dropping one completion would change what its ranking says), no room
+  left for a completion token, an empty prompt with no BOS token to put there instead (an empty prompt
+  becomes ``[BOS]`` when the tokenizer has one, whether or not it adds one by default), and
+  completions that become identical once truncated (their log-ratios would cancel: the row would teach
+  nothing).
 """
 
 from __future__ import annotations
@@ -183,11 +180,8 @@ def completion_text(tokenizer, prompt: Messages, completion: Messages, prompt_te
                         f"separated from it; use a template whose generation prompt is a prefix of the "
                         f"rendered conversation")
     text = full[len(prompt_text):]
-    eos = tokenizer.eos_token
-    end = text.rfind(eos) if eos else -1
-    if end >= 0 and not text[end + len(eos):].strip():
-        text = text[:end + len(eos)]
-    return text
+    before, eos, after = text.rpartition(tokenizer.eos_token) if tokenizer.eos_token else ("", "", text)
+    return before + eos if eos and not after.strip() else text
 
 
 def _apply_template(tokenizer, messages: Messages, generation_prompt: bool, source: str) -> str:
@@ -218,16 +212,13 @@ def _eos(tokenizer) -> int:
 
 
 def _head(tokenizer, bos: bool, chat: bool, prompt: list[int]) -> list[int] | None:
-    """BOS before a text prompt when the tokenizer's default encoding adds one; none after a chat template.
-    None when the prompt is empty and there is no BOS to put before the first completion token."""
-    head = [tokenizer.bos_token_id] if bos and not chat else []
-    if not head and not prompt:
-        # The first completion token is predicted from the token before it; with none, a batch would
-        # score it from padding or from another pair. BOS is the one token any text may follow.
-        if tokenizer.bos_token_id is None:
-            return None
-        head = [tokenizer.bos_token_id]
-    return head
+    """BOS before a text prompt when the tokenizer's default encoding adds one (none after a chat template),
+    and before an empty prompt: the first completion token is predicted from the token before it; with
+    none, a batch would score it from padding or from another pair. BOS is the one token any text may
+    follow. None when that BOS is needed and the tokenizer has none."""
+    if (bos and not chat) or not prompt:
+        return None if tokenizer.bos_token_id is None else [tokenizer.bos_token_id]
+    return []
 
 
 def with_eos(ids: list[int], eos: int) -> list[int]:

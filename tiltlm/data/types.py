@@ -49,10 +49,8 @@ class TokenizedPair:
 
 
 class _Ranked:
-    """Shared by :class:`RankedList` and :class:`TokenizedList`: ``completions``, ``ranking``, ``scores``."""
-
     def ranks(self) -> list[int]:
-        """Each completion's rank, see :func:`ranks_of`."""
+        """Each completion's rank, see :func:`ranks_of` (for RankedList and TokenizedList)."""
         return ranks_of(len(self.completions), self.ranking, self.scores)
 
 
@@ -165,13 +163,9 @@ class DataSummary:
 
 def percentile(values: list[int], percent: float) -> int:
     """Nearest-rank percentile: the smallest value with at least ``percent`` % of ``values`` at or below it."""
-    ordered = sorted(values)
-    rank = max(1, math.ceil(percent / 100 * len(ordered)))
-    return ordered[rank - 1]
+    return sorted(values)[max(1, math.ceil(percent / 100 * len(values))) - 1]
 
 
 def spread(values: list[int]) -> str:
     """``"p50 a, p90 b, max c"`` of ``values``, or ``"none"`` when there are none."""
-    if not values:
-        return "none"
-    return f"p50 {percentile(values, 50)}, p90 {percentile(values, 90)}, max {max(values)}"
+    return f"p50 {percentile(values, 50)}, p90 {percentile(values, 90)}, max {max(values)}" if values else "none"
