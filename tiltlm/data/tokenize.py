@@ -69,14 +69,8 @@ class Rendered:
 def tokenize_pair(pair: Pair, tokenizer, max_length: int, max_prompt_length: int,
                   special_tokens: str = "keep") -> TokenizedPair | str:
     """One pair's :class:`TokenizedPair`, or the reason it is skipped."""
-    kept, summary = tokenize_pairs([pair], tokenizer, max_length, max_prompt_length, special_tokens)
+    kept, summary = tokenize_examples([pair], tokenizer, max_length, max_prompt_length, special_tokens)
     return kept[0] if kept else next(iter(summary.skipped))
-
-
-def tokenize_pairs(pairs: list[Pair], tokenizer, max_length: int, max_prompt_length: int,
-                   special_tokens: str = "keep") -> tuple[list[TokenizedPair], DataSummary]:
-    """The pairs that survive, tokenised, and a :class:`DataSummary` of what was kept and skipped."""
-    return tokenize_examples(pairs, tokenizer, max_length, max_prompt_length, special_tokens)
 
 
 def tokenize_examples(examples: list[Example], tokenizer, max_length: int, max_prompt_length: int,
@@ -116,6 +110,9 @@ def tokenize_examples(examples: list[Example], tokenizer, max_length: int, max_p
         summary.control_found = sorted({s for _, texts in rendered for s in texts.quotes_control})
         summary.special_tokens = special_tokens
     return [r for r in results if not isinstance(r, str)], summary
+
+
+tokenize_pairs = tokenize_examples  # a file of pairs: the same path, the same summary
 
 
 def _prepare(example: Example, tokenizer, strings: list[str], special_tokens: str, per_token: int,
