@@ -111,10 +111,8 @@ def collate_concatenated(pairs: list[TokenizedPair], pad_id: int) -> Batch:
 
 
 def pack_rows(lengths: list[int], row_tokens: int) -> list[list[int]]:
-    """Group items (by index) into rows of at most ``row_tokens`` tokens, first-fit in the given order.
-
-    An item longer than ``row_tokens`` gets a row of its own.
-    """
+    """Group items (by index) into rows of at most ``row_tokens`` tokens, first-fit in the given order;
+    an item longer than ``row_tokens`` gets a row of its own."""
     rows: list[list[int]] = []
     room: list[int] = []
     for index, n in enumerate(lengths):

@@ -133,23 +133,21 @@ def unpaired_from_row(row: dict[str, Any], source: str) -> Unpaired:
 
 def _checked_texts(prompt: Any, completions: list, names: list[str], source: str) -> tuple[Text, list[Text]]:
     """The checked prompt and completions of an explicit row: all strings as they are; else all
-    conversational, a string prompt becoming one user message and each completion the assistant
-    message(s) that follow the prompt (see the module docstring)."""
+    conversational (see the module docstring)."""
     prompt = checked_text(prompt, "prompt", source)
     completions = [checked_text(c, name, source) for c, name in zip(completions, names)]
     if isinstance(prompt, str) and all(isinstance(c, str) for c in completions):
         return prompt, completions
     if isinstance(prompt, str):
         prompt = [{"role": "user", "content": prompt}]
-    return prompt, [_as_reply(prompt, c, name, source) for c, name in zip(completions, names)]
-
-
-def _as_reply(prompt: Messages, completion: Text, name: str, source: str) -> Messages:
-    if isinstance(completion, str):
-        return [{"role": "assistant", "content": completion}]
-    if completion[:len(prompt)] == prompt:
-        completion = completion[len(prompt):]
-    return _starting_with_assistant(completion, name, source)
+    replies = []
+    for completion, name in zip(completions, names):
+        if isinstance(completion, str):
+            completion = [{"role": "assistant", "content": completion}]
+        elif completion[:len(prompt)] == prompt:  # a whole conversation: its turns after the prompt's
+            completion = completion[len(prompt):]
+        replies.append(_starting_with_assistant(completion, name, source))
+    return prompt, replies
 
 
 def _implicit(row: dict[str, Any], source: str) -> tuple[Text, Text, Text]:

@@ -55,11 +55,9 @@ class DataOrder:
         return grouped + order[used:]
 
     def micro_batches(self, step: int, rank: int) -> list[list[int]]:
-        """The pair indices of each of ``grad_accum`` micro-batches that ``rank`` runs at ``step``.
-
-        Within a step, rank r takes the r-th contiguous slice, so ranks x accumulation partition the
-        step's pairs exactly as one process with a ``world_size`` times larger batch would.
-        """
+        """The pair indices of each of ``grad_accum`` micro-batches that ``rank`` runs at ``step``. Within a
+        step, rank r takes the r-th contiguous slice, so ranks x accumulation partition the step's pairs
+        exactly as one process with a ``world_size`` times larger batch would."""
         epoch, index = divmod(step, self.steps_per_epoch)
         order = self.permutation(epoch)
         start = index * self.pairs_per_step

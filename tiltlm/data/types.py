@@ -21,12 +21,10 @@ class DataError(ValueError):
 
 @dataclass
 class Pair:
-    """One preference: for ``prompt``, ``chosen`` is preferred to ``rejected``.
-
-    All three are plain strings (explicit format) or all are message lists (conversational format:
-    ``prompt`` the conversation so far, ``chosen``/``rejected`` the assistant turn(s) that follow).
-    ``source`` is where the pair came from, ``"file.jsonl:12"``, for messages and diagnostics.
-    """
+    """One preference: for ``prompt``, ``chosen`` is preferred to ``rejected``. All three are strings
+    (explicit format) or all are message lists (conversational format: ``prompt`` the conversation so
+    far, ``chosen``/``rejected`` the assistant turn(s) that follow). ``source`` is where the pair came
+    from, ``"file.jsonl:12"``, for messages and diagnostics."""
 
     prompt: Text
     chosen: Text
@@ -123,11 +121,9 @@ def ranks_of(count: int, ranking: list[int] | None, scores: list[float] | None) 
 
 @dataclass
 class DataSummary:
-    """What tokenisation kept and dropped, printed before training.
-
-    ``skipped`` counts dropped pairs by reason; ``truncated`` counts kept pairs that lost tokens. The
-    lengths are in tokens, of kept pairs: one prompt length per pair, and two completion lengths per pair
-    (chosen, then rejected), EOS included."""
+    """What tokenisation kept and dropped, printed before training. ``skipped`` counts dropped rows by
+    reason; ``truncated`` kept rows that lost tokens. Lengths are in tokens, of kept rows: one prompt
+    length per row, one per completion (chosen, then rejected, for a pair), EOS included."""
 
     rows: int = 0
     kept: int = 0
