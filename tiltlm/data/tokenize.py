@@ -37,6 +37,7 @@ Rules, and why:
 
 from __future__ import annotations
 
+from collections import Counter
 from dataclasses import dataclass
 
 from jinja2 import TemplateError
@@ -274,20 +275,14 @@ def summarize(results: list[TokenizedExample | str]) -> DataSummary:
     """Counts and lengths of a list of tokenisation results (kept rows and skip reasons). Kept rows are
     also counted by kind, unless all are pairs (then ``kinds`` stays empty and the summary reads as
     it always has)."""
-    summary = DataSummary(rows=len(results))
-    for result in results:
-        if isinstance(result, str):
-            summary.skipped[result] = summary.skipped.get(result, 0) + 1
-            continue
-        kind = KIND_NAMES[type(result)]
-        summary.kinds[kind] = summary.kinds.get(kind, 0) + 1
-        summary.kept += 1
-        summary.truncated += result.truncated
-        summary.prompt_lengths.append(len(result.prompt_ids))
-        summary.completion_lengths += [len(ids) for ids in completion_ids(result)]
-    if set(summary.kinds) <= {"pairs"}:
-        summary.kinds = {}
-    return summary
+    kept = [result for result in results if not isinstance(result, str)]
+    kinds = dict(Counter(KIND_NAMES[type(result)] for result in kept))
+    return DataSummary(rows=len(results), kept=len(kept),
+                       skipped=dict(Counter(result for result in results if isinstance(result, str))),
+                       truncated=sum(result.truncated for result in kept),
+                       prompt_lengths=[len(result.prompt_ids) for result in kept],
+                       completion_lengths=[len(ids) for result in kept for ids in completion_ids(result)],
+                       kinds={} if set(kinds) <= {"pairs"} else kinds)
 
 
 def completion_ids(result: TokenizedExample) -> list[list[int]]:
