@@ -328,10 +328,9 @@ def register() -> None:
     from transformers import AttentionInterface
     from transformers.masking_utils import AttentionMaskInterface
 
-    AttentionInterface.register(FLEX, flex_segment_attention)
-    AttentionInterface.register(BLOCKS, block_segment_attention)
-    AttentionMaskInterface.register(FLEX, _segment_or_sdpa_mask)
-    AttentionMaskInterface.register(BLOCKS, _segment_or_sdpa_mask)
+    for name, attend in ((FLEX, flex_segment_attention), (BLOCKS, block_segment_attention)):
+        AttentionInterface.register(name, attend)
+        AttentionMaskInterface.register(name, _segment_or_sdpa_mask)
 
 
 def unsupported(model, kernel: str) -> str | None:
