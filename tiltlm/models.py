@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import importlib.util
+import json
 import logging
 import os
 import pickle
@@ -128,8 +129,6 @@ def is_adapter(name: str) -> bool:
 def adapter_base(name: str) -> str:
     """The base model of the adapter directory ``name``, as :func:`load_model` loads it: peft records the
     base's path, which for an alias is its package's directory, mapped back here to the alias."""
-    import json
-
     config_path = os.path.join(os.path.expanduser(name), "adapter_config.json")
     try:
         with open(config_path, encoding="utf-8") as handle:
