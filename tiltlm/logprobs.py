@@ -140,11 +140,9 @@ def chunked_token_logps(hidden: Tensor, head: nn.Linear, targets: Tensor, chunk_
 
 
 def per_sequence(values: Tensor, batch: Batch) -> tuple[Tensor, Tensor]:
-    """Sum per-token values into their sequences: (sums [2P], token counts [2P]).
-
-    For pairs, sequences ``0..P-1`` are the chosen completions of pairs ``0..P-1``, ``P..2P-1`` the
-    rejected; other batches number their sequences themselves (``Batch.num_sequences``).
-    """
+    """Sum per-token values into their sequences: (sums [2P], token counts [2P]). For pairs, sequences
+    ``0..P-1`` are the chosen completions of pairs ``0..P-1``, ``P..2P-1`` the rejected; other batches
+    number their sequences themselves (``Batch.num_sequences``)."""
     sequences = batch.sequences
     sums = torch.zeros(sequences, dtype=torch.float32, device=values.device).index_add(0, batch.target_seq, values)
     # index_add, not bincount: its output shape does not depend on the values, so the step also runs on
@@ -184,11 +182,9 @@ def backbone_states(backbone: nn.Module, config, batch: Batch, dtype: torch.dtyp
 
 
 class CompletionLogps(nn.Module):
-    """Policy forward for DPO: a :class:`Batch` in, summed completion log-probs and counts out.
-
-    An ``nn.Module`` so that DistributedDataParallel can wrap it (DDP synchronises the gradients of
-    what runs inside its ``forward``).
-    """
+    """Policy forward for DPO: a :class:`Batch` in, summed completion log-probs and counts out. An
+    ``nn.Module`` so that DistributedDataParallel can wrap it (DDP synchronises the gradients of what runs
+    inside its ``forward``)."""
 
     def __init__(self, model: nn.Module, chunk_size: int = 256):
         super().__init__()

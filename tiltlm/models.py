@@ -339,11 +339,9 @@ def linear_names(model) -> list[str]:
 
 
 def disable_dropout(model) -> None:
-    """Set every dropout probability to 0, LoRA's own dropout excepted.
-
-    With dropout the policy's log-probs at step 0 differ from the reference's on the same weights, so
-    the implicit rewards start as noise instead of 0 (and the loss is not log 2).
-    """
+    """Set every dropout probability to 0, LoRA's own dropout excepted: with dropout the policy's log-probs
+    at step 0 differ from the reference's on the same weights, so the implicit rewards start as noise
+    instead of 0 (and the loss is not log 2)."""
     for name, module in model.named_modules():
         if isinstance(module, torch.nn.Dropout) and "lora_dropout" not in name:
             module.p = 0.0
