@@ -252,15 +252,15 @@ def _group(blocks: list[Block], length: int, positions: Tensor, sliding_window: 
     qcol, qreal = _padded([list(queries) for _, queries, _ in blocks])
     kcol, kreal = _padded([[c for r in keys for c in r] for *_, keys in blocks])
     allowed = (kcol[:, None, :] <= qcol[:, :, None]) & kreal[:, None, :]
-    reach = None
+    # is_causal says it all for a block against itself, unless a window hides some of its keys
+    needs_mask = any(len(keys) > 1 for *_, keys in blocks)
     if sliding_window is not None:
         distance = positions[rows, qcol][:, :, None] - positions[rows, kcol][:, None, :]
         allowed &= distance < sliding_window
         reach = (distance.masked_fill(~(kreal[:, None, :] & qreal[:, :, None]), 0)).max().item()
-    square = all(len(keys) == 1 for *_, keys in blocks)
-    mask = None
-    if not square or (reach is not None and reach >= sliding_window):
-        mask = torch.zeros(allowed.shape, dtype=dtype).masked_fill_(~allowed, float("-inf"))[:, None]
+        needs_mask |= reach >= sliding_window
+    mask = (torch.zeros(allowed.shape, dtype=dtype).masked_fill_(~allowed, float("-inf"))[:, None]
+            if needs_mask else None)
     return Group(rows * length + qcol, rows * length + kcol, mask, qreal)
 
 
