@@ -26,7 +26,7 @@ declaring ``_supports_attention_backend`` pass down to attention:
 
 Families whose attention cannot take the metadata (no ``_supports_attention_backend``, attention sinks,
 softcapping on CPU) fall back to SDPA or eager with a dense mask built on the device from the same rule
-(:func:`dense_attention_mask`); :func:`choose_kernel` decides from what the model class declares.
+(:func:`dense_attention_mask`); :func:`tiltlm.models.choose_attention` decides from what the model class declares.
 
 Without ``tiltlm_segments`` (generation, a caller's own masks) both functions behave as ``sdpa``.
 """
@@ -35,6 +35,8 @@ from __future__ import annotations
 
 import contextlib
 import contextvars
+import functools
+import itertools
 import logging
 from dataclasses import dataclass, field
 from typing import Callable, Iterator
@@ -62,6 +64,11 @@ class Segments:
     part_ids: Tensor
     position_ids: Tensor
     derived: dict = field(default_factory=dict)
+
+    def cached(self, key, build: Callable):
+        if key not in self.derived:
+            self.derived[key] = build()
+        return self.derived[key]
 
 
 # True while a model runs with segment metadata: its mask builder then builds no mask at all.
@@ -93,60 +100,51 @@ def segments_of(batch: Batch, multiple: int = 1) -> tuple[Tensor, Tensor, Segmen
     return ids, positions, Segments(segment, part, positions)
 
 
-def _check_features(module, kernel: str, kwargs: dict, softcap: float | None, dropout: float) -> None:
-    """Refuse what a kernel cannot compute exactly, instead of silently computing something else."""
-    from tiltlm.models import ModelError
+def _segment_kernel(kernel: str, attend: Callable) -> Callable:
+    """A transformers attention function: ``attend(segments, query, key, value, scaling, dropout,
+    sliding_window, softcap)`` under segment metadata (query/key/value [rows, heads, L, head_dim], output
+    [rows, L, heads, head_dim]), else transformers' SDPA."""
 
-    problems = [name for name in ("s_aux", "sinks", "position_bias") if kwargs.get(name) is not None]
-    if softcap is not None and kernel == BLOCKS:
-        problems.append("softcap")
-    if dropout and kernel == FLEX:
-        problems.append("dropout")
-    if not getattr(module, "is_causal", True):
-        problems.append("non-causal attention")
-    if problems:
-        raise ModelError(f"attention {kernel}: cannot honour {', '.join(problems)} of "
-                         f"{type(module).__name__}; load the model with attention='sdpa' or 'eager'")
+    def forward(module, query: Tensor, key: Tensor, value: Tensor, attention_mask: Tensor | None,
+                scaling: float | None = None, dropout: float = 0.0, sliding_window: int | None = None,
+                softcap: float | None = None, **kwargs) -> tuple[Tensor, None]:
+        segments = kwargs.pop("tiltlm_segments", None)
+        if segments is None:
+            from transformers.integrations.sdpa_attention import sdpa_attention_forward
+
+            return sdpa_attention_forward(module, query, key, value, attention_mask, scaling=scaling,
+                                          dropout=dropout, softcap=softcap, **kwargs)
+        # refuse what the kernel cannot compute exactly, instead of silently computing something else
+        problems = [name for name in ("s_aux", "sinks", "position_bias") if kwargs.get(name) is not None]
+        problems += ["softcap"] if softcap is not None and kernel == BLOCKS else []
+        problems += ["dropout"] if dropout and kernel == FLEX else []
+        problems += [] if getattr(module, "is_causal", True) else ["non-causal attention"]
+        if problems:
+            from tiltlm.models import ModelError
+
+            raise ModelError(f"attention {kernel}: cannot honour {', '.join(problems)} of "
+                             f"{type(module).__name__}; load the model with attention='sdpa' or 'eager'")
+        return attend(segments, query, key, value, scaling, dropout, sliding_window, softcap), None
+
+    return forward
 
 
-def _plain(module, query, key, value, attention_mask, **kwargs) -> tuple[Tensor, None]:
-    from transformers.integrations.sdpa_attention import sdpa_attention_forward
-
-    return sdpa_attention_forward(module, query, key, value, attention_mask, **kwargs)
-
-
-def flex_segment_attention(module, query: Tensor, key: Tensor, value: Tensor, attention_mask: Tensor | None,
-                           scaling: float | None = None, dropout: float = 0.0,
-                           sliding_window: int | None = None, softcap: float | None = None,
-                           **kwargs) -> tuple[Tensor, None]:
-    """FlexAttention under the batch's block mask; query/key/value are [rows, heads, L, head_dim]."""
-    segments = kwargs.pop("tiltlm_segments", None)
-    if segments is None:
-        return _plain(module, query, key, value, attention_mask, scaling=scaling, dropout=dropout,
-                      softcap=softcap, **kwargs)
-    _check_features(module, FLEX, kwargs, softcap, dropout)
-    block_mask = segments.derived.get(("flex", sliding_window))
-    if block_mask is None:
-        block_mask = segments.derived[("flex", sliding_window)] = flex_block_mask(segments, sliding_window)
-    score_mod = None if softcap is None else softcap_score_mod(softcap)
+def _flex(segments: Segments, query: Tensor, key: Tensor, value: Tensor, scaling: float | None, dropout: float,
+          sliding_window: int | None, softcap: float | None) -> Tensor:
+    """FlexAttention under the batch's block mask. Softcapping is a ``score_mod``: scores -> cap * tanh(scores
+    / cap), after scaling and before the mask (Gemma Team 2024, "Gemma 2" technical report, architecture
+    section; as transformers' eager Gemma-2 attention does it)."""
+    block_mask = segments.cached(("flex", sliding_window), lambda: flex_block_mask(segments, sliding_window))
+    score_mod = None if softcap is None else lambda score, b, h, q, kv: softcap * torch.tanh(score / softcap)
     out = compiled_flex()(query, key, value, score_mod=score_mod, block_mask=block_mask, scale=scaling,
                           enable_gqa=query.shape[1] != key.shape[1])
-    return out.transpose(1, 2).contiguous(), None
+    return out.transpose(1, 2).contiguous()
 
 
-def softcap_score_mod(cap: float) -> Callable:
-    """Attention logit soft-capping as a FlexAttention ``score_mod``: scores -> cap * tanh(scores / cap),
-    after scaling and before the mask (Gemma Team 2024, "Gemma 2" technical report, architecture
-    section; as transformers' eager Gemma-2 attention does it)."""
+def flex_block_mask(segments: Segments, sliding_window: int | None = None):
+    """The attention rule of the module docstring as a FlexAttention block mask."""
+    from torch.nn.attention.flex_attention import create_block_mask
 
-    def score_mod(score, b, h, q, kv):
-        return cap * torch.tanh(score / cap)
-
-    return score_mod
-
-
-def flex_mask_mod(segments: Segments, sliding_window: int | None) -> Callable:
-    """The attention rule of the module docstring as a FlexAttention ``mask_mod``."""
     segment, part, position = segments.segment_ids, segments.part_ids, segments.position_ids
 
     def mask_mod(b, h, q, kv):
@@ -157,59 +155,38 @@ def flex_mask_mod(segments: Segments, sliding_window: int | None) -> Callable:
             allowed = allowed & (position[b, q] - position[b, kv] < sliding_window)
         return allowed | (q == kv)  # padding attends to itself: no empty softmax row
 
-    return mask_mod
+    rows, length = segment.shape
+    return create_block_mask(mask_mod, B=rows, H=None, Q_LEN=length, KV_LEN=length, device=segment.device)
 
 
-def flex_block_mask(segments: Segments, sliding_window: int | None = None):
-    from torch.nn.attention.flex_attention import create_block_mask
-
-    rows, length = segments.segment_ids.shape
-    return create_block_mask(flex_mask_mod(segments, sliding_window), B=rows, H=None, Q_LEN=length,
-                             KV_LEN=length, device=segments.segment_ids.device)
-
-
-_COMPILED: list = []
-
-
+@functools.cache
 def compiled_flex() -> Callable:
     """``flex_attention`` compiled once per process (uncompiled, it materialises every score)."""
-    if not _COMPILED:
-        from torch.nn.attention.flex_attention import flex_attention
+    from torch.nn.attention.flex_attention import flex_attention
 
-        _COMPILED.append(torch.compile(flex_attention, dynamic=False))
-    return _COMPILED[0]
+    return torch.compile(flex_attention, dynamic=False)
 
 
-@dataclass
-class Block:
-    """Queries ``[q0, q1)`` of one row against the keys of the column ranges ``keys``: a prompt (itself,
-    causally), a completion (its prompt, then itself causally) or padding (itself alone)."""
-
-    kind: str  # prompt | completion | padding
-    q0: int
-    q1: int
-    keys: list[tuple[int, int]]
+# A block: queries (a column range of one row) and the key ranges they see.
+Block = tuple[int, range, list[range]]
 
 
-def block_plan(segments: Segments) -> list[list[Block]]:
-    """Per row, the blocks that cover its columns in order: per example the prompt, then each completion;
-    then the row's padding."""
-    plan = []
-    for seg, part in zip(segments.segment_ids.tolist(), segments.part_ids.tolist()):
-        blocks, column, length, prompt = [], 0, len(seg), (0, 0)
-        while column < length:
-            end = column
-            while end < length and seg[end] == seg[column] and part[end] == part[column]:
-                end += 1
-            if seg[column] < 0:
-                blocks.append(Block("padding", column, end, [(column, end)]))
-            elif part[column] == 0:
-                prompt = (column, end)
-                blocks.append(Block("prompt", column, end, [prompt]))
+def block_plan(segments: Segments) -> dict[str, list[Block]]:
+    """Per kind, the blocks that cover the batch, row by row: ``prompt`` (itself, causally),
+    ``completion`` (its prompt, then itself causally) and ``padding`` (itself alone)."""
+    plan: dict[str, list[Block]] = {"prompt": [], "completion": [], "padding": []}
+    for row, (seg, part) in enumerate(zip(segments.segment_ids.tolist(), segments.part_ids.tolist())):
+        end, prompt = 0, range(0)
+        for (segment, kind), run in itertools.groupby(zip(seg, part)):
+            columns = range(end, end + len(list(run)))
+            end = columns.stop
+            if segment < 0:
+                plan["padding"].append((row, columns, [columns]))
+            elif kind == 0:
+                prompt = columns
+                plan["prompt"].append((row, columns, [columns]))
             else:
-                blocks.append(Block("completion", column, end, [prompt, (column, end)]))
-            column = end
-        plan.append(blocks)
+                plan["completion"].append((row, columns, [prompt, columns]))
     return plan
 
 
@@ -223,46 +200,30 @@ DENSE_ADVANTAGE = 3.0
 def blocks_pay_off(segments: Segments) -> bool:
     """Whether the block kernel beats SDPA with the dense mask on this batch (see DENSE_ADVANTAGE)."""
     rows, length = segments.segment_ids.shape
-    plan = cached_plan(segments)
-    work = 0
-    for kind in ("prompt", "completion"):
-        blocks = [b for row in plan for b in row if b.kind == kind]
-        if blocks:
-            width = max(b.q1 - b.q0 for b in blocks)
-            keys = max(sum(k1 - k0 for k0, k1 in b.keys) for b in blocks)
-            work += len(blocks) * width * keys
+    plan = segments.cached("plan", lambda: block_plan(segments))
+    work = sum(len(blocks) * max(len(queries) for _, queries, _ in blocks)
+               * max(sum(map(len, keys)) for *_, keys in blocks)
+               for blocks in (plan["prompt"], plan["completion"]) if blocks)
     return rows * length * length > DENSE_ADVANTAGE * work
 
 
-def cached_plan(segments: Segments) -> list[list[Block]]:
-    if "plan" not in segments.derived:
-        segments.derived["plan"] = block_plan(segments)
-    return segments.derived["plan"]
-
-
-def block_segment_attention(module, query: Tensor, key: Tensor, value: Tensor, attention_mask: Tensor | None,
-                            scaling: float | None = None, dropout: float = 0.0,
-                            sliding_window: int | None = None, softcap: float | None = None,
-                            **kwargs) -> tuple[Tensor, None]:
-    """Only the blocks of :func:`block_plan`, gathered into one SDPA call per kind (:func:`gather_plan`);
-    query/key/value are [rows, heads, L, head_dim]."""
-    segments = kwargs.pop("tiltlm_segments", None)
-    if segments is None:
-        return _plain(module, query, key, value, attention_mask, scaling=scaling, dropout=dropout,
-                      softcap=softcap, **kwargs)
-    _check_features(module, BLOCKS, kwargs, softcap, dropout)
-    cache_key = ("blocks", sliding_window, query.dtype)
-    if cache_key not in segments.derived:
-        segments.derived[cache_key] = gather_plan(cached_plan(segments), segments, sliding_window, query.dtype)
-    gathered = segments.derived[cache_key]
+def _blocks(segments: Segments, query: Tensor, key: Tensor, value: Tensor, scaling: float | None, dropout: float,
+            sliding_window: int | None, softcap: float | None) -> Tensor:
+    """Only the blocks of :func:`block_plan`, gathered into one SDPA call per kind (:func:`gather_plan`)."""
+    gathered = segments.cached(("blocks", sliding_window, query.dtype), lambda: gather_plan(
+        segments.cached("plan", lambda: block_plan(segments)), segments, sliding_window, query.dtype))
     options = dict(dropout_p=dropout, scale=scaling, enable_gqa=query.shape[1] != key.shape[1])
     if gathered.plain_rows:
         # right-padded rows of one sequence each: one causal call for the batch. Padding queries then see
         # real tokens instead of themselves; their outputs are never read (no real token attends to a
         # later column).
         out = F.scaled_dot_product_attention(query, key, value, is_causal=True, **options)
-        return out.transpose(1, 2).contiguous(), None
-    return _gathered_attention(query, key, value, gathered, options), None
+        return out.transpose(1, 2).contiguous()
+    return _gathered_attention(query, key, value, gathered, options)
+
+
+flex_segment_attention = _segment_kernel(FLEX, _flex)
+block_segment_attention = _segment_kernel(BLOCKS, _blocks)
 
 
 @dataclass
@@ -270,36 +231,37 @@ class Group:
     """Blocks of one shape gathered into one padded SDPA call: ``queries`` [n, Q] and ``keys`` [n, K] are
     flat token indices (row * L + column), short blocks padded by repeating their last index; ``mask``
     [n, 1, Q, K] (additive) hides padded keys and what the rule hides, or is None when SDPA's ``is_causal``
-    says it all."""
+    says it all; ``real`` [n, Q] marks the queries that are not padding."""
 
     queries: Tensor
     keys: Tensor
     mask: Tensor | None
-    real: list[int]  # real queries per block
+    real: Tensor
 
 
-def _group(blocks: list[tuple[int, Block]], length: int, positions: Tensor, sliding_window: int | None,
+def _padded(columns: list[list[int]]) -> tuple[Tensor, Tensor]:
+    """The lists as one [n, width] tensor, short ones padded by repeating their last entry; which are real."""
+    width = max(map(len, columns))
+    real = torch.tensor([[i < len(c) for i in range(width)] for c in columns])
+    return torch.tensor([c + c[-1:] * (width - len(c)) for c in columns]), real
+
+
+def _group(blocks: list[Block], length: int, positions: Tensor, sliding_window: int | None,
            dtype: torch.dtype) -> Group:
-    def padded(ranges_of) -> tuple[Tensor, Tensor]:
-        columns = [[c for a, b in ranges_of(block) for c in range(a, b)] for _, block in blocks]
-        width = max(len(c) for c in columns)
-        real = torch.tensor([[i < len(c) for i in range(width)] for c in columns])
-        return torch.tensor([c + [c[-1]] * (width - len(c)) for c in columns]), real
-
-    rows = torch.tensor([row for row, _ in blocks])[:, None]
-    qcol, qreal = padded(lambda b: [(b.q0, b.q1)])
-    kcol, kreal = padded(lambda b: b.keys)
+    rows = torch.tensor([row for row, _, _ in blocks])[:, None]
+    qcol, qreal = _padded([list(queries) for _, queries, _ in blocks])
+    kcol, kreal = _padded([[c for r in keys for c in r] for *_, keys in blocks])
     allowed = (kcol[:, None, :] <= qcol[:, :, None]) & kreal[:, None, :]
-    reach = None
+    # is_causal says it all for a block against itself, unless a window hides some of its keys
+    needs_mask = any(len(keys) > 1 for *_, keys in blocks)
     if sliding_window is not None:
         distance = positions[rows, qcol][:, :, None] - positions[rows, kcol][:, None, :]
         allowed &= distance < sliding_window
         reach = (distance.masked_fill(~(kreal[:, None, :] & qreal[:, :, None]), 0)).max().item()
-    square = all(len(b.keys) == 1 for _, b in blocks)
-    mask = None
-    if not square or (reach is not None and reach >= sliding_window):
-        mask = torch.zeros(allowed.shape, dtype=dtype).masked_fill_(~allowed, float("-inf"))[:, None]
-    return Group(rows * length + qcol, rows * length + kcol, mask, [int(r.sum()) for r in qreal])
+        needs_mask |= reach >= sliding_window
+    mask = (torch.zeros(allowed.shape, dtype=dtype).masked_fill_(~allowed, float("-inf"))[:, None]
+            if needs_mask else None)
+    return Group(rows * length + qcol, rows * length + kcol, mask, qreal)
 
 
 @dataclass
@@ -315,32 +277,24 @@ class Gathered:
     plain_rows: bool
 
 
-def gather_plan(plan: list[list[Block]], segments: Segments, sliding_window: int | None,
+def gather_plan(plan: dict[str, list[Block]], segments: Segments, sliding_window: int | None,
                 dtype: torch.dtype) -> Gathered:
-    length = segments.segment_ids.shape[1]
-    kinds = {kind: [(r, b) for r, blocks in enumerate(plan) for b in blocks if b.kind == kind]
-             for kind in ("prompt", "completion", "padding")}
-    padding = [r * length + c for r, b in kinds["padding"] for c in range(b.q0, b.q1)]
-    groups = [_group(kind, length, segments.position_ids.cpu(), sliding_window, dtype)
-              for kind in (kinds["prompt"], kinds["completion"]) if kind]
-    inverse = torch.empty(len(plan) * length, dtype=torch.long)
-    offset = 0
-    for group in groups:
-        width = group.queries.shape[1]
-        for i, real in enumerate(group.real):
-            inverse[group.queries[i, :real]] = torch.arange(offset + i * width, offset + i * width + real)
-        offset += group.queries.numel()
-    inverse[torch.tensor(padding, dtype=torch.long)] = torch.arange(offset, offset + len(padding))
-    plain = (not kinds["completion"] and groups[0].mask is None
-             and all(blocks[0].kind == "prompt" and blocks[0].q0 == 0 and sum(b.kind == "prompt" for b in blocks) == 1
-                     for blocks in plan))
-    return Gathered(groups, torch.tensor(padding, dtype=torch.long), inverse, plain)
+    rows, length = segments.segment_ids.shape
+    padding = torch.tensor([row * length + c for row, columns, _ in plan["padding"] for c in columns], dtype=torch.long)
+    groups = [_group(plan[kind], length, segments.position_ids.cpu(), sliding_window, dtype)
+              for kind in ("prompt", "completion") if plan[kind]]
+    order = torch.cat([group.queries.flatten() for group in groups] + [padding])
+    real = torch.cat([group.real.flatten() for group in groups] + [torch.ones(len(padding), dtype=torch.bool)])
+    inverse = torch.empty(rows * length, dtype=torch.long)
+    inverse[order[real]] = torch.arange(len(order))[real]
+    plain = (not plan["completion"] and groups[0].mask is None and len(plan["prompt"]) == rows
+             and all(columns.start == 0 for _, columns, _ in plan["prompt"]))  # one prompt per row, from column 0
+    return Gathered(groups, padding, inverse, plain)
 
 
 def _gathered_attention(query: Tensor, key: Tensor, value: Tensor, gathered: Gathered, options: dict) -> Tensor:
     """All blocks in one SDPA call per group, by gathering their tokens; returns [rows, L, heads, dim].
     Gathering by index (not slicing block by block) keeps the backward to one scatter per input."""
-    groups, padding, inverse = gathered.groups, gathered.padding, gathered.inverse
     rows, heads, length, dim = query.shape
 
     def flat(t: Tensor) -> Tensor:  # [rows * L, heads, dim]: a view of what transformers' q/k/v came from
@@ -348,16 +302,16 @@ def _gathered_attention(query: Tensor, key: Tensor, value: Tensor, gathered: Gat
 
     q, k, v = flat(query), flat(key), flat(value)
     outputs = []
-    for group in groups:
+    for group in gathered.groups:
         queries, keys = group.queries.to(query.device), group.keys.to(query.device)
         mask = None if group.mask is None else group.mask.to(query.device)
         out = F.scaled_dot_product_attention(q[queries].transpose(1, 2), k[keys].transpose(1, 2),
                                              v[keys].transpose(1, 2), attn_mask=mask, is_causal=mask is None,
                                              **options)
         outputs.append(out.transpose(1, 2).reshape(-1, heads, dim))
-    if padding.numel():  # padding attends only to itself: its value
-        outputs.append(v[padding.to(query.device)].repeat_interleave(heads // v.shape[1], dim=1))
-    return torch.cat(outputs)[inverse.to(query.device)].view(rows, length, heads, dim)
+    if gathered.padding.numel():  # padding attends only to itself: its value
+        outputs.append(v[gathered.padding.to(query.device)].repeat_interleave(heads // v.shape[1], dim=1))
+    return torch.cat(outputs)[gathered.inverse.to(query.device)].view(rows, length, heads, dim)
 
 
 def _segment_or_sdpa_mask(*args, **kwargs):
@@ -374,10 +328,9 @@ def register() -> None:
     from transformers import AttentionInterface
     from transformers.masking_utils import AttentionMaskInterface
 
-    AttentionInterface.register(FLEX, flex_segment_attention)
-    AttentionInterface.register(BLOCKS, block_segment_attention)
-    AttentionMaskInterface.register(FLEX, _segment_or_sdpa_mask)
-    AttentionMaskInterface.register(BLOCKS, _segment_or_sdpa_mask)
+    for name, attend in ((FLEX, flex_segment_attention), (BLOCKS, block_segment_attention)):
+        AttentionInterface.register(name, attend)
+        AttentionMaskInterface.register(name, _segment_or_sdpa_mask)
 
 
 def unsupported(model, kernel: str) -> str | None:

