@@ -1,41 +1,30 @@
 """What a batch is scored as. The loop knows an objective, not DPO: how examples become a Batch, whether a
-reference is needed, and how policy and reference scores become per-example losses and metrics.
-
-An objective has one interface::
+reference is needed, and how policy and reference scores become per-example losses and metrics::
 
     objective.collate(examples) -> Batch
     objective.length(example)   -> int         tokens the example occupies (length-grouped steps)
     objective.scorer(model)     -> nn.Module   batch -> scores; the module DDP/FSDP wrap
-    objective.needs_reference   -> bool
+    objective.load(name, dtype, trust_remote_code, attention, device) -> the model it trains (and its reference)
+    objective.needs_reference, objective.precomputable (a refcache.py table, one row per example, can serve it)
     objective.progress_keys     -> metrics shown beside the loss on the progress bar
     objective(policy_scores, reference_scores | None, batch) -> Scored
 
-For preference pairs (:class:`PairObjective`, any loss of :mod:`tiltlm.losses` or a weighted sum of them)
-scores are ``(summed completion log-probs, completion token counts)`` per sequence of the batch, as
-:class:`~tiltlm.logprobs.CompletionLogps` returns them. Beyond pairs, chosen by :func:`make_objective` from
-the kind of the data's rows (and ``config.objective``):
+:class:`PairObjective`: preference pairs under any loss of :mod:`tiltlm.losses` or a weighted sum of them;
+scores are (summed completion log-probs, completion token counts) per sequence
+(:class:`~tiltlm.logprobs.CompletionLogps`). Beyond pairs, by the kind of the data's rows (:func:`make_objective`):
+:class:`ListObjective` (ranked lists, Plackett-Luce; ``--pairs all`` trains their pairs instead),
+:class:`UnpairedObjective` (KTO) and :class:`RewardModelObjective` (Bradley-Terry, one reward per sequence).
 
-:class:`ListObjective`         ranked lists: the prompt once, its K completions, Plackett-Luce over their
-                               implicit rewards (``--pairs all`` trains each list's pairs as pairs instead);
-:class:`UnpairedObjective`     (prompt, completion, label) rows: KTO, with its reference point z0 from
-                               mismatched prompt/completion pairs of the micro-batch;
-:class:`RewardModelObjective`  a sequence-classification model trained on pairs (Bradley-Terry); its scores
-                               are one reward per sequence, and it needs no reference.
-
-Two more members serve the trainer: ``objective.load(name, dtype, trust_remote_code, attention, device)``
-loads the kind of model the objective trains (and its reference), and ``objective.precomputable`` says
-whether a precomputed reference table (refcache.py, one row per pair) can serve it.
-
-Normalisation. Each example (a pair, a ranked list, an unpaired row) gives one loss, multiplied by the
-row's ``weight``; the step's loss is the sum of these over the step's examples divided by the number of
-examples in the step (``batch_size x grad_accum`` per process, averaged over processes by DDP): the
-semantics of :func:`tiltlm.losses.weighted_mean`, so weight 2 counts a row twice and weight 0 removes it.
-A ranked list is one example (its Plackett-Luce loss sums its K - 1 choices); with ``--pairs all`` each
-of its pairs is one.
+Normalisation. Each example (a pair, a ranked list, an unpaired row) gives one loss, multiplied by its row's
+``weight``; the step's loss is their sum divided by the number of examples in the step (``batch_size x
+grad_accum`` per process, averaged over processes by DDP), not by the sum of weights: weight 2 counts a row
+twice and weight 0 removes it, and a row's pull does not depend on its batch mates. A ranked list is one
+example (its Plackett-Luce loss sums its K - 1 choices); with ``--pairs all`` each of its pairs is one.
 """
 
 from __future__ import annotations
 
+import itertools
 from dataclasses import dataclass, fields
 from functools import partial
 from typing import Callable, Optional, Sequence
@@ -124,10 +113,17 @@ def collate_completions(examples: list[PromptCompletions], layout: str, pad_id: 
     return collate_prompt_completions(examples, pad_id, pack_tokens if layout == "packed" else None)
 
 
-def load_policy_model(name: str, dtype: torch.dtype, trust_remote_code: bool = False, attention: str = "auto",
-                      device: torch.device | str | None = None) -> nn.Module:
-    """A causal LM, as the policy objectives train it (:func:`tiltlm.models.load_model`)."""
-    return load_model(name, dtype, trust_remote_code, attention=attention, device=device)
+class PolicyScored:
+    """The policy objectives' model: a causal LM (:func:`tiltlm.models.load_model`) whose scores are summed
+    completion log-probs, ``chunk_size`` completion positions projected to the vocabulary at a time."""
+
+    @staticmethod
+    def load(name: str, dtype: torch.dtype, trust_remote_code: bool = False, attention: str = "auto",
+             device: torch.device | str | None = None) -> nn.Module:
+        return load_model(name, dtype, trust_remote_code, attention=attention, device=device)
+
+    def scorer(self, model: nn.Module) -> nn.Module:
+        return CompletionLogps(model, self.chunk_size)
 
 
 def split_pairs(logps: Tensor, counts: Tensor, num_pairs: int) -> PairLogps:
@@ -141,46 +137,44 @@ def correct_or_tie(margins: Tensor, size: Tensor) -> Tensor:
     return torch.where(tie, 0.5, (margins > 0).to(margins.dtype))
 
 
+def detached(metrics: dict[str, Tensor]) -> dict[str, Tensor]:
+    return {key: value.detach() for key, value in metrics.items()}
+
+
 def pair_metrics(out: LossOutput, policy: PairLogps, reference: Optional[PairLogps], beta: float) -> dict[str, Tensor]:
     """The metrics of :mod:`tiltlm.metrics`, per pair.
 
-    Accuracy decides ties explicitly: a pair counts 1 when its reward margin is positive, 0 when
-    negative, and 1/2 when the margin is within rounding noise of zero, ``|margin| <= TIE_TOLERANCE *
-    beta * (|log pi(y_w)| + |log pi(y_l)| + |log pi_ref(y_w)| + |log pi_ref(y_l)|)``. At step 0, where the
-    policy is the reference, every margin is such a tie and the accuracy is exactly 0.5.
+    Accuracy decides ties explicitly: a pair counts 1/2 when its margin is within rounding noise of zero,
+    ``|margin| <= TIE_TOLERANCE * beta * (|log pi(y_w)| + |log pi(y_l)| + |log pi_ref(y_w)| + |log pi_ref(y_l)|)``.
+    At step 0, where the policy is the reference, every margin is such a tie and the accuracy is exactly 0.5.
     """
     margins = out.chosen_rewards - out.rejected_rewards
     size = policy.chosen.abs() + policy.rejected.abs()
     if reference is not None:
         size = size + reference.chosen.abs() + reference.rejected.abs()
-    correct = correct_or_tie(margins, beta * size)
     metrics = {"loss": out.losses, "rewards/chosen": out.chosen_rewards, "rewards/rejected": out.rejected_rewards,
-               "rewards/margins": margins, "rewards/accuracies": correct,
+               "rewards/margins": margins, "rewards/accuracies": correct_or_tie(margins, beta * size),
                "logps/chosen": policy.chosen, "logps/rejected": policy.rejected}
     if reference is not None:
         metrics["logps/chosen_change"] = policy.chosen - reference.chosen
-    return {key: value.detach() for key, value in metrics.items()}
+    return detached(metrics)
 
 
 @dataclass(frozen=True)
-class PairObjective:
+class PairObjective(PolicyScored):
     """Preference pairs (prompt, chosen, rejected) under ``names`` weighted by ``weights``."""
 
     collate: Collate
     params: LossParams
     names: tuple[str, ...] = ("sigmoid",)
     weights: tuple[float, ...] = (1.0,)
-    chunk_size: int = 256  # completion positions projected to the vocabulary at a time
+    chunk_size: int = 256
     progress_keys = ("rewards/accuracies", "rewards/margins")
     precomputable = True
-    load = staticmethod(load_policy_model)
 
     @property
     def needs_reference(self) -> bool:
         return needs_reference(self.names)
-
-    def scorer(self, model: nn.Module) -> nn.Module:
-        return CompletionLogps(model, self.chunk_size)
 
     @staticmethod
     def length(pair) -> int:
@@ -197,12 +191,6 @@ class PairObjective:
 # --- ranked lists -------------------------------------------------------------------------------------------
 
 
-def ordered_pairs(ranks: Tensor, mask: Tensor) -> Tensor:
-    """[lists, K, K] bool: (a, b) where both completions exist and a is ranked strictly above b."""
-    both = mask[:, :, None] & mask[:, None, :]
-    return both & (ranks[:, :, None] < ranks[:, None, :])
-
-
 def list_metrics(losses: Tensor, rewards: Tensor, logps: Tensor, size: Tensor, ranks: Tensor,
                  mask: Tensor) -> dict[str, Tensor]:
     """Per list: the loss; the mean implicit reward of its best- and worst-ranked completions (ties: the
@@ -214,21 +202,21 @@ def list_metrics(losses: Tensor, rewards: Tensor, logps: Tensor, size: Tensor, r
     real = mask.to(rewards.dtype)
     best = (ranks == ranks.masked_fill(~mask, 1 << 30).amin(dim=1, keepdim=True)) & mask
     worst = (ranks == ranks.masked_fill(~mask, -1).amax(dim=1, keepdim=True)) & mask
-    pairs = ordered_pairs(ranks, mask).to(rewards.dtype)
+    # (a, b) where both completions exist and a is ranked strictly above b
+    pairs = (mask[:, :, None] & mask[:, None, :] & (ranks[:, :, None] < ranks[:, None, :])).to(rewards.dtype)
     margins = rewards[:, :, None] - rewards[:, None, :]
     sizes = size[:, :, None] + size[:, None, :]
     per_list = pairs.sum(dim=(1, 2)).clamp(min=1)
-    metrics = {"loss": losses,
-               "rewards/best": (rewards * best).sum(1) / best.sum(1),
-               "rewards/worst": (rewards * worst).sum(1) / worst.sum(1),
-               "rewards/accuracies": (correct_or_tie(margins, sizes) * pairs).sum(dim=(1, 2)) / per_list,
-               "rewards/margins": (margins * pairs).sum(dim=(1, 2)) / per_list,
-               "logps/mean": (logps * real).sum(1) / real.sum(1)}
-    return {key: value.detach() for key, value in metrics.items()}
+    return detached({"loss": losses,
+                     "rewards/best": (rewards * best).sum(1) / best.sum(1),
+                     "rewards/worst": (rewards * worst).sum(1) / worst.sum(1),
+                     "rewards/accuracies": (correct_or_tie(margins, sizes) * pairs).sum(dim=(1, 2)) / per_list,
+                     "rewards/margins": (margins * pairs).sum(dim=(1, 2)) / per_list,
+                     "logps/mean": (logps * real).sum(1) / real.sum(1)})
 
 
 @dataclass(frozen=True)
-class ListObjective:
+class ListObjective(PolicyScored):
     """Ranked lists: one example per prompt, its K completions scored against the prompt laid out once
     (each sees the prompt and itself, not its siblings), loss :func:`tiltlm.losses.plackett_luce` over
     their implicit rewards ``beta * (log pi - log pi_ref)`` (Rafailov et al. 2023, Appendix A.3)."""
@@ -241,24 +229,16 @@ class ListObjective:
     progress_keys = ("rewards/accuracies", "rewards/margins")
     needs_reference = True
     precomputable = True  # refcache.py: one table row per list, 2 K columns
-    load = staticmethod(load_policy_model)
 
     def collate(self, lists: list[TokenizedList]) -> RowBatch:
         """Completion k of list i is sequence ``offset_i + k``: list after list, as stack_lists reads them."""
-        examples, start = [], 0
-        for item in lists:
-            k = len(item.completions)
-            examples.append(PromptCompletions(item.prompt_ids, item.completions, list(range(start, start + k)),
-                                              item.source))
-            start += k
         counts = tuple(len(item.completions) for item in lists)
+        examples = [PromptCompletions(item.prompt_ids, item.completions, list(range(start, start + k)), item.source)
+                    for item, start, k in zip(lists, itertools.accumulate(counts, initial=0), counts)]
         flat = torch.tensor([r for item in lists for r in item.ranks()], dtype=torch.long)
         ranks, _ = stack_lists(flat, list(counts))
         batch = collate_completions(examples, self.layout, self.pad_id, self.pack_tokens)
         return with_rows(batch, lists, ranks=ranks, counts=counts)
-
-    def scorer(self, model: nn.Module) -> nn.Module:
-        return CompletionLogps(model, self.chunk_size)
 
     @staticmethod
     def length(item: TokenizedList) -> int:
@@ -280,21 +260,19 @@ class ListObjective:
 
 
 @dataclass(frozen=True)
-class UnpairedObjective:
+class UnpairedObjective(PolicyScored):
     """(prompt, completion, label) rows under KTO (:func:`tiltlm.losses.kto`, Ethayarajh et al. 2024, eq. 8).
 
     The reference point z0 (the paper's Section 4; :func:`tiltlm.losses.kto_reference_point`) is
     estimated per micro-batch from its mismatched pairs: row i's prompt with row i+1's completion
     (cyclically, :func:`tiltlm.data.tokenize.mismatched_unpaired`). They ride in the same forward as
-    the rows themselves, as extra completions of each prompt (the prompt is laid out once, and they see
-    it and not the row's own completion): sequence i is row i, sequence n + i its mismatched pair. Their
-    log-ratios are detached, so no gradient flows through z0, as in the paper (the backward still passes
-    over their positions). The reference scores the same batch, so it scores them too.
+    extra completions of each prompt (which they see, and not the row's own completion): sequence i is
+    row i, sequence n + i its mismatched pair; the reference scores them too. Their log-ratios are
+    detached, so no gradient flows through z0, as in the paper.
 
-    Under DDP z0 is estimated per rank and micro-batch (from ``batch_size`` mismatched pairs), not over the
-    global batch: no collective is needed, and each rank's estimate is an unbiased mean before the clamp
-    at 0. A micro-batch of one row (an eval set's last one) has nothing to mismatch: its z0 is 0, the
-    value it takes at step 0, when the policy is its reference. Training needs ``batch_size >= 2``.
+    Under DDP z0 is estimated per rank and micro-batch, not over the global batch: no collective is needed,
+    and each rank's estimate is an unbiased mean before the clamp at 0. A micro-batch of one row (an eval
+    set's last one) has nothing to mismatch: its z0 is 0, its value at step 0. Training needs ``batch_size >= 2``.
     """
 
     pad_id: int
@@ -308,20 +286,17 @@ class UnpairedObjective:
     progress_keys = ("rewards/accuracies", "kl")
     needs_reference = True
     precomputable = False  # z0's mismatched pairs depend on the micro-batch: no table can hold them
-    load = staticmethod(load_policy_model)
 
     def collate(self, rows: list[TokenizedUnpaired]) -> RowBatch:
         n = len(rows)
         others = mismatched_unpaired(rows, self.max_length) if n >= 2 else []
-        examples = [PromptCompletions(row.prompt_ids, [row.completion_ids], [i], row.source) for i, row in enumerate(rows)]
+        examples = [PromptCompletions(row.prompt_ids, [row.completion_ids], [i], row.source)
+                    for i, row in enumerate(rows)]
         for i, other in enumerate(others):  # sequence n + i: row i's prompt, row i + 1's completion
             examples[i].completions.append(other.completion_ids)
             examples[i].sequence_ids.append(n + i)
         batch = collate_completions(examples, self.layout, self.pad_id, self.pack_tokens)
         return with_rows(batch, rows, desirable=torch.tensor([row.label for row in rows], dtype=torch.bool))
-
-    def scorer(self, model: nn.Module) -> nn.Module:
-        return CompletionLogps(model, self.chunk_size)
 
     @staticmethod
     def length(row: TokenizedUnpaired) -> int:
@@ -340,9 +315,9 @@ class UnpairedObjective:
         # beta (r - z0) signed by the label: positive where the policy follows it (the quantity KTO's sigmoid reads)
         signed = self.beta * torch.where(desirable, logps - reference_logps - z0, z0 - logps + reference_logps)
         size = self.beta * (logps.abs() + reference_logps.abs())
-        metrics = {"loss": losses, "rewards/margins": signed, "rewards/accuracies": correct_or_tie(signed, size),
-                   "kl": z0.expand(n), "logps/completion": logps}
-        return Scored(losses, {key: value.detach() for key, value in metrics.items()})
+        return Scored(losses, detached({"loss": losses, "rewards/margins": signed,
+                                        "rewards/accuracies": correct_or_tie(signed, size), "kl": z0.expand(n),
+                                        "logps/completion": logps}))
 
 
 # --- reward models ------------------------------------------------------------------------------------------
@@ -377,6 +352,7 @@ class RewardModelObjective:
     progress_keys = ("rewards/accuracies", "rewards/margins")
     needs_reference = False
     precomputable = False
+    length = staticmethod(PairObjective.length)
 
     def load(self, name: str, dtype: torch.dtype, trust_remote_code: bool = False, attention: str = "auto",
              device: torch.device | str | None = None) -> nn.Module:
@@ -393,18 +369,15 @@ class RewardModelObjective:
     def scorer(self, model: nn.Module) -> nn.Module:
         return RewardScores(model)
 
-    length = staticmethod(PairObjective.length)
-
     def __call__(self, policy: Tensor, reference: None, batch: Batch) -> Scored:
         p = batch.num_pairs
         chosen, rejected = policy[:p], policy[p:]
         margin = chosen.new_full((p,), self.margin) if self.margin else None
         losses = weighted(bradley_terry_reward_loss(chosen, rejected, margin, self.centering), batch)
         margins = chosen - rejected
-        metrics = {"loss": losses, "rewards/chosen": chosen, "rewards/rejected": rejected,
-                   "rewards/margins": margins, "rewards/mean": (chosen + rejected) / 2,
-                   "rewards/accuracies": correct_or_tie(margins, chosen.abs() + rejected.abs())}
-        return Scored(losses, {key: value.detach() for key, value in metrics.items()})
+        return Scored(losses, detached({"loss": losses, "rewards/chosen": chosen, "rewards/rejected": rejected,
+                                        "rewards/margins": margins, "rewards/mean": (chosen + rejected) / 2,
+                                        "rewards/accuracies": correct_or_tie(margins, chosen.abs() + rejected.abs())}))
 
 
 # --- choosing ------------------------------------------------------------------------------------------------
