@@ -1,9 +1,5 @@
-"""Preference losses: pure functions from sequence log-probs to per-pair losses and rewards.
-
-Every pair loss has the signature ``loss(policy: PairLogps, reference: PairLogps | None, params) ->
-LossOutput``: summed completion log-probs and token counts per pair in (see :mod:`tiltlm.logprobs`), one
-loss per pair (the caller averages) and the implicit rewards it logs out. Nothing here knows about models,
-tokenizers or batches.
+"""Preference losses: pure functions from summed completion log-probs and token counts per pair
+(:mod:`tiltlm.logprobs`) to one loss per pair (the caller averages) and the implicit rewards it logs.
 
 Notation: sigma is the logistic function, ``pi`` the policy, ``pi_ref`` the reference, ``y_w`` the
 chosen (preferred) and ``y_l`` the rejected completion of prompt ``x``.
@@ -53,19 +49,14 @@ class LossParams:
 def dpo_loss(policy_chosen_logps: Tensor, policy_rejected_logps: Tensor, reference_chosen_logps: Tensor,
              reference_rejected_logps: Tensor, beta: float = 0.1,
              label_smoothing: float = 0.0) -> tuple[Tensor, Tensor, Tensor]:
-    """The DPO loss (Rafailov et al. 2023, "Direct Preference Optimization", eq. 7), with implicit rewards
-    ``r_hat(y) = beta (log pi(y|x) - log pi_ref(y|x))`` (eq. 5; Bradley-Terry cancels ``beta log Z(x)``)::
-
-        loss = -log sigma(r_hat(y_w) - r_hat(y_l))                                   (eq. 7)
-
-    With ``label_smoothing = eps`` > 0 (conservative DPO, Mitchell 2023, "A note on DPO with noisy
-    preferences"), each label is taken to be flipped with probability eps::
+    """The DPO loss (Rafailov et al. 2023, "Direct Preference Optimization", eq. 7) with implicit rewards
+    ``r_hat(y) = beta (log pi(y|x) - log pi_ref(y|x))`` (eq. 5) and, for ``label_smoothing = eps > 0``,
+    conservative DPO (Mitchell 2023, "A note on DPO with noisy preferences": labels flipped with prob. eps)::
 
         loss = -(1 - eps) log sigma(h) - eps log sigma(-h),   h = r_hat(y_w) - r_hat(y_l)
 
-    ``logsigmoid`` keeps both terms finite for any margin (``log(sigmoid(h))`` underflows to -inf
-    for h below about -88 in float32). Returns ``(losses, chosen_rewards, rejected_rewards)``, the
-    rewards detached.
+    ``logsigmoid`` keeps both terms finite (``log(sigmoid(h))`` is -inf below h = -88 in float32).
+    Returns ``(losses, chosen_rewards, rejected_rewards)``, the rewards detached.
     """
     chosen_rewards = beta * (policy_chosen_logps - reference_chosen_logps)
     rejected_rewards = beta * (policy_rejected_logps - reference_rejected_logps)
@@ -104,11 +95,8 @@ def _scaled(beta: float, chosen: Tensor, rejected: Tensor) -> tuple[Tensor, Tens
 def log1mexp(x: Tensor) -> Tensor:
     """``log(1 - exp(x))`` for ``x < 0``, accurate over the whole range (Maechler 2012, "Accurately
     computing log(1 - exp(-|a|))"): ``log(-expm1(x))`` for ``x > -log 2``, ``log1p(-exp(x))`` below.
-
-    Each branch is fed only inputs where it is finite, because ``torch.where`` back-propagates
-    ``0 * inf = NaN`` through the branch it did not select. ``x`` is clamped a hair below 0: at
-    ``x = 0`` (probability one) the result is ``-inf`` and its gradient infinite.
-    """
+    Each branch sees only inputs where it is finite (``torch.where`` back-propagates ``0 * inf = NaN``
+    through the other), and ``x`` is clamped a hair below 0, where the gradient is infinite."""
     x = x.clamp(max=-torch.finfo(x.dtype).tiny)
     near_zero = torch.log(-torch.expm1(x.clamp(min=-math.log(2.0))))
     far = torch.log1p(-torch.exp(x.clamp(max=-math.log(2.0))))
@@ -132,9 +120,7 @@ def robust(policy: PairLogps, reference: PairLogps, params: LossParams) -> LossO
         loss = ((1 - eps) * -log sigma(h) - eps * -log sigma(-h)) / (1 - 2 eps),
         h = beta * (log-ratio(y_w) - log-ratio(y_l))
 
-    Unbiased: with ``L`` this loss, the expectation over the flip, ``(1 - eps) L(h) + eps L(-h)``,
-    equals the clean DPO loss ``-log sigma(h)``. Unlike cDPO (:func:`sigmoid` with label smoothing) the
-    loss is not bounded below: the ``-eps * -log sigma(-h)`` term falls without limit as ``h`` grows.
+    Unbiased: ``(1 - eps) L(h) + eps L(-h) = -log sigma(h)``. Unlike cDPO it is not bounded below.
     """
     eps = params.label_smoothing
     if not 0.0 <= eps < 0.5:
@@ -151,17 +137,12 @@ def ipo(policy: PairLogps, reference: PairLogps, params: LossParams) -> LossOutp
 
         loss = (h - 1 / (2 tau))^2,   h = log-ratio(y_w) - log-ratio(y_l)
 
-    Where DPO pushes ``h`` towards infinity whenever a preference is deterministic, IPO regresses it
-    onto the finite target ``1/(2 tau)``, so the KL regularisation keeps its grip.
-
-    Length averaging (``ipo_average``, default on). With summed log-probs the target is a fixed number
-    of nats for the whole completion: at ``tau = 0.1`` a 300-token completion meets it with 0.017 nats
-    per token, so the effective strength of ``tau`` depends on length. Per-token means make it a
-    per-token margin, as the IPO authors advised Hugging Face when TRL's first, summed IPO was found
-    wrong (TRL pull request 1265, the "pref-tuning" blog post). ``ipo_average = False`` reads the
-    paper's formula literally, exact for one-token "completions" as in :mod:`tiltlm.verify`.
-
-    Rewards reported: ``beta`` times the log-ratios the loss acts on, so IPO's target margin shows as 0.5.
+    Where DPO pushes ``h`` towards infinity, IPO regresses it onto a finite target: the KL keeps its grip.
+    ``ipo_average`` (default) uses per-token log-ratios: with sums the target is a fixed number of nats
+    per completion (0.017 a token for 300 tokens at tau = 0.1), so tau's strength would depend on length;
+    the IPO authors advised this when TRL's first, summed IPO was found wrong (TRL pull request 1265, the
+    "pref-tuning" blog post). Summed, it is the paper read literally (exact for one-token completions,
+    :mod:`tiltlm.verify`). Reported rewards: ``beta`` times those log-ratios (target margin 0.5).
     """
     chosen, rejected = _log_ratios(policy, reference, average=params.ipo_average)
     losses = (chosen - rejected - 1.0 / (2.0 * params.beta)) ** 2
@@ -174,9 +155,8 @@ def hinge(policy: PairLogps, reference: PairLogps, params: LossParams) -> LossOu
 
         loss = max(0, 1 - beta * h),   h = log-ratio(y_w) - log-ratio(y_l)
 
-    SLiC's own form is ``max(0, delta - log pi(y_w|x) + log pi(y_l|x))``; this is ``beta`` times it
-    with margin ``delta = 1/beta`` and log-probs measured against the reference. SLiC-HF's second
-    term, an NLL on the reference/SFT targets, is left to a combination such as ``hinge,nll``.
+    SLiC's ``max(0, delta - log pi(y_w|x) + log pi(y_l|x))`` times ``beta``, with ``delta = 1/beta`` and
+    log-probs against the reference; its NLL term is left to a combination such as ``hinge,nll``.
     """
     chosen, rejected = _log_ratios(policy, reference)
     losses = torch.relu(1.0 - params.beta * (chosen - rejected))
@@ -189,8 +169,8 @@ def simpo(policy: PairLogps, reference: PairLogps | None, params: LossParams) ->
 
         loss = -log sigma(beta * (avg log pi(y_w|x) - avg log pi(y_l|x)) - gamma)
 
-    The reported reward is ``beta * avg log pi(y|x)``. ``--beta``'s default, 0.1, is a DPO value; the
-    paper uses beta around 2-2.5 with ``gamma / beta`` around 0.5: pass ``--beta 2.0`` for its setting.
+    Reported reward: ``beta * avg log pi(y|x)``. The paper's beta is around 2-2.5 (``--beta 2.0``), not
+    DPO's 0.1, with ``gamma / beta`` around 0.5.
     """
     chosen, rejected = _averages(policy)
     losses = -F.logsigmoid(params.beta * (chosen - rejected) - params.simpo_gamma)
@@ -205,9 +185,8 @@ def orpo(policy: PairLogps, reference: PairLogps | None, params: LossParams) -> 
         log odds(y) = avg log pi(y|x) - log(1 - exp(avg log pi(y|x)))
         loss        = -avg log pi(y_w|x) - lambda * log sigma(log odds(y_w) - log odds(y_l))
 
-    ``lambda = orpo_lambda``, default 0.1, TRL's default for this weight (which TRL calls ``beta``;
-    here ``beta`` only scales the reported rewards, ``beta * avg log pi(y|x)``). ``log(1 - exp(.))``
-    goes through :func:`log1mexp`: the naive form loses all precision as a likelihood nears one.
+    ``lambda = orpo_lambda`` (TRL's ``beta``, default 0.1); ``beta`` only scales the reported rewards,
+    ``beta * avg log pi(y|x)``. :func:`log1mexp` keeps precision as a likelihood nears one.
     """
     chosen, rejected = _averages(policy)
     log_odds_ratio = (chosen - log1mexp(chosen)) - (rejected - log1mexp(rejected))
@@ -216,11 +195,9 @@ def orpo(policy: PairLogps, reference: PairLogps | None, params: LossParams) -> 
 
 
 def nll(policy: PairLogps, reference: PairLogps | None, params: LossParams) -> LossOutput:
-    """Length-averaged negative log-likelihood of the chosen completion, ``-log pi(y_w|x) / |y_w|``:
-    the NLL term of RPO (Pang et al. 2024, "Iterative Reasoning Preference Optimization", the
-    DPO+NLL loss). Combined, e.g. ``--loss sigmoid,nll``, it keeps DPO from lowering the chosen
-    likelihood while it widens the margin (likelihood displacement). Rewards reported: DPO's implicit
-    rewards when a reference is given, else ``beta * avg log pi``.
+    """``-log pi(y_w|x) / |y_w|``, the NLL term of RPO (Pang et al. 2024, "Iterative Reasoning Preference
+    Optimization"): in ``--loss sigmoid,nll`` it keeps DPO from lowering the chosen likelihood while it
+    widens the margin (likelihood displacement). Reported rewards: DPO's with a reference, else SimPO's.
     """
     reported = _averages(policy) if reference is None else _log_ratios(policy, reference)
     return LossOutput(-_average(policy.chosen, policy.chosen_tokens), *_scaled(params.beta, *reported))
@@ -231,8 +208,6 @@ def apo_zero(policy: PairLogps, reference: PairLogps, params: LossParams) -> Los
     Revisions", eq. 7), for chosen completions better than the model's own outputs::
 
         loss = (1 - sigma(beta * r_w)) + sigma(beta * r_l),   r = log-ratio
-
-    Each completion is anchored separately at the reference, instead of only their difference.
     """
     chosen, rejected = _log_ratios(policy, reference)
     b = params.beta
@@ -263,8 +238,8 @@ def exo(policy: PairLogps, reference: PairLogps, params: LossParams) -> LossOutp
         loss = sigma(h) (log sigma(h) - log(1 - eps)) + sigma(-h) (log sigma(-h) - log eps),
         h = beta * (log-ratio(y_w) - log-ratio(y_l))
 
-    The minimum is at ``h = log((1 - eps) / eps)``, a finite margin. ``eps = label_smoothing``; EXO
-    needs ``eps > 0`` (``log eps`` is infinite at 0), so 0 means the paper's ``1e-3``.
+    minimal at the finite margin ``h = log((1 - eps) / eps)``. ``eps = label_smoothing``, 0 meaning the
+    paper's ``1e-3`` (``log eps`` is infinite at 0).
     """
     eps = params.label_smoothing if params.label_smoothing > 0 else EXO_DEFAULT_EPS
     chosen, rejected = _log_ratios(policy, reference)
@@ -280,10 +255,8 @@ def exo(policy: PairLogps, reference: PairLogps, params: LossParams) -> LossOutp
 
 @dataclass(frozen=True)
 class Loss:
-    """A loss of the family with the properties a trainer needs to know: whether it needs reference
-    log-probs (if none of a run's losses does, no reference is loaded; called without them it is a
-    ``ValueError``), whether it acts on per-token mean log-probs rather than sums, and whether it reads
-    ``label_smoothing``."""
+    """A loss and what a trainer needs to know of it: whether it needs reference log-probs (if no loss of a
+    run does, no reference is loaded), acts on per-token means rather than sums, reads ``label_smoothing``."""
 
     fn: Callable[..., LossOutput]
     needs_reference: bool = True
@@ -335,10 +308,7 @@ def preference_loss(policy: PairLogps, reference: PairLogps | None, params: Loss
     return LossOutput(total, outputs[0].chosen_rewards, outputs[0].rejected_rewards)
 
 
-# --- beyond pairs: ranked lists, unpaired labels, reward models ------------------------------------------
-#
-# These take plain tensors rather than PairLogps: a ranked list has K completions, an unpaired row one,
-# a reward model scores instead of log-probs. Each returns one loss per row.
+# --- beyond pairs (plain tensors: K completions, one, or reward-model scores), one loss per row ----------
 
 
 def list_rewards(policy_logps: Tensor, reference_logps: Tensor, beta: float) -> Tensor:
@@ -362,20 +332,16 @@ def plackett_luce(rewards: Tensor, mask: Tensor, ranks: Tensor) -> Tensor:
     Rafailov et al. 2023, Appendix A.3: the model is eq. 18; substituting the implicit reward of eq. 5
     into it gives the DPO objective over rankings that closes that appendix).
 
-    ``rewards`` [rows, K_max] (padding: any finite value), ``mask`` [rows, K_max] bool (which completions
-    exist), ``ranks`` [rows, K_max] int (0 the best). For a strict ranking ``tau``::
+    ``rewards``, ``mask`` (which completions exist) and ``ranks`` (0 the best) are [rows, K_max]. For a
+    strict ranking ``tau``, per completion ``i``: ``-(r_i - logsumexp{r_j : rank_j >= rank_i})``::
 
         P(tau) = prod_{k=1..K} exp(r_tau(k)) / sum_{j=k..K} exp(r_tau(j))                     (eq. 18)
         loss   = -sum_{k=1..K} [ r_tau(k) - log sum_{j>=k} exp(r_tau(j)) ]         (A.3's objective)
 
-    Per completion ``i``: ``-(r_i - logsumexp{r_j : rank_j >= rank_i})``; the worst term is 0. For K = 2
-    this is ``-log sigma(r_w - r_l)``, DPO's eq. 7.
-
-    Ties (equal ranks) follow Breslow's approximation for tied events in Cox's partial likelihood
-    (Breslow 1974, "Covariance analysis of censored survival data"): every member of a tied group gets
-    the same denominator, the log-sum-exp over the group and everything ranked below it. So a tie says
-    "these beat everything below" and nothing about each other. (Its only pull between tied completions
-    is symmetric: ``logsumexp`` being convex, a group's terms are smallest when its rewards are equal.)
+    For K = 2 this is DPO's eq. 7. Ties follow Breslow's approximation for tied events in Cox's partial
+    likelihood (Breslow 1974, "Covariance analysis of censored survival data"): a tied group shares one
+    denominator, over the group and everything below, so a tie says "these beat everything below" and
+    nothing about each other.
     """
     valid_j = mask[:, None, :]
     # eligible[n, i, j]: completion j is still "in the urn" when completion i is drawn. The diagonal is
@@ -394,9 +360,8 @@ def kto_reference_point(kl_policy_logps: Tensor, kl_reference_logps: Tensor) -> 
 
         z_0_hat = max(0, mean_j [log pi(y'_j|x_j) - log pi_ref(y'_j|x_j)])
 
-    over *mismatched* prompt/completion pairs of the batch (see
-    :func:`tiltlm.data.tokenize.mismatched_unpaired`), clamped at 0 (a KL is not negative; the estimate
-    can be), and detached: the paper does not back-propagate through it.
+    over *mismatched* prompt/completion pairs (:func:`tiltlm.data.tokenize.mismatched_unpaired`), clamped
+    at 0 (a KL is not negative; the estimate can be), detached as in the paper.
     """
     return (kl_policy_logps - kl_reference_logps).detach().mean().clamp(min=0.0)
 
@@ -410,8 +375,7 @@ def kto(policy_logps: Tensor, reference_logps: Tensor, desirable: Tensor, z0: Te
                   lambda_U sigma(beta (z_0 - r(x, y)))    if y is undesirable
         loss    = lambda_y - v(x, y)
 
-    The paper recommends ``lambda_D n_D / (lambda_U n_U)`` in [1, 4/3] when the classes are imbalanced.
-    Each loss lies in ``[0, lambda_y]``, so the KTO loss, unlike DPO's, is bounded.
+    The paper recommends ``lambda_D n_D / (lambda_U n_U)`` in [1, 4/3] for imbalanced classes.
     """
     ratio = policy_logps - reference_logps
     lam_d = torch.full_like(ratio, lambda_d)
@@ -431,8 +395,7 @@ def bradley_terry_reward_loss(r_chosen: Tensor, r_rejected: Tensor, margin: Tens
 
         loss = -log sigma(r_w - r_l - m(r)) + centering * (r_w + r_l)^2
 
-    The centring term pushes each pair's rewards to sum to zero, so rewards are on a comparable scale
-    across prompts (a Bradley-Terry reward is otherwise only defined up to a per-prompt constant).
+    Centring makes rewards comparable across prompts (Bradley-Terry fixes them only up to a per-prompt constant).
     """
     difference = r_chosen - r_rejected
     if margin is not None:
