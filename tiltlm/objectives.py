@@ -9,17 +9,9 @@ reference is needed, and how policy and reference scores become per-example loss
     objective.progress_keys     -> metrics shown beside the loss on the progress bar
     objective(policy_scores, reference_scores | None, batch) -> Scored
 
-:class:`PairObjective`: preference pairs under any loss of :mod:`tiltlm.losses` or a weighted sum of them;
-scores are (summed completion log-probs, completion token counts) per sequence
-(:class:`~tiltlm.logprobs.CompletionLogps`). Beyond pairs, by the kind of the data's rows (:func:`make_objective`):
-:class:`ListObjective` (ranked lists, Plackett-Luce; ``--pairs all`` trains their pairs instead),
-:class:`UnpairedObjective` (KTO) and :class:`RewardModelObjective` (Bradley-Terry, one reward per sequence).
-
-Normalisation. Each example (a pair, a ranked list, an unpaired row) gives one loss, multiplied by its row's
-``weight``; the step's loss is their sum divided by the number of examples in the step (``batch_size x
-grad_accum`` per process, averaged over processes by DDP), not by the sum of weights: weight 2 counts a row
-twice and weight 0 removes it, and a row's pull does not depend on its batch mates. A ranked list is one
-example (its Plackett-Luce loss sums its K - 1 choices); with ``--pairs all`` each of its pairs is one.
+Normalisation. Each example (a pair, a ranked list, an unpaired row) gives one loss times its row's
+``weight``; the step's loss is their sum over the number of examples in the step, not over the sum of
+weights: weight 2 counts a row twice, 0 removes it, and a row's pull does not depend on its batch mates.
 """
 
 from __future__ import annotations
@@ -63,9 +55,8 @@ class Scored:
 
 @dataclass
 class RowBatch(Batch):
-    """A Batch with what the loss needs per example beyond the tokens: its ``weights`` [examples], and
-    for ranked lists each completion's rank ``ranks`` [lists, K_max] (``counts``: K of each list), for
-    unpaired rows their labels ``desirable`` [rows]."""
+    """A Batch with its examples' ``weights``; for ranked lists the ``ranks`` [lists, K_max] and K of each
+    list (``counts``); for unpaired rows their labels (``desirable``)."""
 
     weights: Tensor | None = None
     ranks: Tensor | None = None
@@ -101,9 +92,8 @@ def collate_weighted(pairs: list[TokenizedPair], collate: Collate) -> RowBatch:
 
 
 def collate_completions(examples: list[PromptCompletions], layout: str, pad_id: int, pack_tokens: int) -> Batch:
-    """Prompts with K completions in the three layouts: ``packed`` and ``shared`` as
-    :func:`collate_prompt_completions` lays them out (prompt once), ``concatenated`` one row per
-    completion (``[prompt | completion]``, the prompt repeated), with the same sequence ids."""
+    """Prompts with K completions: ``packed`` and ``shared`` with the prompt once, ``concatenated`` one row
+    per completion (``[prompt | completion]``), with the same sequence ids."""
     if layout == "concatenated":
         singles = [PromptCompletions(e.prompt_ids, [c], [s], e.source)
                    for e in examples for c, s in zip(e.completions, e.sequence_ids)]
@@ -142,12 +132,8 @@ def detached(metrics: dict[str, Tensor]) -> dict[str, Tensor]:
 
 
 def pair_metrics(out: LossOutput, policy: PairLogps, reference: Optional[PairLogps], beta: float) -> dict[str, Tensor]:
-    """The metrics of :mod:`tiltlm.metrics`, per pair.
-
-    Accuracy decides ties explicitly: a pair counts 1/2 when its margin is within rounding noise of zero,
-    ``|margin| <= TIE_TOLERANCE * beta * (|log pi(y_w)| + |log pi(y_l)| + |log pi_ref(y_w)| + |log pi_ref(y_l)|)``.
-    At step 0, where the policy is the reference, every margin is such a tie and the accuracy is exactly 0.5.
-    """
+    """The metrics of :mod:`tiltlm.metrics`, per pair. A pair's accuracy is 1/2 when its margin is within
+    rounding noise (TIE_TOLERANCE) of the size of its log-probs: at step 0 it is exactly 0.5."""
     margins = out.chosen_rewards - out.rejected_rewards
     size = policy.chosen.abs() + policy.rejected.abs()
     if reference is not None:
@@ -193,12 +179,9 @@ class PairObjective(PolicyScored):
 
 def list_metrics(losses: Tensor, rewards: Tensor, logps: Tensor, size: Tensor, ranks: Tensor,
                  mask: Tensor) -> dict[str, Tensor]:
-    """Per list: the loss; the mean implicit reward of its best- and worst-ranked completions (ties: the
-    mean of the tied ones); ranking accuracy, the fraction of its ordered pairs (a ranked above b) whose
-    rewards are in the same order, ties within rounding noise counting half as in :func:`pair_metrics`
-    (``size``: each completion's |log-probs|, policy and reference, times beta); the mean reward margin
-    over those pairs; the mean policy log-prob of its completions. For K = 2 these are a pair's loss,
-    chosen and rejected rewards, accuracy and margin."""
+    """Per list, what :func:`pair_metrics` gives for K = 2: mean rewards of the best and the worst ranked
+    completions; accuracy and mean margin over its ordered pairs (``size``: beta |log-probs| of each
+    completion, for ties); the mean policy log-prob."""
     real = mask.to(rewards.dtype)
     best = (ranks == ranks.masked_fill(~mask, 1 << 30).amin(dim=1, keepdim=True)) & mask
     worst = (ranks == ranks.masked_fill(~mask, -1).amax(dim=1, keepdim=True)) & mask
@@ -263,16 +246,11 @@ class ListObjective(PolicyScored):
 class UnpairedObjective(PolicyScored):
     """(prompt, completion, label) rows under KTO (:func:`tiltlm.losses.kto`, Ethayarajh et al. 2024, eq. 8).
 
-    The reference point z0 (the paper's Section 4; :func:`tiltlm.losses.kto_reference_point`) is
-    estimated per micro-batch from its mismatched pairs: row i's prompt with row i+1's completion
-    (cyclically, :func:`tiltlm.data.tokenize.mismatched_unpaired`). They ride in the same forward as
-    extra completions of each prompt (which they see, and not the row's own completion): sequence i is
-    row i, sequence n + i its mismatched pair; the reference scores them too. Their log-ratios are
-    detached, so no gradient flows through z0, as in the paper.
-
-    Under DDP z0 is estimated per rank and micro-batch, not over the global batch: no collective is needed,
-    and each rank's estimate is an unbiased mean before the clamp at 0. A micro-batch of one row (an eval
-    set's last one) has nothing to mismatch: its z0 is 0, its value at step 0. Training needs ``batch_size >= 2``.
+    The reference point z0 (:func:`tiltlm.losses.kto_reference_point`) is estimated per micro-batch from
+    row i's prompt with row i+1's completion (:func:`tiltlm.data.tokenize.mismatched_unpaired`), riding in
+    the same forward as extra completions: sequence i is row i, n + i its mismatched pair. Under DDP it is
+    per rank (no collective; an unbiased mean before the clamp). A lone row (an eval set's last) has z0 = 0,
+    its value at step 0.
     """
 
     pad_id: int
@@ -389,9 +367,8 @@ def data_kind(examples: Sequence) -> str:
 
 
 def make_objective(config: TrainConfig, tokenizer, kind: str = "pairs"):
-    """The objective for ``config`` and rows of ``kind`` (see :func:`data_kind`): a reward model when
-    ``config.objective`` asks for one, else pairs, ranked lists or unpaired rows by the data. Ranked lists
-    reach here as pairs already when ``config.pairs`` is ``all`` (step.read_examples expands them)."""
+    """The objective for ``config`` and rows of ``kind`` (:func:`data_kind`). Ranked lists reach here as
+    pairs already when ``config.pairs`` is ``all`` (step.read_examples expands them)."""
     pad, pack = tokenizer.pad_token_id, config.pack_tokens or config.max_length
     collate = partial(collate_weighted, collate=make_collate(config.layout, pad, pack))
     if config.objective == "reward-model":
