@@ -12,6 +12,7 @@ is the distance to that model.
 
 from __future__ import annotations
 
+import contextlib
 import json
 from pathlib import Path
 
@@ -40,9 +41,7 @@ class MetricSums:
 
     def totals(self) -> Tensor:
         """The sums and, last, the example count: the tensor to all-reduce across ranks."""
-        if self.sums is None:
-            return torch.zeros(1, dtype=torch.float64)
-        return self.sums
+        return self.sums if self.sums is not None else torch.zeros(1, dtype=torch.float64)
 
     def means(self, totals: Tensor | list[float], prefix: str = "") -> dict[str, float]:
         """Means from ``totals`` (``totals()`` or its sum over ranks, as a tensor or already read back)."""
@@ -53,15 +52,11 @@ class MetricSums:
 
 def displacement_warning(chosen_logps_change: float, margin: float,
                          threshold: float = DISPLACEMENT_NATS) -> str | None:
-    """A one-line warning when training shows likelihood displacement, else ``None``.
-
-    DPO-style losses only constrain the chosen-minus-rejected margin, so they can widen it while
-    lowering the chosen completions' likelihood too (Razin et al. 2024, "Unintentional Unalignment:
-    Likelihood Displacement in Direct Preference Optimization"; Pal et al. 2024, "Smaug"). The
-    symptom is the mean chosen log-prob lying more than ``threshold`` nats below the reference's
-    (``chosen_logps_change < -threshold``) while the reward margin is positive. The usual remedy is
-    an NLL anchor on the chosen completions, RPO's ``--loss sigmoid,nll``.
-    """
+    """A one-line warning when training shows likelihood displacement, else ``None``: DPO-style losses only
+    constrain the margin, so they can widen it while lowering the chosen likelihood too (Razin et al. 2024,
+    "Unintentional Unalignment: Likelihood Displacement in Direct Preference Optimization"; Pal et al.
+    2024, "Smaug"): the mean chosen log-prob more than ``threshold`` nats below the reference's while the
+    margin is positive. The usual remedy is RPO's NLL anchor, ``--loss sigmoid,nll``."""
     if chosen_logps_change < -threshold and margin > 0:
         return (f"likelihood displacement: the mean chosen log-prob is {-chosen_logps_change:.2f} nats "
                 f"below the reference's while the margin is {margin:.2f}; the policy is widening the "
@@ -77,11 +72,9 @@ class MetricsWriter:
         self.file = open(output / "metrics.jsonl", "a", encoding="utf-8")
         self.board = None
         if tensorboard:
-            try:
+            with contextlib.suppress(ImportError):
                 from torch.utils.tensorboard import SummaryWriter
                 self.board = SummaryWriter(str(output / "tensorboard"))
-            except ImportError:
-                pass
 
     def write(self, row: dict) -> None:
         self.file.write(json.dumps(row) + "\n")

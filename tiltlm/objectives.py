@@ -81,9 +81,7 @@ def make_collate(layout: str, pad_id: int, pack_tokens: int = 0) -> Collate:
     or ``concatenated`` (two rows per pair); all three give the same log-probs (tests prove it)."""
     if layout == "concatenated":
         return partial(collate_concatenated, pad_id=pad_id)
-    if layout == "shared":
-        return partial(collate_shared, pad_id=pad_id)
-    return partial(collate_shared, pad_id=pad_id, row_tokens=pack_tokens)
+    return partial(collate_shared, pad_id=pad_id, row_tokens=pack_tokens if layout == "packed" else None)
 
 
 def collate_weighted(pairs: list[TokenizedPair], collate: Collate) -> RowBatch:
