@@ -74,7 +74,6 @@ def _average(logps: Tensor, tokens: Tensor) -> Tensor:
 
 
 def _log_ratios(policy: PairLogps, reference: PairLogps, average: bool = False) -> tuple[Tensor, Tensor]:
-    """``log pi(y|x) - log pi_ref(y|x)`` of the chosen and the rejected completion, summed or per token."""
     chosen = policy.chosen - reference.chosen
     rejected = policy.rejected - reference.rejected
     if average:
@@ -83,12 +82,10 @@ def _log_ratios(policy: PairLogps, reference: PairLogps, average: bool = False) 
 
 
 def _averages(policy: PairLogps) -> tuple[Tensor, Tensor]:
-    """Per-token mean log-probs of the chosen and the rejected completion."""
     return _average(policy.chosen, policy.chosen_tokens), _average(policy.rejected, policy.rejected_tokens)
 
 
 def _scaled(beta: float, chosen: Tensor, rejected: Tensor) -> tuple[Tensor, Tensor]:
-    """The rewards a loss reports: ``beta`` times each, detached."""
     return (beta * chosen).detach(), (beta * rejected).detach()
 
 
@@ -289,7 +286,6 @@ REFERENCE_FREE: frozenset[str] = frozenset(name for name, loss in LOSSES.items()
 
 
 def needs_reference(names: tuple[str, ...]) -> bool:
-    """Whether any of the named losses needs reference log-probs."""
     return any(LOSSES[name].needs_reference for name in names)
 
 

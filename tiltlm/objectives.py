@@ -65,7 +65,6 @@ class RowBatch(Batch):
 
 
 def with_rows(batch: Batch, examples: Sequence, **extra) -> RowBatch:
-    """``batch`` as a RowBatch carrying the examples' weights (and ``extra``)."""
     weights = torch.tensor([float(getattr(e, "weight", 1.0)) for e in examples], dtype=torch.float32)
     return RowBatch(**{f.name: getattr(batch, f.name) for f in fields(Batch)}, weights=weights, **extra)
 
@@ -85,7 +84,6 @@ def make_collate(layout: str, pad_id: int, pack_tokens: int = 0) -> Collate:
 
 
 def collate_weighted(pairs: list[TokenizedPair], collate: Collate) -> RowBatch:
-    """A pair layout's batch with the pairs' weights."""
     return with_rows(collate(pairs), pairs)
 
 
@@ -120,7 +118,6 @@ def split_pairs(logps: Tensor, counts: Tensor, num_pairs: int) -> PairLogps:
 
 
 def correct_or_tie(margins: Tensor, size: Tensor) -> Tensor:
-    """1 where a margin is positive, 0 where negative, 1/2 where ``|margin| <= TIE_TOLERANCE * size``."""
     tie = margins.abs() <= TIE_TOLERANCE * size.detach()
     return torch.where(tie, 0.5, (margins > 0).to(margins.dtype))
 
@@ -146,8 +143,6 @@ def pair_metrics(out: LossOutput, policy: PairLogps, reference: Optional[PairLog
 
 @dataclass(frozen=True)
 class PairObjective(PolicyScored):
-    """Preference pairs (prompt, chosen, rejected) under ``names`` weighted by ``weights``."""
-
     collate: Collate
     params: LossParams
     names: tuple[str, ...] = ("sigmoid",)

@@ -1,11 +1,9 @@
 """Precomputed reference (``--ref-mode precompute``): score every pair with the reference once, before
 training, keep the numbers on disk, and look them up instead of running the reference at every step.
 
-The reference is frozen, so its log-probs of a pair never change: an online reference spends a no-grad
-forward per batch (about a quarter of a step's compute) recomputing them every epoch, and keeps a second
-copy of the weights in memory. Here one pass over the tokenized data (with a larger batch: no activations
-are kept for a backward) fills a float32 table ``[num_pairs, 4]``, row ``i`` for ``pairs[i]`` (so a batch
-says which pairs it holds, ``Batch.indices``)::
+The reference is frozen: an online one spends a no-grad forward per batch (a quarter of a step's compute)
+recomputing the same numbers every epoch, and keeps a second copy of the weights. One pass (larger batches:
+no activations kept) fills a float32 table ``[num_pairs, 4]``, row ``i`` for ``pairs[i]`` (``Batch.indices``)::
 
     column 0  summed log pi_ref(chosen | prompt)      column 2  chosen completion tokens
     column 1  summed log pi_ref(rejected | prompt)    column 3  rejected completion tokens
@@ -17,9 +15,8 @@ above and the format version did not change (old readers reject a wider table by
 numbers its sequences as its collate does: chosen of every pair then rejected, lists one after another.
 
 The cache: safetensors (nothing executed on load, unlike pickle) at ``<cache dir>/<fingerprint>.safetensors``,
-the fingerprint a sha256 of everything the numbers depend on (:func:`reference_fingerprint`), so a changed
-input gives another file and a recompute. The directory is ``$TILTLM_CACHE/reference`` when set, else
-``~/.cache/tiltlm/reference``, unless given.
+the fingerprint a sha256 of everything the numbers depend on (:func:`reference_fingerprint`); the directory
+is ``$TILTLM_CACHE/reference`` when set, else ``~/.cache/tiltlm/reference``, unless given.
 
 Under torchrun each rank scores every ``world_size``-th pair and the shards are all-gathered: each pair is
 computed once, every rank ends with the whole table (no shared file system needed), rank 0 writes the file.
@@ -140,7 +137,6 @@ def default_cache_dir() -> Path:
 
 
 def width_of(examples: Sequence) -> int:
-    """Table columns: twice the most completions of any example (4 for pairs)."""
     return 2 * max((len(completion_ids(e)) for e in examples), default=2)
 
 

@@ -137,7 +137,6 @@ def one_kind(datasets: dict[str, list], config: TrainConfig) -> str:
 
 
 def data_order(config: TrainConfig, examples: list, objective, runtime: Runtime) -> tuple[DataOrder, int]:
-    """Which examples each rank sees at each step, and the number of optimizer steps."""
     lengths = tuple(objective.length(example) for example in examples)
     order = DataOrder(len(examples), config.batch_size, config.grad_accum, runtime.world_size, config.seed,
                       lengths=lengths if config.group_by_length else ())
