@@ -1,13 +1,10 @@
 """What users watch: per-example metrics averaged over an optimizer step (all micro-batches, all ranks),
 written as one JSON line per logging step to ``metrics.jsonl`` and to TensorBoard where installed.
 
-For preference pairs (see :mod:`tiltlm.objectives`) rewards are the implicit rewards
-``beta * (log pi - log pi_ref)`` (Rafailov et al. 2023, eq. 5 without the partition term);
-``rewards/accuracies`` is the fraction of pairs whose chosen reward exceeds the rejected one (ties count
-half); ``logps/chosen_change`` is ``log pi(y_w|x) - log pi_ref(y_w|x)`` averaged over pairs: how far the
-chosen completions' log-probability lies above the reference's. When the reference is the policy's
-starting weights (the default) that is the change since step 0; with ``--ref`` naming another model it
-is the distance to that model.
+For pairs, rewards are the implicit ``beta * (log pi - log pi_ref)`` (Rafailov et al. 2023, eq. 5 without
+the partition term); ``rewards/accuracies`` the fraction of pairs whose chosen reward is higher (ties count
+half); ``logps/chosen_change`` the mean ``log pi(y_w|x) - log pi_ref(y_w|x)``: the change since step 0 when
+the reference is the policy's starting weights (the default), else the distance to ``--ref``'s model.
 """
 
 from __future__ import annotations

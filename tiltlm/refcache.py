@@ -8,19 +8,17 @@ no activations kept) fills a float32 table ``[num_pairs, 4]``, row ``i`` for ``p
     column 0  summed log pi_ref(chosen | prompt)      column 2  chosen completion tokens
     column 1  summed log pi_ref(rejected | prompt)    column 3  rejected completion tokens
 
-Ranked lists use width ``2 K`` (``K`` the most completions of a list): column ``k`` is completion k's
-summed log-prob, column ``K + k`` its token count, zeros past a shorter list's own (a count of 0 marks
-them: every kept completion has a token). A pair is a list of two, so its table is byte for byte the one
-above and the format version did not change (old readers reject a wider table by its shape). A batch
-numbers its sequences as its collate does: chosen of every pair then rejected, lists one after another.
+Ranked lists use width ``2 K``: column ``k`` is completion k's log-prob, ``K + k`` its token count (0 past a
+shorter list's own: every kept completion has a token). A pair is a list of two, byte for byte, so the format
+version did not change. Sequences are numbered as collates do: chosen of every pair then rejected, lists
+one after another.
 
 The cache: safetensors (nothing executed on load, unlike pickle) at ``<cache dir>/<fingerprint>.safetensors``,
 the fingerprint a sha256 of everything the numbers depend on (:func:`reference_fingerprint`); the directory
 is ``$TILTLM_CACHE/reference`` when set, else ``~/.cache/tiltlm/reference``, unless given.
 
-Under torchrun each rank scores every ``world_size``-th pair and the shards are all-gathered: each pair is
-computed once, every rank ends with the whole table (no shared file system needed), rank 0 writes the file.
-A sharded (FSDP) reference runs the same number of forwards on every rank and is fingerprinted whole.
+Under torchrun each rank scores every ``world_size``-th pair and the shards are all-gathered (no shared file
+system needed); rank 0 writes the file. A sharded (FSDP) reference is fingerprinted whole.
 """
 
 from __future__ import annotations

@@ -6,10 +6,6 @@
                                        FSDP, its sharded scorer: the only way to run a sharded policy;
 ``reference(batch, dataset)``          per batch: (summed log-probs, token counts) per sequence, never with
                                        grad, under the same autocast as the policy, or None.
-
-``precompute`` pays the reference forward once per dataset instead of once per step and epoch, and keeps no
-second model in memory (refcache.py); ``online`` runs a frozen model on every batch; ``adapters-off`` runs
-the LoRA policy with its adapters disabled; ``none`` (reference-free losses) loads and runs nothing.
 """
 
 from __future__ import annotations
@@ -51,7 +47,7 @@ def choose_mode(ref_mode: str, lora: bool, ref_model: str | None, reference_free
 
 
 class Reference:
-    """No reference (``none``), and the base of the strategies: every phase does nothing."""
+    """No reference (``none``: reference-free losses), and the base of the strategies: every phase does nothing."""
 
     mode = "none"
 
@@ -102,7 +98,8 @@ class AdaptersOffReference(Reference):
 
 
 class PrecomputedReference(Reference):
-    """Tables of every example's reference log-probs, filled once and read per batch (``Batch.indices``).
+    """Tables of every example's reference log-probs (refcache.py), filled once and read per batch: no second
+    model in memory, the reference forward paid once per dataset instead of once per step and epoch.
 
     With ``load`` (``--ref``) its model scores in ``prepare`` (sharded by ``wrap`` under FSDP) and is freed
     afterwards. Else the policy's starting weights score: in ``prepare`` in one process; under FSDP

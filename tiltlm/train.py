@@ -13,6 +13,7 @@ import math
 import signal
 import time
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 from typing import Callable
 
@@ -155,11 +156,8 @@ def make_reference(config: TrainConfig, runtime: Runtime, precision: Precision, 
     if mode == "precompute" and not objective.precomputable:
         raise ConfigError("ref_mode = precompute: KTO's reference point scores mismatched rows that depend on "
                           "the micro-batch, so no table can hold them; use ref_mode online (or adapters-off with LoRA)")
-
-    def load():
-        return objective.load(config.ref or config.model, precision.weights, config.trust_remote_code,
-                              config.attention, precision.device)
-
+    load = partial(objective.load, config.ref or config.model, precision.weights, config.trust_remote_code,
+                   config.attention, precision.device)
     wrap = (lambda scorer: distributed.shard(scorer, runtime)) if sharded else None
     if mode == "precompute":  # without --ref: the policy's own starting weights, no second copy
         return PrecomputedReference(tokenizer, precision, config.logprob_chunk, 4 * config.batch_size,
