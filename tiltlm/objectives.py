@@ -17,7 +17,7 @@ weights: weight 2 counts a row twice, 0 removes it, and a row's pull does not de
 from __future__ import annotations
 
 import itertools
-from dataclasses import dataclass, fields
+from dataclasses import dataclass, field, fields
 from functools import partial
 from typing import Callable, Optional, Sequence
 
@@ -85,18 +85,6 @@ def make_collate(layout: str, pad_id: int, pack_tokens: int = 0) -> Collate:
 
 def collate_weighted(pairs: list[TokenizedPair], collate: Collate) -> RowBatch:
     return with_rows(collate(pairs), pairs)
-
-
-def collate_completions(examples: list[PromptCompletions], layout: str, pad_id: int, pack_tokens: int) -> Batch:
-    """Prompts with K completions: ``packed`` and ``shared`` with the prompt once, ``concatenated`` one row
-    per completion (``[prompt | completion]``), with the same sequence ids."""
-    if layout == "concatenated":
-        singles = [PromptCompletions(e.prompt_ids, [c], [s], e.source)
-                   for e in examples for c, s in zip(e.completions, e.sequence_ids)]
-        batch = collate_prompt_completions(singles, pad_id)
-        batch.num_pairs, batch.sources = len(examples), tuple(e.source for e in examples)
-        return batch
-    return collate_prompt_completions(examples, pad_id, pack_tokens if layout == "packed" else None)
 
 
 class PolicyScored:
@@ -167,7 +155,33 @@ class PairObjective(PolicyScored):
         return Scored(out.losses, pair_metrics(out, policy_logps, reference_logps, self.params.beta))
 
 
-# --- ranked lists -------------------------------------------------------------------------------------------
+# --- ranked lists and unpaired rows: prompts with several completions ----------------------------------------
+
+
+@dataclass(frozen=True)
+class CompletionsObjective(PolicyScored):
+    """Prompts with several completions each, scored against the prompt laid out once (each completion sees
+    the prompt and itself, not its siblings), with the implicit rewards ``beta * (log pi - log pi_ref)``."""
+
+    pad_id: int
+    beta: float = 0.1
+    layout: str = "packed"
+    pack_tokens: int = 0
+    chunk_size: int = 256
+    needs_reference = True
+
+    def rows_batch(self, examples: list[PromptCompletions], rows: Sequence, **extra) -> RowBatch:
+        """``packed`` and ``shared`` with the prompt once, ``concatenated`` one row per completion
+        (``[prompt | completion]``), with the same sequence ids; with the rows' weights and ``extra``."""
+        if self.layout == "concatenated":
+            singles = [PromptCompletions(e.prompt_ids, [c], [s], e.source)
+                       for e in examples for c, s in zip(e.completions, e.sequence_ids)]
+            batch = collate_prompt_completions(singles, self.pad_id)
+            batch.num_pairs, batch.sources = len(examples), tuple(e.source for e in examples)
+        else:
+            batch = collate_prompt_completions(examples, self.pad_id,
+                                               self.pack_tokens if self.layout == "packed" else None)
+        return with_rows(batch, rows, **extra)
 
 
 def list_metrics(losses: Tensor, rewards: Tensor, logps: Tensor, size: Tensor, ranks: Tensor,
@@ -192,18 +206,11 @@ def list_metrics(losses: Tensor, rewards: Tensor, logps: Tensor, size: Tensor, r
 
 
 @dataclass(frozen=True)
-class ListObjective(PolicyScored):
-    """Ranked lists: one example per prompt, its K completions scored against the prompt laid out once
-    (each sees the prompt and itself, not its siblings), loss :func:`tiltlm.losses.plackett_luce` over
-    their implicit rewards ``beta * (log pi - log pi_ref)`` (Rafailov et al. 2023, Appendix A.3)."""
+class ListObjective(CompletionsObjective):
+    """Ranked lists, one example per prompt, under :func:`tiltlm.losses.plackett_luce` (Rafailov et al.
+    2023, Appendix A.3)."""
 
-    pad_id: int
-    beta: float = 0.1
-    layout: str = "packed"
-    pack_tokens: int = 0
-    chunk_size: int = 256
     progress_keys = ("rewards/accuracies", "rewards/margins")
-    needs_reference = True
     precomputable = True  # refcache.py: one table row per list, 2 K columns
 
     def collate(self, lists: list[TokenizedList]) -> RowBatch:
@@ -213,8 +220,7 @@ class ListObjective(PolicyScored):
                     for item, start, k in zip(lists, itertools.accumulate(counts, initial=0), counts)]
         flat = torch.tensor([r for item in lists for r in item.ranks()], dtype=torch.long)
         ranks, _ = stack_lists(flat, list(counts))
-        batch = collate_completions(examples, self.layout, self.pad_id, self.pack_tokens)
-        return with_rows(batch, lists, ranks=ranks, counts=counts)
+        return self.rows_batch(examples, lists, ranks=ranks, counts=counts)
 
     @staticmethod
     def length(item: TokenizedList) -> int:
@@ -236,7 +242,7 @@ class ListObjective(PolicyScored):
 
 
 @dataclass(frozen=True)
-class UnpairedObjective(PolicyScored):
+class UnpairedObjective(CompletionsObjective):
     """(prompt, completion, label) rows under KTO (:func:`tiltlm.losses.kto`, Ethayarajh et al. 2024, eq. 8).
 
     The reference point z0 (:func:`tiltlm.losses.kto_reference_point`) is estimated per micro-batch from
@@ -246,16 +252,10 @@ class UnpairedObjective(PolicyScored):
     its value at step 0.
     """
 
-    pad_id: int
-    max_length: int
-    beta: float = 0.1
     desirable_weight: float = 1.0
     undesirable_weight: float = 1.0
-    layout: str = "packed"
-    pack_tokens: int = 0
-    chunk_size: int = 256
+    max_length: int = field(kw_only=True)  # a mismatched completion is cut to fit
     progress_keys = ("rewards/accuracies", "kl")
-    needs_reference = True
     precomputable = False  # z0's mismatched pairs depend on the micro-batch: no table can hold them
 
     def collate(self, rows: list[TokenizedUnpaired]) -> RowBatch:
@@ -266,8 +266,7 @@ class UnpairedObjective(PolicyScored):
         for i, other in enumerate(others):  # sequence n + i: row i's prompt, row i + 1's completion
             examples[i].completions.append(other.completion_ids)
             examples[i].sequence_ids.append(n + i)
-        batch = collate_completions(examples, self.layout, self.pad_id, self.pack_tokens)
-        return with_rows(batch, rows, desirable=torch.tensor([row.label for row in rows], dtype=torch.bool))
+        return self.rows_batch(examples, rows, desirable=torch.tensor([row.label for row in rows], dtype=torch.bool))
 
     @staticmethod
     def length(row: TokenizedUnpaired) -> int:
@@ -378,7 +377,7 @@ def make_objective(config: TrainConfig, tokenizer, kind: str = "pairs"):
         if config.batch_size < 2:
             raise ConfigError("batch_size = 1: KTO estimates its reference point from mismatched rows of a "
                               "micro-batch; expected batch_size >= 2")
-        return UnpairedObjective(pad, config.max_length, config.beta, config.kto_desirable_weight,
-                                 config.kto_undesirable_weight, config.layout, pack, config.logprob_chunk)
+        return UnpairedObjective(pad, config.beta, config.layout, pack, config.logprob_chunk,
+                                 config.kto_desirable_weight, config.kto_undesirable_weight, max_length=config.max_length)
     params, names, weights = loss_setup(config)
     return PairObjective(collate, params, names, weights, config.logprob_chunk)
