@@ -237,8 +237,7 @@ def lookup_reference(table: Tensor) -> Callable[..., tuple[Tensor, Tensor]]:
     counts_table = table[:, half:].round().long()
 
     def reference(batch: Batch, indices: Iterable[int] | None = None) -> tuple[Tensor, Tensor]:
-        if indices is None:
-            indices = getattr(batch, "indices", None)
+        indices = indices if indices is not None else getattr(batch, "indices", None)
         if indices is None or len(tuple(indices)) != batch.num_pairs:
             raise ValueError(f"precomputed reference: the batch holds {batch.num_pairs} pairs but says which "
                              f"ones by {indices!r}; set Batch.indices to the pairs' positions in the data")
