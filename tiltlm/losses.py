@@ -134,12 +134,10 @@ def ipo(policy: PairLogps, reference: PairLogps, params: LossParams) -> LossOutp
 
         loss = (h - 1 / (2 tau))^2,   h = log-ratio(y_w) - log-ratio(y_l)
 
-    Where DPO pushes ``h`` towards infinity, IPO regresses it onto a finite target: the KL keeps its grip.
-    ``ipo_average`` (default) uses per-token log-ratios: with sums the target is a fixed number of nats
-    per completion (0.017 a token for 300 tokens at tau = 0.1), so tau's strength would depend on length;
-    the IPO authors advised this when TRL's first, summed IPO was found wrong (TRL pull request 1265, the
-    "pref-tuning" blog post). Summed, it is the paper read literally (exact for one-token completions,
-    :mod:`tiltlm.verify`). Reported rewards: ``beta`` times those log-ratios (target margin 0.5).
+    A finite target where DPO pushes ``h`` to infinity, so the KL keeps its grip. ``ipo_average`` (default)
+    uses per-token log-ratios, else tau's strength depends on length (the target is 0.017 nats a token over
+    300 tokens at tau = 0.1), as the IPO authors advised when TRL's summed IPO was found wrong (TRL pull
+    request 1265, the "pref-tuning" blog post); summed is the paper read literally (:mod:`tiltlm.verify`).
     """
     chosen, rejected = _log_ratios(policy, reference, average=params.ipo_average)
     losses = (chosen - rejected - 1.0 / (2.0 * params.beta)) ** 2
@@ -228,9 +226,8 @@ EXO_DEFAULT_EPS = 1e-3
 
 
 def exo(policy: PairLogps, reference: PairLogps, params: LossParams) -> LossOutput:
-    """Pairwise EXO (Ji et al. 2024, "Towards Efficient Exact Optimization of Language Model
-    Alignment", eq. 16): the reverse KL from the policy's preference distribution over the pair,
-    ``(sigma(h), sigma(-h))``, to the label distribution ``(1 - eps, eps)``::
+    """Pairwise EXO (Ji et al. 2024, "Towards Efficient Exact Optimization of Language Model Alignment",
+    eq. 16): the reverse KL from ``(sigma(h), sigma(-h))`` to the label distribution ``(1 - eps, eps)``::
 
         loss = sigma(h) (log sigma(h) - log(1 - eps)) + sigma(-h) (log sigma(-h) - log eps),
         h = beta * (log-ratio(y_w) - log-ratio(y_l))
