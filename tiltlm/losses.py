@@ -138,6 +138,7 @@ def ipo(policy: PairLogps, reference: PairLogps, params: LossParams) -> LossOutp
     uses per-token log-ratios, else tau's strength depends on length (the target is 0.017 nats a token over
     300 tokens at tau = 0.1), as the IPO authors advised when TRL's summed IPO was found wrong (TRL pull
     request 1265, the "pref-tuning" blog post); summed is the paper read literally (:mod:`tiltlm.verify`).
+    Reported rewards: ``beta`` times those log-ratios, so the target margin logs as 0.5.
     """
     chosen, rejected = _log_ratios(policy, reference, average=params.ipo_average)
     losses = (chosen - rejected - 1.0 / (2.0 * params.beta)) ** 2
