@@ -139,8 +139,8 @@ def width_of(examples: Sequence) -> int:
 
 
 def sequence_slots(batch: Batch, examples: Sequence) -> tuple[list[int], list[int]]:
-    """For each sequence of ``batch`` (of ``examples``), which example it belongs to and which completion
-    of it: the collate's numbering (module docstring)."""
+    """For each sequence of ``batch`` (of ``examples``, or their table rows), which example it belongs to and
+    which completion of it: the collate's numbering (module docstring), for the table's writer and reader."""
     counts = getattr(batch, "counts", ())
     if not counts:  # pairs: chosen of every pair, then rejected
         n = len(examples)
@@ -242,10 +242,8 @@ def lookup_reference(table: Tensor) -> Callable[..., tuple[Tensor, Tensor]]:
             raise ValueError(f"precomputed reference: the batch holds {batch.num_pairs} pairs but says which "
                              f"ones by {indices!r}; set Batch.indices to the pairs' positions in the data")
         rows = torch.as_tensor(tuple(indices), dtype=torch.long)
+        example, completion = (torch.tensor(v, dtype=torch.long) for v in sequence_slots(batch, rows))
         device = batch.input_ids.device
-        if not getattr(batch, "counts", ()):  # pairs: [chosen of all pairs, rejected of all pairs]
-            return logps_table[rows].T.reshape(-1).to(device), counts_table[rows].T.reshape(-1).to(device)
-        present = counts_table[rows] > 0  # each list's own completions, list after list
-        return logps_table[rows][present].to(device), counts_table[rows][present].to(device)
+        return logps_table[rows[example], completion].to(device), counts_table[rows[example], completion].to(device)
 
     return reference
