@@ -9,9 +9,16 @@ import pytest
 import torch
 
 from tiltlm.losses import (bradley_terry_reward_loss, dpo_loss, kto, kto_reference_point, list_rewards,
-                           plackett_luce, stack_lists, weighted_mean)
+                           plackett_luce, stack_lists)
 
 D = torch.float64
+
+
+def weighted_mean(losses: torch.Tensor, weights: torch.Tensor | None = None) -> torch.Tensor:
+    """The step loss the objectives implement: ``sum_i w_i * loss_i / n`` (moved here from tiltlm.losses)."""
+    if weights is None:
+        return losses.mean()
+    return (losses * weights.to(losses.dtype)).sum() / losses.numel()
 
 
 def t(values, dtype=D) -> torch.Tensor:

@@ -1,13 +1,5 @@
-"""Preference losses: pure functions from sequence log-probs to per-pair losses and rewards.
-
-Every loss here has one signature::
-
-    loss(policy: PairLogps, reference: PairLogps | None, params: LossParams) -> LossOutput
-
-``policy`` and ``reference`` hold, for each pair, the summed log-probability of the chosen and the
-rejected completion and their token counts (see :mod:`tiltlm.logprobs`). The loss returns one value
-per pair (the caller averages) and the implicit rewards it logs. Nothing here knows about models,
-tokenizers or batches.
+"""Preference losses: pure functions from summed completion log-probs and token counts per pair
+(:mod:`tiltlm.logprobs`) to one loss per pair (the caller averages) and the implicit rewards it logs.
 
 Notation: sigma is the logistic function, ``pi`` the policy, ``pi_ref`` the reference, ``y_w`` the
 chosen (preferred) and ``y_l`` the rejected completion of prompt ``x``.
@@ -54,35 +46,17 @@ class LossParams:
     orpo_lambda: float = 0.1  # orpo: weight of the odds-ratio term (see :func:`orpo`)
 
 
-def dpo_loss(
-    policy_chosen_logps: Tensor,
-    policy_rejected_logps: Tensor,
-    reference_chosen_logps: Tensor,
-    reference_rejected_logps: Tensor,
-    beta: float = 0.1,
-    label_smoothing: float = 0.0,
-) -> tuple[Tensor, Tensor, Tensor]:
-    """The DPO loss (Rafailov et al. 2023, "Direct Preference Optimization", eq. 7).
-
-    Derivation in brief. The KL-regularised objective ``max_pi E[r] - beta KL(pi || pi_ref)`` has the
-    optimum ``pi*(y|x) = pi_ref(y|x) exp(r(x,y)/beta) / Z(x)`` (eq. 4). Solving for the reward gives
-    ``r(x,y) = beta log pi*(y|x)/pi_ref(y|x) + beta log Z(x)`` (eq. 5). Under Bradley-Terry,
-    ``P(y_w > y_l | x) = sigma(r(x,y_w) - r(x,y_l))``, so ``beta log Z(x)`` cancels and the negative
-    log-likelihood of the preference becomes, with implicit rewards
-    ``r_hat(y) = beta (log pi(y|x) - log pi_ref(y|x))``::
-
-        loss = -log sigma(r_hat(y_w) - r_hat(y_l))                                   (eq. 7)
-
-    With ``label_smoothing = eps`` > 0 (conservative DPO, Mitchell 2023, "A note on DPO with noisy
-    preferences"), each label is taken to be flipped with probability eps::
+def dpo_loss(policy_chosen_logps: Tensor, policy_rejected_logps: Tensor, reference_chosen_logps: Tensor,
+             reference_rejected_logps: Tensor, beta: float = 0.1,
+             label_smoothing: float = 0.0) -> tuple[Tensor, Tensor, Tensor]:
+    """The DPO loss (Rafailov et al. 2023, "Direct Preference Optimization", eq. 7) with implicit rewards
+    ``r_hat(y) = beta (log pi(y|x) - log pi_ref(y|x))`` (eq. 5) and, for ``label_smoothing = eps > 0``,
+    conservative DPO (Mitchell 2023, "A note on DPO with noisy preferences": labels flipped with prob. eps)::
 
         loss = -(1 - eps) log sigma(h) - eps log sigma(-h),   h = r_hat(y_w) - r_hat(y_l)
 
-    ``logsigmoid`` keeps both terms finite for any margin (``log(sigmoid(h))`` underflows to -inf
-    for h below about -88 in float32).
-
-    Returns ``(losses, chosen_rewards, rejected_rewards)``, each of shape [pairs]; the rewards are
-    detached, for logging.
+    ``logsigmoid`` keeps both terms finite (``log(sigmoid(h))`` is -inf below h = -88 in float32).
+    Returns ``(losses, chosen_rewards, rejected_rewards)``, the rewards detached.
     """
     chosen_rewards = beta * (policy_chosen_logps - reference_chosen_logps)
     rejected_rewards = beta * (policy_rejected_logps - reference_rejected_logps)
@@ -94,23 +68,12 @@ def dpo_loss(
 # --- shared pieces -----------------------------------------------------------------------------------
 
 
-def _require_reference(reference: PairLogps | None, name: str) -> PairLogps:
-    """The reference log-probs, or a clear error naming the loss that needed them."""
-    if reference is None:
-        raise ValueError(f"the {name!r} loss needs reference log-probs, but none were given "
-                         f"(reference-free losses: {', '.join(sorted(REFERENCE_FREE))})")
-    return reference
-
-
 def _average(logps: Tensor, tokens: Tensor) -> Tensor:
-    """Per-token mean log-prob. An empty completion has summed log-prob 0; dividing by at least one
-    token keeps its mean 0 instead of NaN."""
+    """Per-token mean log-prob; an empty completion (sum 0) gets mean 0, not NaN."""
     return logps / tokens.clamp(min=1).to(logps.dtype)
 
 
 def _log_ratios(policy: PairLogps, reference: PairLogps, average: bool = False) -> tuple[Tensor, Tensor]:
-    """``log pi(y|x) - log pi_ref(y|x)`` for the chosen and the rejected completion, summed over tokens
-    or (``average``) per token."""
     chosen = policy.chosen - reference.chosen
     rejected = policy.rejected - reference.rejected
     if average:
@@ -118,39 +81,35 @@ def _log_ratios(policy: PairLogps, reference: PairLogps, average: bool = False) 
     return chosen, rejected
 
 
+def _averages(policy: PairLogps) -> tuple[Tensor, Tensor]:
+    return _average(policy.chosen, policy.chosen_tokens), _average(policy.rejected, policy.rejected_tokens)
+
+
 def _scaled(beta: float, chosen: Tensor, rejected: Tensor) -> tuple[Tensor, Tensor]:
-    """``beta * chosen``, ``beta * rejected``, detached: the rewards a loss reports for logging."""
     return (beta * chosen).detach(), (beta * rejected).detach()
 
 
 def log1mexp(x: Tensor) -> Tensor:
     """``log(1 - exp(x))`` for ``x < 0``, accurate over the whole range (Maechler 2012, "Accurately
     computing log(1 - exp(-|a|))"): ``log(-expm1(x))`` for ``x > -log 2``, ``log1p(-exp(x))`` below.
-
-    Each branch is fed only inputs where it is finite, because ``torch.where`` back-propagates
-    ``0 * inf = NaN`` through the branch it did not select. ``x`` is clamped a hair below 0: at
-    ``x = 0`` (probability one) the result is ``-inf`` and its gradient infinite.
-    """
+    Each branch sees only inputs where it is finite (``torch.where`` back-propagates ``0 * inf = NaN``
+    through the other), and ``x`` is clamped a hair below 0, where the gradient is infinite."""
     x = x.clamp(max=-torch.finfo(x.dtype).tiny)
     near_zero = torch.log(-torch.expm1(x.clamp(min=-math.log(2.0))))
     far = torch.log1p(-torch.exp(x.clamp(max=-math.log(2.0))))
     return torch.where(x > -math.log(2.0), near_zero, far)
 
 
-# --- the losses --------------------------------------------------------------------------------------
+# --- the losses (a reference-needing one is called with reference log-probs: :class:`Loss` checks) -------
 
 
-def sigmoid(policy: PairLogps, reference: PairLogps | None, params: LossParams) -> LossOutput:
+def sigmoid(policy: PairLogps, reference: PairLogps, params: LossParams) -> LossOutput:
     """DPO (eq. 7 of Rafailov et al. 2023), with conservative label smoothing; see :func:`dpo_loss`."""
-    reference = _require_reference(reference, "sigmoid")
-    losses, chosen, rejected = dpo_loss(
-        policy.chosen, policy.rejected, reference.chosen, reference.rejected,
-        beta=params.beta, label_smoothing=params.label_smoothing,
-    )
-    return LossOutput(losses, chosen, rejected)
+    return LossOutput(*dpo_loss(policy.chosen, policy.rejected, reference.chosen, reference.rejected,
+                                beta=params.beta, label_smoothing=params.label_smoothing))
 
 
-def robust(policy: PairLogps, reference: PairLogps | None, params: LossParams) -> LossOutput:
+def robust(policy: PairLogps, reference: PairLogps, params: LossParams) -> LossOutput:
     """Robust DPO (Chowdhury, Kini & Natarajan 2024, "Provably Robust DPO: Aligning Language Models with
     Noisy Feedback"): the rDPO loss, unbiased when each label is flipped with known probability
     ``eps = label_smoothing``::
@@ -158,12 +117,8 @@ def robust(policy: PairLogps, reference: PairLogps | None, params: LossParams) -
         loss = ((1 - eps) * -log sigma(h) - eps * -log sigma(-h)) / (1 - 2 eps),
         h = beta * (log-ratio(y_w) - log-ratio(y_l))
 
-    Unbiased: with ``L`` this loss, the expectation over the flip, ``(1 - eps) L(h) + eps L(-h)``,
-    equals the clean DPO loss ``-log sigma(h)``. Unlike cDPO (:func:`sigmoid` with label smoothing) the
-    loss is not bounded below: the ``-eps * -log sigma(-h)`` term falls without limit as ``h`` grows.
-    ``eps`` must be below 1/2. With ``eps = 0`` this is DPO.
+    Unbiased: ``(1 - eps) L(h) + eps L(-h) = -log sigma(h)``. Unlike cDPO it is not bounded below.
     """
-    reference = _require_reference(reference, "robust")
     eps = params.label_smoothing
     if not 0.0 <= eps < 0.5:
         raise ValueError(f"the robust loss needs 0 <= label_smoothing < 0.5, got {eps}")
@@ -173,45 +128,32 @@ def robust(policy: PairLogps, reference: PairLogps | None, params: LossParams) -
     return LossOutput(losses, *_scaled(params.beta, chosen, rejected))
 
 
-def ipo(policy: PairLogps, reference: PairLogps | None, params: LossParams) -> LossOutput:
+def ipo(policy: PairLogps, reference: PairLogps, params: LossParams) -> LossOutput:
     """IPO (Azar et al. 2023, "A General Theoretical Paradigm to Understand Learning from Human
     Preferences", eq. 17), with ``tau = beta``::
 
         loss = (h - 1 / (2 tau))^2,   h = log-ratio(y_w) - log-ratio(y_l)
 
-    Where DPO pushes ``h`` towards infinity whenever a preference is deterministic, IPO regresses it
-    onto the finite target ``1/(2 tau)``, so the KL regularisation keeps its grip.
-
-    Length averaging (``ipo_average``, default on). The paper writes ``pi(y|x)`` without saying how a
-    sequence is scored. With summed log-probs the target ``1/(2 tau)`` is a fixed number of nats for
-    the whole completion, whatever its length: at ``tau = 0.1`` a 300-token completion meets it with
-    0.017 nats per token, so long completions barely move, and the effective strength of ``tau``
-    depends on length. Per-token means make the target a per-token log-ratio margin. This is what the
-    IPO authors advised Hugging Face when TRL's first, summed IPO was found wrong (TRL pull request
-    1265, the "pref-tuning" blog post). ``ipo_average = False`` uses sums: the paper's formula read
-    literally, exact for one-token "completions" as in :mod:`tiltlm.verify`.
-
-    Rewards reported: ``beta`` times the log-ratios the loss acts on (per-token when averaging), so
-    the logged margin is ``tau * h`` and IPO's target shows as 0.5.
+    A finite target where DPO pushes ``h`` to infinity, so the KL keeps its grip. ``ipo_average`` (default)
+    uses per-token log-ratios, else tau's strength depends on length (the target is 0.017 nats a token over
+    300 tokens at tau = 0.1), as the IPO authors advised when TRL's summed IPO was found wrong (TRL pull
+    request 1265, the "pref-tuning" blog post); summed is the paper read literally (:mod:`tiltlm.verify`).
+    Reported rewards: ``beta`` times those log-ratios, so the target margin logs as 0.5.
     """
-    reference = _require_reference(reference, "ipo")
     chosen, rejected = _log_ratios(policy, reference, average=params.ipo_average)
     losses = (chosen - rejected - 1.0 / (2.0 * params.beta)) ** 2
     return LossOutput(losses, *_scaled(params.beta, chosen, rejected))
 
 
-def hinge(policy: PairLogps, reference: PairLogps | None, params: LossParams) -> LossOutput:
+def hinge(policy: PairLogps, reference: PairLogps, params: LossParams) -> LossOutput:
     """The SLiC-HF rank calibration loss (Zhao et al. 2023, "SLiC-HF: Sequence Likelihood Calibration
     with Human Feedback"), in the reference-normalised form TRL uses::
 
         loss = max(0, 1 - beta * h),   h = log-ratio(y_w) - log-ratio(y_l)
 
-    SLiC's own form is ``max(0, delta - log pi(y_w|x) + log pi(y_l|x))``; this is ``beta`` times it
-    with margin ``delta = 1/beta`` and log-probs measured against the reference. SLiC-HF's second
-    term, an NLL on the reference/SFT targets, is left to a combination such as ``hinge,nll``.
-    Once the margin reaches ``1/beta`` the gradient is exactly zero.
+    SLiC's ``max(0, delta - log pi(y_w|x) + log pi(y_l|x))`` times ``beta``, with ``delta = 1/beta`` and
+    log-probs against the reference; its NLL term is left to a combination such as ``hinge,nll``.
     """
-    reference = _require_reference(reference, "hinge")
     chosen, rejected = _log_ratios(policy, reference)
     losses = torch.relu(1.0 - params.beta * (chosen - rejected))
     return LossOutput(losses, *_scaled(params.beta, chosen, rejected))
@@ -219,19 +161,14 @@ def hinge(policy: PairLogps, reference: PairLogps | None, params: LossParams) ->
 
 def simpo(policy: PairLogps, reference: PairLogps | None, params: LossParams) -> LossOutput:
     """SimPO (Meng, Xia & Chen 2024, "SimPO: Simple Preference Optimization with a Reference-Free
-    Reward"), reference-free::
+    Reward"), reference-free, with ``avg`` the per-token mean and ``gamma = simpo_gamma``::
 
         loss = -log sigma(beta * (avg log pi(y_w|x) - avg log pi(y_l|x)) - gamma)
 
-    with ``avg`` the per-token mean and ``gamma = simpo_gamma`` a target reward margin. The implicit
-    reward is ``beta * avg log pi(y|x)``, which is what is reported.
-
-    The CLI's ``--beta`` is used as SimPO's beta. Its default, 0.1, is a DPO value; the paper uses
-    beta around 2-2.5 with ``gamma / beta`` around 0.5, so for its setting pass ``--beta 2.0`` (the
-    ``simpo_gamma`` default, 1.0, matches that ratio at beta = 2).
+    Reported reward: ``beta * avg log pi(y|x)``. The paper's beta is around 2-2.5 (``--beta 2.0``), not
+    DPO's 0.1, with ``gamma / beta`` around 0.5.
     """
-    chosen = _average(policy.chosen, policy.chosen_tokens)
-    rejected = _average(policy.rejected, policy.rejected_tokens)
+    chosen, rejected = _averages(policy)
     losses = -F.logsigmoid(params.beta * (chosen - rejected) - params.simpo_gamma)
     return LossOutput(losses, *_scaled(params.beta, chosen, rejected))
 
@@ -244,57 +181,42 @@ def orpo(policy: PairLogps, reference: PairLogps | None, params: LossParams) -> 
         log odds(y) = avg log pi(y|x) - log(1 - exp(avg log pi(y|x)))
         loss        = -avg log pi(y_w|x) - lambda * log sigma(log odds(y_w) - log odds(y_l))
 
-    ``lambda = orpo_lambda``, default 0.1, TRL's default for this weight (which TRL calls ``beta``;
-    here ``beta`` keeps its meaning of reward scale and only scales the reported rewards,
-    ``beta * avg log pi(y|x)``). ``log(1 - exp(.))`` goes through :func:`log1mexp`: the naive form
-    loses all precision as a completion's likelihood nears one.
+    ``lambda = orpo_lambda`` (TRL's ``beta``, default 0.1); ``beta`` only scales the reported rewards,
+    ``beta * avg log pi(y|x)``. :func:`log1mexp` keeps precision as a likelihood nears one.
     """
-    chosen = _average(policy.chosen, policy.chosen_tokens)
-    rejected = _average(policy.rejected, policy.rejected_tokens)
+    chosen, rejected = _averages(policy)
     log_odds_ratio = (chosen - log1mexp(chosen)) - (rejected - log1mexp(rejected))
     losses = -chosen - params.orpo_lambda * F.logsigmoid(log_odds_ratio)
     return LossOutput(losses, *_scaled(params.beta, chosen, rejected))
 
 
 def nll(policy: PairLogps, reference: PairLogps | None, params: LossParams) -> LossOutput:
-    """Length-averaged negative log-likelihood of the chosen completion, ``-log pi(y_w|x) / |y_w|``:
-    the NLL term of RPO (Pang et al. 2024, "Iterative Reasoning Preference Optimization", the
-    DPO+NLL loss). Combine it, e.g. ``--loss sigmoid,nll --loss-weights 1,1``; it keeps DPO from
-    lowering the chosen likelihood while it widens the margin (likelihood displacement).
-
-    Rewards reported: DPO's implicit rewards when a reference is given, else ``beta * avg log pi``.
+    """``-log pi(y_w|x) / |y_w|``, the NLL term of RPO (Pang et al. 2024, "Iterative Reasoning Preference
+    Optimization"): in ``--loss sigmoid,nll`` it keeps DPO from lowering the chosen likelihood while it
+    widens the margin (likelihood displacement). Reported rewards: DPO's with a reference, else SimPO's.
     """
-    chosen = _average(policy.chosen, policy.chosen_tokens)
-    if reference is None:
-        rewards = _scaled(params.beta, chosen, _average(policy.rejected, policy.rejected_tokens))
-    else:
-        rewards = _scaled(params.beta, *_log_ratios(policy, reference))
-    return LossOutput(-chosen, *rewards)
+    reported = _averages(policy) if reference is None else _log_ratios(policy, reference)
+    return LossOutput(-_average(policy.chosen, policy.chosen_tokens), *_scaled(params.beta, *reported))
 
 
-def apo_zero(policy: PairLogps, reference: PairLogps | None, params: LossParams) -> LossOutput:
+def apo_zero(policy: PairLogps, reference: PairLogps, params: LossParams) -> LossOutput:
     """APO-zero (D'Oosterlinck et al. 2024, "Anchored Preference Optimization and Contrastive
     Revisions", eq. 7), for chosen completions better than the model's own outputs::
 
         loss = (1 - sigma(beta * r_w)) + sigma(beta * r_l),   r = log-ratio
-
-    Each completion is anchored separately at the reference: the chosen likelihood is pushed up and
-    the rejected one down, instead of only their difference being controlled as in DPO.
     """
-    reference = _require_reference(reference, "apo_zero")
     chosen, rejected = _log_ratios(policy, reference)
     b = params.beta
     losses = (1.0 - torch.sigmoid(b * chosen)) + torch.sigmoid(b * rejected)
     return LossOutput(losses, *_scaled(b, chosen, rejected))
 
 
-def apo_down(policy: PairLogps, reference: PairLogps | None, params: LossParams) -> LossOutput:
+def apo_down(policy: PairLogps, reference: PairLogps, params: LossParams) -> LossOutput:
     """APO-down (D'Oosterlinck et al. 2024, eq. 8), for chosen completions worse than the model's own
     outputs: lower both likelihoods, the rejected one more::
 
         loss = sigma(beta * r_w) + (1 - sigma(beta * (r_w - r_l))),   r = log-ratio
     """
-    reference = _require_reference(reference, "apo_down")
     chosen, rejected = _log_ratios(policy, reference)
     b = params.beta
     losses = torch.sigmoid(b * chosen) + (1.0 - torch.sigmoid(b * (chosen - rejected)))
@@ -304,19 +226,16 @@ def apo_down(policy: PairLogps, reference: PairLogps | None, params: LossParams)
 EXO_DEFAULT_EPS = 1e-3
 
 
-def exo(policy: PairLogps, reference: PairLogps | None, params: LossParams) -> LossOutput:
-    """Pairwise EXO (Ji et al. 2024, "Towards Efficient Exact Optimization of Language Model
-    Alignment", eq. 16): the reverse KL from the policy's preference distribution over the pair,
-    ``(sigma(h), sigma(-h))``, to the label distribution ``(1 - eps, eps)``::
+def exo(policy: PairLogps, reference: PairLogps, params: LossParams) -> LossOutput:
+    """Pairwise EXO (Ji et al. 2024, "Towards Efficient Exact Optimization of Language Model Alignment",
+    eq. 16): the reverse KL from ``(sigma(h), sigma(-h))`` to the label distribution ``(1 - eps, eps)``::
 
         loss = sigma(h) (log sigma(h) - log(1 - eps)) + sigma(-h) (log sigma(-h) - log eps),
         h = beta * (log-ratio(y_w) - log-ratio(y_l))
 
-    The minimum is at ``h = log((1 - eps) / eps)``, a finite margin. ``eps = label_smoothing``; EXO
-    needs ``eps > 0`` (with ``eps = 0`` the ``log eps`` term is infinite), so 0 means the paper's
-    ``1e-3``.
+    minimal at the finite margin ``h = log((1 - eps) / eps)``. ``eps = label_smoothing``, 0 meaning the
+    paper's ``1e-3`` (``log eps`` is infinite at 0).
     """
-    reference = _require_reference(reference, "exo")
     eps = params.label_smoothing if params.label_smoothing > 0 else EXO_DEFAULT_EPS
     chosen, rejected = _log_ratios(policy, reference)
     h = params.beta * (chosen - rejected)
@@ -328,21 +247,21 @@ def exo(policy: PairLogps, reference: PairLogps | None, params: LossParams) -> L
 
 # --- registry and combination ------------------------------------------------------------------------
 
-LossFn = Callable[[PairLogps, "PairLogps | None", LossParams], LossOutput]
-
 
 @dataclass(frozen=True)
 class Loss:
-    """A loss of the family with the properties a trainer needs to know, carried by the loss itself:
-    whether it needs reference log-probs (if none of a run's losses does, no reference is loaded), and
-    whether it acts on per-token mean log-probs (by default) rather than sums."""
+    """A loss and what a trainer needs to know of it: whether it needs reference log-probs (if no loss of a
+    run does, no reference is loaded), acts on per-token means rather than sums, reads ``label_smoothing``."""
 
-    fn: LossFn
+    fn: Callable[..., LossOutput]
     needs_reference: bool = True
     per_token: bool = False
     uses_label_smoothing: bool = False
 
     def __call__(self, policy: PairLogps, reference: PairLogps | None, params: LossParams) -> LossOutput:
+        if reference is None and self.needs_reference:
+            raise ValueError(f"the {self.fn.__name__!r} loss needs reference log-probs, but none were given "
+                             f"(reference-free losses: {', '.join(sorted(REFERENCE_FREE))})")
         return self.fn(policy, reference, params)
 
 
@@ -365,57 +284,25 @@ REFERENCE_FREE: frozenset[str] = frozenset(name for name, loss in LOSSES.items()
 
 
 def needs_reference(names: tuple[str, ...]) -> bool:
-    """Whether any of the named losses needs reference log-probs."""
     return any(LOSSES[name].needs_reference for name in names)
 
 
-def preference_loss(
-    policy: PairLogps,
-    reference: PairLogps | None,
-    params: LossParams,
-    names: tuple[str, ...] = ("sigmoid",),
-    weights: tuple[float, ...] = (1.0,),
-) -> LossOutput:
-    """A weighted sum of named losses from :data:`LOSSES`, e.g. DPO + NLL (RPO).
-
-    The rewards reported are those of the first loss in ``names``. Unknown names, a weight count that
-    does not match, and a reference-needing loss without reference log-probs are ``ValueError``\\ s.
-    """
+def preference_loss(policy: PairLogps, reference: PairLogps | None, params: LossParams,
+                    names: tuple[str, ...] = ("sigmoid",), weights: tuple[float, ...] = (1.0,)) -> LossOutput:
+    """A weighted sum of named losses from :data:`LOSSES`, e.g. DPO + NLL (RPO), reporting the rewards
+    of the first loss in ``names``."""
     unknown = [name for name in names if name not in LOSSES]
     if unknown or not names:
         raise ValueError(f"unknown loss {', '.join(map(repr, unknown)) or '(none given)'}; "
                          f"valid names: {', '.join(LOSSES)}")
     if len(weights) != len(names):
         raise ValueError(f"{len(names)} losses ({','.join(names)}) but {len(weights)} weights")
-    if reference is None and needs_reference(names):
-        missing = [name for name in names if LOSSES[name].needs_reference]
-        raise ValueError(f"loss {', '.join(missing)} needs a reference model, but no reference "
-                         f"log-probs were given (reference-free: {', '.join(sorted(REFERENCE_FREE))})")
     outputs = [LOSSES[name](policy, reference, params) for name in names]
     total = sum(w * out.losses for w, out in zip(weights, outputs))
     return LossOutput(total, outputs[0].chosen_rewards, outputs[0].rejected_rewards)
 
 
-# --- beyond pairs: ranked lists, unpaired labels, reward models, per-row weights -------------------------
-#
-# These take plain tensors rather than PairLogps: a ranked list has K completions, an unpaired row one,
-# a reward model scores instead of log-probs. Each returns one loss per row; :func:`weighted_mean`
-# turns per-row losses and per-row weights into the step's loss.
-
-
-def weighted_mean(losses: Tensor, weights: Tensor | None = None) -> Tensor:
-    """The step loss from per-row losses and per-row weights: ``sum_i w_i * loss_i / n``.
-
-    The divisor is the number of rows ``n``, not ``sum_i w_i``: with every weight 1 this is today's mean,
-    and a row's weight multiplies its contribution to the gradient exactly (weight 2 counts as two copies
-    of the row, weight 0 removes it) instead of being renormalised against the other rows of its step.
-    Normalising by ``sum w`` would make one row's weight change how much every other row in the step
-    counts, so the same example would pull differently depending on its batch mates. ``weights`` of
-    ``None`` means every weight is 1.
-    """
-    if weights is None:
-        return losses.mean()
-    return (losses * weights.to(losses.dtype)).sum() / losses.numel()
+# --- beyond pairs (plain tensors: K completions, one, or reward-model scores), one loss per row ----------
 
 
 def list_rewards(policy_logps: Tensor, reference_logps: Tensor, beta: float) -> Tensor:
@@ -425,9 +312,8 @@ def list_rewards(policy_logps: Tensor, reference_logps: Tensor, beta: float) -> 
 
 
 def stack_lists(values: Tensor, counts: list[int]) -> tuple[Tensor, Tensor]:
-    """Per-sequence values laid list after list (``counts[i]`` values for list ``i``, in order) as a
-    padded [lists, K_max] tensor (padding 0) and its bool mask: the input form of
-    :func:`plackett_luce`, for rewards and, from a flat tensor of ranks, for ranks too."""
+    """Values laid list after list (``counts[i]`` for list ``i``) as a padded [lists, K_max] tensor
+    (padding 0) and its bool mask: the input form of :func:`plackett_luce` (rewards, ranks)."""
     k_max = max(counts)
     counts_t = torch.tensor(counts, device=values.device)
     mask = torch.arange(k_max, device=values.device)[None, :] < counts_t[:, None]
@@ -440,24 +326,16 @@ def plackett_luce(rewards: Tensor, mask: Tensor, ranks: Tensor) -> Tensor:
     Rafailov et al. 2023, Appendix A.3: the model is eq. 18; substituting the implicit reward of eq. 5
     into it gives the DPO objective over rankings that closes that appendix).
 
-    ``rewards`` [rows, K_max]: the implicit rewards ``beta log pi/pi_ref`` of the completions (see
-    :func:`list_rewards`); ``mask`` [rows, K_max] bool: which completions exist (rows have K_i <= K_max
-    completions, the rest padding with any finite reward); ``ranks`` [rows, K_max] int: each completion's
-    rank, 0 the best, larger worse. For a strict ranking ``tau`` (completion ``tau(k)`` at place ``k``)::
+    ``rewards``, ``mask`` (which completions exist) and ``ranks`` (0 the best) are [rows, K_max]. For a
+    strict ranking ``tau``, per completion ``i``: ``-(r_i - logsumexp{r_j : rank_j >= rank_i})``::
 
         P(tau) = prod_{k=1..K} exp(r_tau(k)) / sum_{j=k..K} exp(r_tau(j))                     (eq. 18)
         loss   = -sum_{k=1..K} [ r_tau(k) - log sum_{j>=k} exp(r_tau(j)) ]         (A.3's objective)
 
-    Written per completion ``i``: ``-(r_i - logsumexp{r_j : rank_j >= rank_i})``; the worst term is 0.
-    For K = 2 this is ``-log sigma(r_w - r_l)``, DPO's eq. 7.
-
-    Ties (equal ranks, from equal scores) are handled by Breslow's approximation for tied events in
-    Cox's partial likelihood (Breslow 1974, "Covariance analysis of censored survival data"): every
-    member of a tied group gets the same denominator, the log-sum-exp over the group and everything
-    ranked below it, and no order among the tied completions is asserted. So a tie says "these beat
-    everything below" and nothing about each other; with no ties it is exactly the objective above.
-    (Its only pull between tied completions is symmetric: for a fixed sum of their rewards, a group's
-    terms are smallest when its members' rewards are equal, ``logsumexp`` being convex.)
+    For K = 2 this is DPO's eq. 7. Ties follow Breslow's approximation for tied events in Cox's partial
+    likelihood (Breslow 1974, "Covariance analysis of censored survival data"): a tied group shares one
+    denominator, over the group and everything below, so a tie says "these beat everything below" and
+    nothing about each other.
     """
     valid_j = mask[:, None, :]
     # eligible[n, i, j]: completion j is still "in the urn" when completion i is drawn. The diagonal is
@@ -476,11 +354,8 @@ def kto_reference_point(kl_policy_logps: Tensor, kl_reference_logps: Tensor) -> 
 
         z_0_hat = max(0, mean_j [log pi(y'_j|x_j) - log pi_ref(y'_j|x_j)])
 
-    over *mismatched* prompt/completion pairs of the batch (prompt ``x_j`` with the completion of
-    another row; see :func:`tiltlm.data.tokenize.mismatched_unpaired`), clamped at 0 (a KL is not
-    negative; the estimate can be), and detached: the paper does not back-propagate through it. Under
-    data parallelism the mean belongs over the whole global batch: all-reduce the sum and count first,
-    then pass the two tensors of the gathered values or call this on them.
+    over *mismatched* prompt/completion pairs (:func:`tiltlm.data.tokenize.mismatched_unpaired`), clamped
+    at 0 (a KL is not negative; the estimate can be), detached as in the paper.
     """
     return (kl_policy_logps - kl_reference_logps).detach().mean().clamp(min=0.0)
 
@@ -494,10 +369,7 @@ def kto(policy_logps: Tensor, reference_logps: Tensor, desirable: Tensor, z0: Te
                   lambda_U sigma(beta (z_0 - r(x, y)))    if y is undesirable
         loss    = lambda_y - v(x, y)
 
-    ``desirable`` [rows] bool: the row's label; ``z0``: the reference point from
-    :func:`kto_reference_point` (no gradient). ``lambda_d``, ``lambda_u``: the paper recommends
-    ``lambda_D n_D / (lambda_U n_U)`` in [1, 4/3] when the classes are imbalanced. Each loss lies in
-    ``[0, lambda_y]``, so the KTO loss, unlike DPO's, is bounded.
+    The paper recommends ``lambda_D n_D / (lambda_U n_U)`` in [1, 4/3] for imbalanced classes.
     """
     ratio = policy_logps - reference_logps
     lam_d = torch.full_like(ratio, lambda_d)
@@ -517,9 +389,7 @@ def bradley_terry_reward_loss(r_chosen: Tensor, r_rejected: Tensor, margin: Tens
 
         loss = -log sigma(r_w - r_l - m(r)) + centering * (r_w + r_l)^2
 
-    ``margin`` [pairs] (``m(r)``, e.g. larger for "significantly better" labels) defaults to 0. The
-    centring term pushes each pair's rewards to sum to zero, so rewards are on a comparable scale
-    across prompts (a Bradley-Terry reward is otherwise only defined up to a per-prompt constant).
+    Centring makes rewards comparable across prompts (Bradley-Terry fixes them only up to a per-prompt constant).
     """
     difference = r_chosen - r_rejected
     if margin is not None:

@@ -1,17 +1,15 @@
 """What users watch: per-example metrics averaged over an optimizer step (all micro-batches, all ranks),
 written as one JSON line per logging step to ``metrics.jsonl`` and to TensorBoard where installed.
 
-For preference pairs (see :mod:`tiltlm.objectives`) rewards are the implicit rewards
-``beta * (log pi - log pi_ref)`` (Rafailov et al. 2023, eq. 5 without the partition term);
-``rewards/accuracies`` is the fraction of pairs whose chosen reward exceeds the rejected one (ties count
-half); ``logps/chosen_change`` is ``log pi(y_w|x) - log pi_ref(y_w|x)`` averaged over pairs: how far the
-chosen completions' log-probability lies above the reference's. When the reference is the policy's
-starting weights (the default) that is the change since step 0; with ``--ref`` naming another model it
-is the distance to that model.
+For pairs, rewards are the implicit ``beta * (log pi - log pi_ref)`` (Rafailov et al. 2023, eq. 5 without
+the partition term); ``rewards/accuracies`` the fraction of pairs whose chosen reward is higher (ties count
+half); ``logps/chosen_change`` the mean ``log pi(y_w|x) - log pi_ref(y_w|x)``: the change since step 0 when
+the reference is the policy's starting weights (the default), else the distance to ``--ref``'s model.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 from pathlib import Path
 
@@ -40,9 +38,7 @@ class MetricSums:
 
     def totals(self) -> Tensor:
         """The sums and, last, the example count: the tensor to all-reduce across ranks."""
-        if self.sums is None:
-            return torch.zeros(1, dtype=torch.float64)
-        return self.sums
+        return self.sums if self.sums is not None else torch.zeros(1, dtype=torch.float64)
 
     def means(self, totals: Tensor | list[float], prefix: str = "") -> dict[str, float]:
         """Means from ``totals`` (``totals()`` or its sum over ranks, as a tensor or already read back)."""
@@ -53,15 +49,11 @@ class MetricSums:
 
 def displacement_warning(chosen_logps_change: float, margin: float,
                          threshold: float = DISPLACEMENT_NATS) -> str | None:
-    """A one-line warning when training shows likelihood displacement, else ``None``.
-
-    DPO-style losses only constrain the chosen-minus-rejected margin, so they can widen it while
-    lowering the chosen completions' likelihood too (Razin et al. 2024, "Unintentional Unalignment:
-    Likelihood Displacement in Direct Preference Optimization"; Pal et al. 2024, "Smaug"). The
-    symptom is the mean chosen log-prob lying more than ``threshold`` nats below the reference's
-    (``chosen_logps_change < -threshold``) while the reward margin is positive. The usual remedy is
-    an NLL anchor on the chosen completions, RPO's ``--loss sigmoid,nll``.
-    """
+    """A one-line warning when training shows likelihood displacement, else ``None``: DPO-style losses only
+    constrain the margin, so they can widen it while lowering the chosen likelihood too (Razin et al. 2024,
+    "Unintentional Unalignment: Likelihood Displacement in Direct Preference Optimization"; Pal et al.
+    2024, "Smaug"): the mean chosen log-prob more than ``threshold`` nats below the reference's while the
+    margin is positive. The usual remedy is RPO's NLL anchor, ``--loss sigmoid,nll``."""
     if chosen_logps_change < -threshold and margin > 0:
         return (f"likelihood displacement: the mean chosen log-prob is {-chosen_logps_change:.2f} nats "
                 f"below the reference's while the margin is {margin:.2f}; the policy is widening the "
@@ -77,11 +69,9 @@ class MetricsWriter:
         self.file = open(output / "metrics.jsonl", "a", encoding="utf-8")
         self.board = None
         if tensorboard:
-            try:
+            with contextlib.suppress(ImportError):
                 from torch.utils.tensorboard import SummaryWriter
                 self.board = SummaryWriter(str(output / "tensorboard"))
-            except ImportError:
-                pass
 
     def write(self, row: dict) -> None:
         self.file.write(json.dumps(row) + "\n")

@@ -1,42 +1,23 @@
 """What a batch is scored as. The loop knows an objective, not DPO: how examples become a Batch, whether a
-reference is needed, and how policy and reference scores become per-example losses and metrics.
-
-An objective has one interface::
+reference is needed, and how policy and reference scores become per-example losses and metrics::
 
     objective.collate(examples) -> Batch
     objective.length(example)   -> int         tokens the example occupies (length-grouped steps)
     objective.scorer(model)     -> nn.Module   batch -> scores; the module DDP/FSDP wrap
-    objective.needs_reference   -> bool
+    objective.load(name, dtype, trust_remote_code, attention, device) -> the model it trains (and its reference)
+    objective.needs_reference, objective.precomputable (a refcache.py table, one row per example, can serve it)
     objective.progress_keys     -> metrics shown beside the loss on the progress bar
     objective(policy_scores, reference_scores | None, batch) -> Scored
 
-For preference pairs (:class:`PairObjective`, any loss of :mod:`tiltlm.losses` or a weighted sum of them)
-scores are ``(summed completion log-probs, completion token counts)`` per sequence of the batch, as
-:class:`~tiltlm.logprobs.CompletionLogps` returns them. Beyond pairs, chosen by :func:`make_objective` from
-the kind of the data's rows (and ``config.objective``):
-
-:class:`ListObjective`         ranked lists: the prompt once, its K completions, Plackett-Luce over their
-                               implicit rewards (``--pairs all`` trains each list's pairs as pairs instead);
-:class:`UnpairedObjective`     (prompt, completion, label) rows: KTO, with its reference point z0 from
-                               mismatched prompt/completion pairs of the micro-batch;
-:class:`RewardModelObjective`  a sequence-classification model trained on pairs (Bradley-Terry); its scores
-                               are one reward per sequence, and it needs no reference.
-
-Two more members serve the trainer: ``objective.load(name, dtype, trust_remote_code, attention, device)``
-loads the kind of model the objective trains (and its reference), and ``objective.precomputable`` says
-whether a precomputed reference table (refcache.py, one row per pair) can serve it.
-
-Normalisation. Each example (a pair, a ranked list, an unpaired row) gives one loss, multiplied by the
-row's ``weight``; the step's loss is the sum of these over the step's examples divided by the number of
-examples in the step (``batch_size x grad_accum`` per process, averaged over processes by DDP): the
-semantics of :func:`tiltlm.losses.weighted_mean`, so weight 2 counts a row twice and weight 0 removes it.
-A ranked list is one example (its Plackett-Luce loss sums its K - 1 choices); with ``--pairs all`` each
-of its pairs is one.
+Normalisation. Each example (a pair, a ranked list, an unpaired row) gives one loss times its row's
+``weight``; the step's loss is their sum over the number of examples in the step, not over the sum of
+weights: weight 2 counts a row twice, 0 removes it, and a row's pull does not depend on its batch mates.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass, fields
+import itertools
+from dataclasses import dataclass, field, fields
 from functools import partial
 from typing import Callable, Optional, Sequence
 
@@ -74,9 +55,8 @@ class Scored:
 
 @dataclass
 class RowBatch(Batch):
-    """A Batch with what the loss needs per example beyond the tokens: its ``weights`` [examples], and
-    for ranked lists each completion's rank ``ranks`` [lists, K_max] (``counts``: K of each list), for
-    unpaired rows their labels ``desirable`` [rows]."""
+    """A Batch with its examples' ``weights``; for ranked lists the ``ranks`` [lists, K_max] and K of each
+    list (``counts``); for unpaired rows their labels (``desirable``)."""
 
     weights: Tensor | None = None
     ranks: Tensor | None = None
@@ -85,7 +65,6 @@ class RowBatch(Batch):
 
 
 def with_rows(batch: Batch, examples: Sequence, **extra) -> RowBatch:
-    """``batch`` as a RowBatch carrying the examples' weights (and ``extra``)."""
     weights = torch.tensor([float(getattr(e, "weight", 1.0)) for e in examples], dtype=torch.float32)
     return RowBatch(**{f.name: getattr(batch, f.name) for f in fields(Batch)}, weights=weights, **extra)
 
@@ -101,33 +80,24 @@ def make_collate(layout: str, pad_id: int, pack_tokens: int = 0) -> Collate:
     or ``concatenated`` (two rows per pair); all three give the same log-probs (tests prove it)."""
     if layout == "concatenated":
         return partial(collate_concatenated, pad_id=pad_id)
-    if layout == "shared":
-        return partial(collate_shared, pad_id=pad_id)
-    return partial(collate_shared, pad_id=pad_id, row_tokens=pack_tokens)
+    return partial(collate_shared, pad_id=pad_id, row_tokens=pack_tokens if layout == "packed" else None)
 
 
 def collate_weighted(pairs: list[TokenizedPair], collate: Collate) -> RowBatch:
-    """A pair layout's batch with the pairs' weights."""
     return with_rows(collate(pairs), pairs)
 
 
-def collate_completions(examples: list[PromptCompletions], layout: str, pad_id: int, pack_tokens: int) -> Batch:
-    """Prompts with K completions in the three layouts: ``packed`` and ``shared`` as
-    :func:`collate_prompt_completions` lays them out (prompt once), ``concatenated`` one row per
-    completion (``[prompt | completion]``, the prompt repeated), with the same sequence ids."""
-    if layout == "concatenated":
-        singles = [PromptCompletions(e.prompt_ids, [c], [s], e.source)
-                   for e in examples for c, s in zip(e.completions, e.sequence_ids)]
-        batch = collate_prompt_completions(singles, pad_id)
-        batch.num_pairs, batch.sources = len(examples), tuple(e.source for e in examples)
-        return batch
-    return collate_prompt_completions(examples, pad_id, pack_tokens if layout == "packed" else None)
+class PolicyScored:
+    """The policy objectives' model: a causal LM (:func:`tiltlm.models.load_model`) whose scores are summed
+    completion log-probs, ``chunk_size`` completion positions projected to the vocabulary at a time."""
 
+    @staticmethod
+    def load(name: str, dtype: torch.dtype, trust_remote_code: bool = False, attention: str = "auto",
+             device: torch.device | str | None = None) -> nn.Module:
+        return load_model(name, dtype, trust_remote_code, attention=attention, device=device)
 
-def load_policy_model(name: str, dtype: torch.dtype, trust_remote_code: bool = False, attention: str = "auto",
-                      device: torch.device | str | None = None) -> nn.Module:
-    """A causal LM, as the policy objectives train it (:func:`tiltlm.models.load_model`)."""
-    return load_model(name, dtype, trust_remote_code, attention=attention, device=device)
+    def scorer(self, model: nn.Module) -> nn.Module:
+        return CompletionLogps(model, self.chunk_size)
 
 
 def split_pairs(logps: Tensor, counts: Tensor, num_pairs: int) -> PairLogps:
@@ -136,51 +106,42 @@ def split_pairs(logps: Tensor, counts: Tensor, num_pairs: int) -> PairLogps:
 
 
 def correct_or_tie(margins: Tensor, size: Tensor) -> Tensor:
-    """1 where a margin is positive, 0 where negative, 1/2 where ``|margin| <= TIE_TOLERANCE * size``."""
     tie = margins.abs() <= TIE_TOLERANCE * size.detach()
     return torch.where(tie, 0.5, (margins > 0).to(margins.dtype))
 
 
-def pair_metrics(out: LossOutput, policy: PairLogps, reference: Optional[PairLogps], beta: float) -> dict[str, Tensor]:
-    """The metrics of :mod:`tiltlm.metrics`, per pair.
+def detached(metrics: dict[str, Tensor]) -> dict[str, Tensor]:
+    return {key: value.detach() for key, value in metrics.items()}
 
-    Accuracy decides ties explicitly: a pair counts 1 when its reward margin is positive, 0 when
-    negative, and 1/2 when the margin is within rounding noise of zero, ``|margin| <= TIE_TOLERANCE *
-    beta * (|log pi(y_w)| + |log pi(y_l)| + |log pi_ref(y_w)| + |log pi_ref(y_l)|)``. At step 0, where the
-    policy is the reference, every margin is such a tie and the accuracy is exactly 0.5.
-    """
+
+def pair_metrics(out: LossOutput, policy: PairLogps, reference: Optional[PairLogps], beta: float) -> dict[str, Tensor]:
+    """The metrics of :mod:`tiltlm.metrics`, per pair. A pair's accuracy is 1/2 when its margin is within
+    rounding noise (TIE_TOLERANCE) of the size of its log-probs: at step 0 it is exactly 0.5."""
     margins = out.chosen_rewards - out.rejected_rewards
     size = policy.chosen.abs() + policy.rejected.abs()
     if reference is not None:
         size = size + reference.chosen.abs() + reference.rejected.abs()
-    correct = correct_or_tie(margins, beta * size)
     metrics = {"loss": out.losses, "rewards/chosen": out.chosen_rewards, "rewards/rejected": out.rejected_rewards,
-               "rewards/margins": margins, "rewards/accuracies": correct,
+               "rewards/margins": margins, "rewards/accuracies": correct_or_tie(margins, beta * size),
                "logps/chosen": policy.chosen, "logps/rejected": policy.rejected}
     if reference is not None:
         metrics["logps/chosen_change"] = policy.chosen - reference.chosen
-    return {key: value.detach() for key, value in metrics.items()}
+    return detached(metrics)
 
 
 @dataclass(frozen=True)
-class PairObjective:
-    """Preference pairs (prompt, chosen, rejected) under ``names`` weighted by ``weights``."""
-
+class PairObjective(PolicyScored):
     collate: Collate
     params: LossParams
     names: tuple[str, ...] = ("sigmoid",)
     weights: tuple[float, ...] = (1.0,)
-    chunk_size: int = 256  # completion positions projected to the vocabulary at a time
+    chunk_size: int = 256
     progress_keys = ("rewards/accuracies", "rewards/margins")
     precomputable = True
-    load = staticmethod(load_policy_model)
 
     @property
     def needs_reference(self) -> bool:
         return needs_reference(self.names)
-
-    def scorer(self, model: nn.Module) -> nn.Module:
-        return CompletionLogps(model, self.chunk_size)
 
     @staticmethod
     def length(pair) -> int:
@@ -194,71 +155,72 @@ class PairObjective:
         return Scored(out.losses, pair_metrics(out, policy_logps, reference_logps, self.params.beta))
 
 
-# --- ranked lists -------------------------------------------------------------------------------------------
-
-
-def ordered_pairs(ranks: Tensor, mask: Tensor) -> Tensor:
-    """[lists, K, K] bool: (a, b) where both completions exist and a is ranked strictly above b."""
-    both = mask[:, :, None] & mask[:, None, :]
-    return both & (ranks[:, :, None] < ranks[:, None, :])
-
-
-def list_metrics(losses: Tensor, rewards: Tensor, logps: Tensor, size: Tensor, ranks: Tensor,
-                 mask: Tensor) -> dict[str, Tensor]:
-    """Per list: the loss; the mean implicit reward of its best- and worst-ranked completions (ties: the
-    mean of the tied ones); ranking accuracy, the fraction of its ordered pairs (a ranked above b) whose
-    rewards are in the same order, ties within rounding noise counting half as in :func:`pair_metrics`
-    (``size``: each completion's |log-probs|, policy and reference, times beta); the mean reward margin
-    over those pairs; the mean policy log-prob of its completions. For K = 2 these are a pair's loss,
-    chosen and rejected rewards, accuracy and margin."""
-    real = mask.to(rewards.dtype)
-    best = (ranks == ranks.masked_fill(~mask, 1 << 30).amin(dim=1, keepdim=True)) & mask
-    worst = (ranks == ranks.masked_fill(~mask, -1).amax(dim=1, keepdim=True)) & mask
-    pairs = ordered_pairs(ranks, mask).to(rewards.dtype)
-    margins = rewards[:, :, None] - rewards[:, None, :]
-    sizes = size[:, :, None] + size[:, None, :]
-    per_list = pairs.sum(dim=(1, 2)).clamp(min=1)
-    metrics = {"loss": losses,
-               "rewards/best": (rewards * best).sum(1) / best.sum(1),
-               "rewards/worst": (rewards * worst).sum(1) / worst.sum(1),
-               "rewards/accuracies": (correct_or_tie(margins, sizes) * pairs).sum(dim=(1, 2)) / per_list,
-               "rewards/margins": (margins * pairs).sum(dim=(1, 2)) / per_list,
-               "logps/mean": (logps * real).sum(1) / real.sum(1)}
-    return {key: value.detach() for key, value in metrics.items()}
+# --- ranked lists and unpaired rows: prompts with several completions ----------------------------------------
 
 
 @dataclass(frozen=True)
-class ListObjective:
-    """Ranked lists: one example per prompt, its K completions scored against the prompt laid out once
-    (each sees the prompt and itself, not its siblings), loss :func:`tiltlm.losses.plackett_luce` over
-    their implicit rewards ``beta * (log pi - log pi_ref)`` (Rafailov et al. 2023, Appendix A.3)."""
+class CompletionsObjective(PolicyScored):
+    """Prompts with several completions each, scored against the prompt laid out once (each completion sees
+    the prompt and itself, not its siblings), with the implicit rewards ``beta * (log pi - log pi_ref)``."""
 
     pad_id: int
     beta: float = 0.1
     layout: str = "packed"
     pack_tokens: int = 0
     chunk_size: int = 256
-    progress_keys = ("rewards/accuracies", "rewards/margins")
     needs_reference = True
+
+    def rows_batch(self, examples: list[PromptCompletions], rows: Sequence, **extra) -> RowBatch:
+        """``packed`` and ``shared`` with the prompt once, ``concatenated`` one row per completion
+        (``[prompt | completion]``), with the same sequence ids; with the rows' weights and ``extra``."""
+        if self.layout == "concatenated":
+            singles = [PromptCompletions(e.prompt_ids, [c], [s], e.source)
+                       for e in examples for c, s in zip(e.completions, e.sequence_ids)]
+            batch = collate_prompt_completions(singles, self.pad_id)
+            batch.num_pairs, batch.sources = len(examples), tuple(e.source for e in examples)
+        else:
+            batch = collate_prompt_completions(examples, self.pad_id,
+                                               self.pack_tokens if self.layout == "packed" else None)
+        return with_rows(batch, rows, **extra)
+
+
+def list_metrics(losses: Tensor, rewards: Tensor, logps: Tensor, size: Tensor, ranks: Tensor,
+                 mask: Tensor) -> dict[str, Tensor]:
+    """Per list, what :func:`pair_metrics` gives for K = 2: mean rewards of the best and the worst ranked
+    completions; accuracy and mean margin over its ordered pairs (``size``: beta |log-probs| of each
+    completion, for ties); the mean policy log-prob."""
+    real = mask.to(rewards.dtype)
+    best = (ranks == ranks.masked_fill(~mask, 1 << 30).amin(dim=1, keepdim=True)) & mask
+    worst = (ranks == ranks.masked_fill(~mask, -1).amax(dim=1, keepdim=True)) & mask
+    # (a, b) where both completions exist and a is ranked strictly above b
+    pairs = (mask[:, :, None] & mask[:, None, :] & (ranks[:, :, None] < ranks[:, None, :])).to(rewards.dtype)
+    margins = rewards[:, :, None] - rewards[:, None, :]
+    sizes = size[:, :, None] + size[:, None, :]
+    per_list = pairs.sum(dim=(1, 2)).clamp(min=1)
+    return detached({"loss": losses,
+                     "rewards/best": (rewards * best).sum(1) / best.sum(1),
+                     "rewards/worst": (rewards * worst).sum(1) / worst.sum(1),
+                     "rewards/accuracies": (correct_or_tie(margins, sizes) * pairs).sum(dim=(1, 2)) / per_list,
+                     "rewards/margins": (margins * pairs).sum(dim=(1, 2)) / per_list,
+                     "logps/mean": (logps * real).sum(1) / real.sum(1)})
+
+
+@dataclass(frozen=True)
+class ListObjective(CompletionsObjective):
+    """Ranked lists, one example per prompt, under :func:`tiltlm.losses.plackett_luce` (Rafailov et al.
+    2023, Appendix A.3)."""
+
+    progress_keys = ("rewards/accuracies", "rewards/margins")
     precomputable = True  # refcache.py: one table row per list, 2 K columns
-    load = staticmethod(load_policy_model)
 
     def collate(self, lists: list[TokenizedList]) -> RowBatch:
         """Completion k of list i is sequence ``offset_i + k``: list after list, as stack_lists reads them."""
-        examples, start = [], 0
-        for item in lists:
-            k = len(item.completions)
-            examples.append(PromptCompletions(item.prompt_ids, item.completions, list(range(start, start + k)),
-                                              item.source))
-            start += k
         counts = tuple(len(item.completions) for item in lists)
+        examples = [PromptCompletions(item.prompt_ids, item.completions, list(range(start, start + k)), item.source)
+                    for item, start, k in zip(lists, itertools.accumulate(counts, initial=0), counts)]
         flat = torch.tensor([r for item in lists for r in item.ranks()], dtype=torch.long)
         ranks, _ = stack_lists(flat, list(counts))
-        batch = collate_completions(examples, self.layout, self.pad_id, self.pack_tokens)
-        return with_rows(batch, lists, ranks=ranks, counts=counts)
-
-    def scorer(self, model: nn.Module) -> nn.Module:
-        return CompletionLogps(model, self.chunk_size)
+        return self.rows_batch(examples, lists, ranks=ranks, counts=counts)
 
     @staticmethod
     def length(item: TokenizedList) -> int:
@@ -280,48 +242,31 @@ class ListObjective:
 
 
 @dataclass(frozen=True)
-class UnpairedObjective:
+class UnpairedObjective(CompletionsObjective):
     """(prompt, completion, label) rows under KTO (:func:`tiltlm.losses.kto`, Ethayarajh et al. 2024, eq. 8).
 
-    The reference point z0 (the paper's Section 4; :func:`tiltlm.losses.kto_reference_point`) is
-    estimated per micro-batch from its mismatched pairs: row i's prompt with row i+1's completion
-    (cyclically, :func:`tiltlm.data.tokenize.mismatched_unpaired`). They ride in the same forward as
-    the rows themselves, as extra completions of each prompt (the prompt is laid out once, and they see
-    it and not the row's own completion): sequence i is row i, sequence n + i its mismatched pair. Their
-    log-ratios are detached, so no gradient flows through z0, as in the paper (the backward still passes
-    over their positions). The reference scores the same batch, so it scores them too.
-
-    Under DDP z0 is estimated per rank and micro-batch (from ``batch_size`` mismatched pairs), not over the
-    global batch: no collective is needed, and each rank's estimate is an unbiased mean before the clamp
-    at 0. A micro-batch of one row (an eval set's last one) has nothing to mismatch: its z0 is 0, the
-    value it takes at step 0, when the policy is its reference. Training needs ``batch_size >= 2``.
+    The reference point z0 (:func:`tiltlm.losses.kto_reference_point`) is estimated per micro-batch from
+    row i's prompt with row i+1's completion (:func:`tiltlm.data.tokenize.mismatched_unpaired`), riding in
+    the same forward as extra completions: sequence i is row i, n + i its mismatched pair. Under DDP it is
+    per rank (no collective; an unbiased mean before the clamp). A lone row (an eval set's last) has z0 = 0,
+    its value at step 0.
     """
 
-    pad_id: int
-    max_length: int
-    beta: float = 0.1
     desirable_weight: float = 1.0
     undesirable_weight: float = 1.0
-    layout: str = "packed"
-    pack_tokens: int = 0
-    chunk_size: int = 256
+    max_length: int = field(kw_only=True)  # a mismatched completion is cut to fit
     progress_keys = ("rewards/accuracies", "kl")
-    needs_reference = True
     precomputable = False  # z0's mismatched pairs depend on the micro-batch: no table can hold them
-    load = staticmethod(load_policy_model)
 
     def collate(self, rows: list[TokenizedUnpaired]) -> RowBatch:
         n = len(rows)
         others = mismatched_unpaired(rows, self.max_length) if n >= 2 else []
-        examples = [PromptCompletions(row.prompt_ids, [row.completion_ids], [i], row.source) for i, row in enumerate(rows)]
+        examples = [PromptCompletions(row.prompt_ids, [row.completion_ids], [i], row.source)
+                    for i, row in enumerate(rows)]
         for i, other in enumerate(others):  # sequence n + i: row i's prompt, row i + 1's completion
             examples[i].completions.append(other.completion_ids)
             examples[i].sequence_ids.append(n + i)
-        batch = collate_completions(examples, self.layout, self.pad_id, self.pack_tokens)
-        return with_rows(batch, rows, desirable=torch.tensor([row.label for row in rows], dtype=torch.bool))
-
-    def scorer(self, model: nn.Module) -> nn.Module:
-        return CompletionLogps(model, self.chunk_size)
+        return self.rows_batch(examples, rows, desirable=torch.tensor([row.label for row in rows], dtype=torch.bool))
 
     @staticmethod
     def length(row: TokenizedUnpaired) -> int:
@@ -340,9 +285,9 @@ class UnpairedObjective:
         # beta (r - z0) signed by the label: positive where the policy follows it (the quantity KTO's sigmoid reads)
         signed = self.beta * torch.where(desirable, logps - reference_logps - z0, z0 - logps + reference_logps)
         size = self.beta * (logps.abs() + reference_logps.abs())
-        metrics = {"loss": losses, "rewards/margins": signed, "rewards/accuracies": correct_or_tie(signed, size),
-                   "kl": z0.expand(n), "logps/completion": logps}
-        return Scored(losses, {key: value.detach() for key, value in metrics.items()})
+        return Scored(losses, detached({"loss": losses, "rewards/margins": signed,
+                                        "rewards/accuracies": correct_or_tie(signed, size), "kl": z0.expand(n),
+                                        "logps/completion": logps}))
 
 
 # --- reward models ------------------------------------------------------------------------------------------
@@ -377,6 +322,7 @@ class RewardModelObjective:
     progress_keys = ("rewards/accuracies", "rewards/margins")
     needs_reference = False
     precomputable = False
+    length = staticmethod(PairObjective.length)
 
     def load(self, name: str, dtype: torch.dtype, trust_remote_code: bool = False, attention: str = "auto",
              device: torch.device | str | None = None) -> nn.Module:
@@ -393,18 +339,15 @@ class RewardModelObjective:
     def scorer(self, model: nn.Module) -> nn.Module:
         return RewardScores(model)
 
-    length = staticmethod(PairObjective.length)
-
     def __call__(self, policy: Tensor, reference: None, batch: Batch) -> Scored:
         p = batch.num_pairs
         chosen, rejected = policy[:p], policy[p:]
         margin = chosen.new_full((p,), self.margin) if self.margin else None
         losses = weighted(bradley_terry_reward_loss(chosen, rejected, margin, self.centering), batch)
         margins = chosen - rejected
-        metrics = {"loss": losses, "rewards/chosen": chosen, "rewards/rejected": rejected,
-                   "rewards/margins": margins, "rewards/mean": (chosen + rejected) / 2,
-                   "rewards/accuracies": correct_or_tie(margins, chosen.abs() + rejected.abs())}
-        return Scored(losses, {key: value.detach() for key, value in metrics.items()})
+        return Scored(losses, detached({"loss": losses, "rewards/chosen": chosen, "rewards/rejected": rejected,
+                                        "rewards/margins": margins, "rewards/mean": (chosen + rejected) / 2,
+                                        "rewards/accuracies": correct_or_tie(margins, chosen.abs() + rejected.abs())}))
 
 
 # --- choosing ------------------------------------------------------------------------------------------------
@@ -416,9 +359,8 @@ def data_kind(examples: Sequence) -> str:
 
 
 def make_objective(config: TrainConfig, tokenizer, kind: str = "pairs"):
-    """The objective for ``config`` and rows of ``kind`` (see :func:`data_kind`): a reward model when
-    ``config.objective`` asks for one, else pairs, ranked lists or unpaired rows by the data. Ranked lists
-    reach here as pairs already when ``config.pairs`` is ``all`` (step.read_examples expands them)."""
+    """The objective for ``config`` and rows of ``kind`` (:func:`data_kind`). Ranked lists reach here as
+    pairs already when ``config.pairs`` is ``all`` (step.read_examples expands them)."""
     pad, pack = tokenizer.pad_token_id, config.pack_tokens or config.max_length
     collate = partial(collate_weighted, collate=make_collate(config.layout, pad, pack))
     if config.objective == "reward-model":
@@ -435,7 +377,7 @@ def make_objective(config: TrainConfig, tokenizer, kind: str = "pairs"):
         if config.batch_size < 2:
             raise ConfigError("batch_size = 1: KTO estimates its reference point from mismatched rows of a "
                               "micro-batch; expected batch_size >= 2")
-        return UnpairedObjective(pad, config.max_length, config.beta, config.kto_desirable_weight,
-                                 config.kto_undesirable_weight, config.layout, pack, config.logprob_chunk)
+        return UnpairedObjective(pad, config.beta, config.layout, pack, config.logprob_chunk,
+                                 config.kto_desirable_weight, config.kto_undesirable_weight, max_length=config.max_length)
     params, names, weights = loss_setup(config)
     return PairObjective(collate, params, names, weights, config.logprob_chunk)

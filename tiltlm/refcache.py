@@ -1,38 +1,24 @@
 """Precomputed reference (``--ref-mode precompute``): score every pair with the reference once, before
 training, keep the numbers on disk, and look them up instead of running the reference at every step.
 
-The reference is frozen, so its log-probs of a pair never change during training: an online reference
-spends a full no-grad forward per batch (about a quarter of a step's compute) recomputing the same
-numbers every epoch, and keeps a second copy of the weights in memory. Here one pass over the tokenized
-data, with a larger batch since no activations are kept for a backward, fills a table
-``[num_pairs, 4]`` (float32):
+The reference is frozen: an online one spends a no-grad forward per batch (a quarter of a step's compute)
+recomputing the same numbers every epoch, and keeps a second copy of the weights. One pass (larger batches:
+no activations kept) fills a float32 table ``[num_pairs, 4]``, row ``i`` for ``pairs[i]`` (``Batch.indices``)::
 
     column 0  summed log pi_ref(chosen | prompt)      column 2  chosen completion tokens
     column 1  summed log pi_ref(rejected | prompt)    column 3  rejected completion tokens
 
-Row ``i`` belongs to ``pairs[i]``, the i-th tokenized pair, so a batch must say which pairs it holds
-(``Batch.indices``; see :func:`lookup_reference`).
+Ranked lists use width ``2 K``: column ``k`` is completion k's log-prob, ``K + k`` its token count (0 past a
+shorter list's own: every kept completion has a token). A pair is a list of two, byte for byte, so the format
+version did not change. Sequences are numbered as collates do: chosen of every pair then rejected, lists
+one after another.
 
-Ranked lists (K_i completions each) use the same rule with width ``2 K`` (``K`` the largest K_i): row
-``i``'s column ``k`` is completion k's summed log-prob and column ``K + k`` its token count; a list of
-fewer completions has zeros past its own (a count of 0 marks them: every kept completion has a token).
-A pair is a list of two, so its table is the one above, byte for byte; that is why the format version
-did not change (old pair files stay valid, and old readers reject a wider table by its shape). A batch
-numbers its sequences as its collate does: pairs chosen-of-every-pair then rejected
-(collate.collate_shared), lists one after another (objectives.ListObjective, which marks its batches by
-their per-list ``counts``).
+The cache: safetensors (nothing executed on load, unlike pickle) at ``<cache dir>/<fingerprint>.safetensors``,
+the fingerprint a sha256 of everything the numbers depend on (:func:`reference_fingerprint`); the directory
+is ``$TILTLM_CACHE/reference`` when set, else ``~/.cache/tiltlm/reference``, unless given.
 
-The cache. The table is saved as safetensors (plain tensors, nothing executed on load, unlike pickle) at
-``<cache dir>/<fingerprint>.safetensors``; the fingerprint is a sha256 of everything the numbers depend
-on (see :func:`reference_fingerprint`), so a changed input gives another file name and a recompute, and
-a later run or an evaluation with the same inputs reads the file instead. The cache directory is
-``$TILTLM_CACHE/reference`` when ``TILTLM_CACHE`` is set, else ``~/.cache/tiltlm/reference``, unless
-given.
-
-Under torchrun each rank scores every ``world_size``-th pair and the shards are all-gathered, so every
-pair is computed exactly once and every rank ends with the whole table in memory (no shared file system
-needed); rank 0 writes the file. The reference may be sharded (FSDP): every rank then runs the same
-number of forwards, and its weights are fingerprinted as the gathered whole.
+Under torchrun each rank scores every ``world_size``-th pair and the shards are all-gathered (no shared file
+system needed); rank 0 writes the file. A sharded (FSDP) reference is fingerprinted whole.
 """
 
 from __future__ import annotations
@@ -61,35 +47,25 @@ TABLE = "reference"  # the tensor's name inside the safetensors file
 
 Scorer = Callable[[Batch], tuple[Tensor, Tensor]]
 Collate = Callable[[list[TokenizedPair]], Batch]
-PrecomputedReference = Callable[..., tuple[Tensor, Tensor]]
 
 
 # --- fingerprints ----------------------------------------------------------------------------------
 
 
-def _update_tensor(digest: "hashlib._Hash", name: str, tensor: Tensor) -> None:
-    """Feed name, dtype, shape and raw bytes of ``tensor`` to ``digest`` (bytes alone would let two
-    different layouts of the same bytes collide)."""
-    tensor = tensor.detach()
-    digest.update(f"{name}|{tensor.dtype}|{tuple(tensor.shape)}|".encode())
-    if tensor.numel():
-        # uint8 view: numpy has no bfloat16, and the bytes are what we want to hash anyway
-        flat = tensor.to("cpu").contiguous().reshape(-1).view(torch.uint8)
-        digest.update(memoryview(flat.numpy()))
-
-
 def weights_fingerprint(model: nn.Module) -> str:
-    """sha256 of the model's state_dict (every tensor's name, dtype, shape and bytes) and of its config.
+    """sha256 of every tensor's name, dtype, shape and bytes (bytes alone would let two layouts of the same
+    bytes collide), and of the model's config.
 
-    Why the tensors in memory and not the files on disk: they are exactly what computes the numbers,
-    whatever they were loaded from (a safetensors directory, a GGUF file dequantized on load, a hub
-    cache, a model built in code) and whatever dtype they were loaded in; and hashing memory costs about
-    the same as reading the files (sha256 runs at ~1-2 GB/s: ~0.3 s for SmolLM2-135M in float32, seconds
-    for a 7B model, against minutes to hours for the pass it saves). The config enters too, because
+    The tensors in memory, not the files on disk, because they are exactly what computes the numbers,
+    whatever they were loaded from and in; hashing costs about what reading the files would (~0.3 s for
+    SmolLM2-135M in float32, against minutes to hours for the pass it saves). The config enters because
     some settings change the outputs without touching a weight (rope scaling, logit softcapping)."""
     digest = hashlib.sha256()
     for name, tensor in reference_state(model):
-        _update_tensor(digest, name, tensor)
+        tensor = tensor.detach()
+        digest.update(f"{name}|{tensor.dtype}|{tuple(tensor.shape)}|".encode())
+        if tensor.numel():  # uint8 view: numpy has no bfloat16, and the bytes are what we hash anyway
+            digest.update(memoryview(tensor.to("cpu").contiguous().reshape(-1).view(torch.uint8).numpy()))
     config = getattr(model, "config", None)
     if config is not None and hasattr(config, "to_dict"):
         # dropout rates are left out: the reference scores in eval mode, where they change nothing
@@ -102,11 +78,11 @@ def weights_fingerprint(model: nn.Module) -> str:
 
 
 def reference_state(model: nn.Module) -> Iterable[tuple[str, Tensor]]:
-    """The state dict of the model that scores, with peft's wrapping undone: a LoRA model's adapters
-    are left out and its ``base_layer`` names read as the plain model's, so a base model and the same
-    base under (disabled) adapters have one fingerprint, and a table computed before LoRA was added is
-    found again by an evaluation of the adapter. A sharded (FSDP) model's tensors are gathered one at a
-    time, so it has the fingerprint of the same weights in one process (every rank must iterate to the end)."""
+    """The state dict of the model that scores, with peft's wrapping undone: adapters left out and
+    ``base_layer`` names read as the plain model's, so a base model and the same base under (disabled)
+    adapters have one fingerprint, and a table computed before LoRA was added is found again by an
+    evaluation of the adapter. A sharded (FSDP) model's tensors are gathered one at a time (every rank
+    must iterate to the end)."""
     base = model.get_base_model() if hasattr(model, "get_base_model") else model
     for name, tensor in base.state_dict().items():
         if ".lora_" not in name:
@@ -114,18 +90,12 @@ def reference_state(model: nn.Module) -> Iterable[tuple[str, Tensor]]:
 
 
 def tokenizer_fingerprint(tokenizer) -> str:
-    """sha256 of the tokenizer's full serialization (vocabulary, merges, normalizer, added tokens) when
-    it is a fast tokenizer, else its vocabulary, plus its special tokens and chat template.
-
-    Strictly the reference's numbers depend on the token ids only, which :func:`data_fingerprint`
-    covers; this is a cheap second lock, so a tokenizer swapped under an unchanged id list (a bug
-    elsewhere) still cannot reuse a table."""
-    digest = hashlib.sha256()
+    """sha256 of a fast tokenizer's full serialization (else its vocabulary), its special tokens and
+    chat template. The numbers depend on the token ids only, which :func:`data_fingerprint` covers; this
+    is a cheap second lock against a tokenizer swapped under an unchanged id list (a bug elsewhere)."""
     backend = getattr(tokenizer, "backend_tokenizer", None)
-    if backend is not None:
-        digest.update(backend.to_str().encode())
-    else:
-        digest.update(json.dumps(sorted(tokenizer.get_vocab().items())).encode())
+    digest = hashlib.sha256(backend.to_str().encode() if backend is not None
+                            else json.dumps(sorted(tokenizer.get_vocab().items())).encode())
     specials = {"special": getattr(tokenizer, "special_tokens_map", {}),
                 "chat_template": getattr(tokenizer, "chat_template", None),
                 "class": type(tokenizer).__name__}
@@ -134,10 +104,9 @@ def tokenizer_fingerprint(tokenizer) -> str:
 
 
 def data_fingerprint(pairs: Sequence[TokenizedPair]) -> str:
-    """sha256 of the token ids of every pair (or ranked list), in order. Covers the data file's contents,
-    the prompt template, ``max_length`` and ``max_prompt_length``: anything that changes what the model
-    scores changes these ids. Lengths are hashed too, so ``[1, 2] + [3]`` and ``[1] + [2, 3]`` differ; so
-    is the number of parts of a row that is not a pair (a pair hashes as it always has)."""
+    """sha256 of the token ids of every pair (or ranked list), in order: whatever changes what the model
+    scores (data, template, length limits) changes them. Lengths are hashed too, so ``[1, 2] + [3]`` and
+    ``[1] + [2, 3]`` differ, and so is the number of parts of a row that is not a pair."""
     digest = hashlib.sha256()
     for pair in pairs:
         parts = (pair.prompt_ids, *completion_ids(pair))
@@ -158,7 +127,6 @@ def reference_fingerprint(model: nn.Module, tokenizer, pairs: Sequence[Tokenized
 
 
 def default_cache_dir() -> Path:
-    """``$TILTLM_CACHE/reference`` or ``~/.cache/tiltlm/reference``."""
     root = os.environ.get("TILTLM_CACHE")
     return Path(root).expanduser() / "reference" if root else Path.home() / ".cache" / "tiltlm" / "reference"
 
@@ -167,13 +135,12 @@ def default_cache_dir() -> Path:
 
 
 def width_of(examples: Sequence) -> int:
-    """Table columns: twice the most completions of any example (4 for pairs)."""
     return 2 * max((len(completion_ids(e)) for e in examples), default=2)
 
 
 def sequence_slots(batch: Batch, examples: Sequence) -> tuple[list[int], list[int]]:
-    """For each sequence of ``batch`` (of ``examples``, in order), which example it belongs to (position
-    in ``examples``) and which completion of it: the collate's numbering (module docstring)."""
+    """For each sequence of ``batch`` (of ``examples``, or their table rows), which example it belongs to and
+    which completion of it: the collate's numbering (module docstring), for the table's writer and reader."""
     counts = getattr(batch, "counts", ())
     if not counts:  # pairs: chosen of every pair, then rejected
         n = len(examples)
@@ -184,15 +151,9 @@ def sequence_slots(batch: Batch, examples: Sequence) -> tuple[list[int], list[in
 @torch.no_grad()
 def precompute_reference(scorer: Scorer, pairs: Sequence[TokenizedPair], collate: Collate, batch_size: int,
                          device: torch.device | str = "cpu", progress: bool = True) -> Tensor:
-    """The ``[len(pairs), 4]`` float32 table of :mod:`this module <tiltlm.refcache>` (``2 K`` wide for
-    ranked lists), on the CPU.
-
-    ``scorer`` maps a Batch to (summed log-probs, token counts) per sequence, like
-    :class:`~tiltlm.logprobs.CompletionLogps` of the frozen reference. Examples are scored in order of
-    length, so each batch holds examples of similar size (little padding, tight packing); results go back
-    to each example's own row. Under torchrun each rank scores every ``world_size``-th example of that
-    order (the ranks get similar work) and the shards are all-gathered: each example is scored once.
-    """
+    """The table of :mod:`this module <tiltlm.refcache>`, on the CPU, ``scorer`` mapping a Batch to (summed
+    log-probs, token counts) per sequence. Examples are scored in order of length (little padding, tight
+    packing); under torchrun each rank scores every ``world_size``-th of that order (similar work)."""
     rank, world = collectives.world()
     order = sorted(range(len(pairs)), key=lambda i: len(pairs[i].prompt_ids) + sum(map(len, completion_ids(pairs[i]))))
     mine = order[rank::world]
@@ -219,8 +180,8 @@ def precompute_reference(scorer: Scorer, pairs: Sequence[TokenizedPair], collate
 
 
 def save_table(path: Path, table: Tensor, metadata: dict[str, str]) -> None:
-    """Write ``table`` to ``path`` atomically (a temporary file renamed into place), so a crash or a
-    concurrent reader never sees half a file."""
+    """Write ``table`` to ``path`` through a temporary file renamed into place, so a crash or a concurrent
+    reader never sees half a file."""
     path.parent.mkdir(parents=True, exist_ok=True)
     handle, tmp = tempfile.mkstemp(dir=path.parent, prefix=".tmp-", suffix=".safetensors")
     os.close(handle)
@@ -233,17 +194,12 @@ def save_table(path: Path, table: Tensor, metadata: dict[str, str]) -> None:
 
 
 def load_table(path: Path, num_pairs: int, width: int = 4) -> Tensor | None:
-    """The table stored at ``path``, or None when there is none or it does not fit (wrong shape, an
-    unreadable or foreign file): the caller recomputes."""
-    if not path.is_file():
-        return None
+    """The table stored at ``path``, or None (the caller recomputes) when there is none or it does not fit."""
     try:
         table = load_file(str(path))[TABLE]
-    except Exception:  # a truncated or foreign file is a cache miss, not an error
+    except Exception:  # a missing, truncated or foreign file is a cache miss, not an error
         return None
-    if table.shape != (num_pairs, width) or table.dtype != torch.float32:
-        return None
-    return table
+    return table if table.shape == (num_pairs, width) and table.dtype == torch.float32 else None
 
 
 def cached_reference_table(model: nn.Module, tokenizer, pairs: Sequence[TokenizedPair], collate: Collate,
@@ -251,22 +207,16 @@ def cached_reference_table(model: nn.Module, tokenizer, pairs: Sequence[Tokenize
                            cache_dir: str | Path | None = None, name: str = "",
                            extra: dict[str, Any] | None = None, progress: bool = True,
                            scorer: Optional[Scorer] = None) -> tuple[Tensor, Path, bool]:
-    """``(table, cache file, hit)``: the reference table of ``pairs``, read from the cache when a file
-    with this fingerprint exists, else computed (:func:`precompute_reference`) and written.
-
-    ``model`` is the frozen reference (its weights are fingerprinted); ``scorer`` defaults to
-    ``CompletionLogps(model, chunk_size)``. ``name`` (e.g. the model's name) only goes into the file's
-    metadata, to make a cache directory readable. Under torchrun every rank calls this: they agree on
-    hit or miss, so either all read the file or all take part in computing it.
-    """
+    """``(table, cache file, hit)``: the reference table of ``pairs``, read from the cache or computed and
+    written. ``model`` is the frozen reference (fingerprinted); ``scorer`` defaults to
+    ``CompletionLogps(model, chunk_size)``; ``name`` only goes into the file's metadata. Under torchrun
+    every rank calls this."""
     key = reference_fingerprint(model, tokenizer, pairs, extra)
-    path = Path(cache_dir).expanduser() if cache_dir is not None else default_cache_dir()
-    path = path / f"{key}.safetensors"
+    path = (Path(cache_dir).expanduser() if cache_dir is not None else default_cache_dir()) / f"{key}.safetensors"
     table = load_table(path, len(pairs), width_of(pairs))
     if collectives.every_rank(table is not None):  # all read the file, or all take part in computing it
         return table, path, True
-    if scorer is None:
-        scorer = CompletionLogps(model, chunk_size)
+    scorer = scorer if scorer is not None else CompletionLogps(model, chunk_size)
     with eval_mode(model):
         table = precompute_reference(scorer, pairs, collate, batch_size, device, progress)
     if collectives.world()[0] == 0:
@@ -278,30 +228,22 @@ def cached_reference_table(model: nn.Module, tokenizer, pairs: Sequence[Tokenize
 # --- using the table ---------------------------------------------------------------------------------
 
 
-def lookup_reference(table: Tensor) -> PrecomputedReference:
-    """A reference that reads the table instead of running a model.
-
-    ``reference(batch, indices=None) -> (logps, counts)`` per sequence of the batch, in its numbering
-    (pairs: chosen of every pair, then rejected, as :class:`~tiltlm.logprobs.CompletionLogps` returns
-    them; ranked lists: list after list): ``indices`` are the batch's examples' positions in the list the
-    table was computed from, given explicitly or carried by the batch as ``batch.indices``. Values are
-    moved to the batch's device; counts are int64 like ``torch.bincount``'s.
-    """
+def lookup_reference(table: Tensor) -> Callable[..., tuple[Tensor, Tensor]]:
+    """A reference that reads the table instead of running a model: ``reference(batch, indices=None) ->
+    (logps, counts)`` per sequence of the batch, in its numbering, on its device (counts int64, like
+    ``torch.bincount``'s); ``indices``, the batch's examples' rows, default to ``batch.indices``."""
     half = table.shape[1] // 2
     logps_table = table[:, :half].contiguous()
     counts_table = table[:, half:].round().long()
 
     def reference(batch: Batch, indices: Iterable[int] | None = None) -> tuple[Tensor, Tensor]:
-        if indices is None:
-            indices = getattr(batch, "indices", None)
+        indices = indices if indices is not None else getattr(batch, "indices", None)
         if indices is None or len(tuple(indices)) != batch.num_pairs:
             raise ValueError(f"precomputed reference: the batch holds {batch.num_pairs} pairs but says which "
                              f"ones by {indices!r}; set Batch.indices to the pairs' positions in the data")
         rows = torch.as_tensor(tuple(indices), dtype=torch.long)
+        example, completion = (torch.tensor(v, dtype=torch.long) for v in sequence_slots(batch, rows))
         device = batch.input_ids.device
-        if not getattr(batch, "counts", ()):  # pairs: [chosen of all pairs, rejected of all pairs]
-            return logps_table[rows].T.reshape(-1).to(device), counts_table[rows].T.reshape(-1).to(device)
-        present = counts_table[rows] > 0  # each list's own completions, list after list
-        return logps_table[rows][present].to(device), counts_table[rows][present].to(device)
+        return logps_table[rows[example], completion].to(device), counts_table[rows[example], completion].to(device)
 
     return reference

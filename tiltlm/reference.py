@@ -1,4 +1,4 @@
-"""The reference policy pi_ref as one strategy object, used in three named phases:
+"""The reference policy pi_ref (``--ref-mode``) as one strategy object, used in three named phases:
 
 ``prepare(model, datasets, collate)``  once, after the policy is loaded and *before* adapters are added or a
                                        checkpoint is loaded, so ``model`` still holds the starting weights;
@@ -6,23 +6,6 @@
                                        FSDP, its sharded scorer: the only way to run a sharded policy;
 ``reference(batch, dataset)``          per batch: (summed log-probs, token counts) per sequence, never with
                                        grad, under the same autocast as the policy, or None.
-
-Strategies (``--ref-mode``):
-
-``precompute``    one no-grad pass over each dataset in ``prepare`` (or a cache hit: see refcache.py); each
-                  batch then reads its examples' rows of the table (``Batch.indices``). The reference forward
-                  is paid once per dataset instead of once per step and epoch, and no second model stays in
-                  memory; with no ``--ref`` the pass runs on the policy's own starting weights. Under FSDP
-                  the model that scores is sharded: each rank scores its share of the examples and the
-                  rows are gathered to every rank (refcache.py).
-``online``        a frozen model (no grad, eval mode) run on every batch: the starting weights loaded a second
-                  time, or the model named by ``--ref``; sharded like the policy under FSDP.
-``adapters-off``  with LoRA, the policy itself with its adapters disabled: the same base weights, no second
-                  copy in memory.
-``none``          reference-free losses (SimPO, ORPO): nothing is loaded or run.
-
-``auto`` (:func:`choose_mode`) picks none for reference-free objectives, precompute when the run scores every
-example at least once, else adapters-off under LoRA, else online.
 """
 
 from __future__ import annotations
@@ -49,9 +32,9 @@ Log = Callable[[str], None]
 
 def choose_mode(ref_mode: str, lora: bool, ref_model: str | None, reference_free: bool,
                 covers_data: bool = False) -> str:
-    """Resolve ``auto``: none for reference-free losses; precompute when the run scores every pair at
-    least once (``covers_data``: a full epoch or more), since it then never does more reference work than
-    an online reference; else adapters-off under LoRA, else online."""
+    """Resolve ``auto``: none for reference-free losses; precompute when the run scores every example at
+    least once (``covers_data``), since it then never does more reference work than an online reference;
+    else adapters-off under LoRA (no second copy), else online."""
     if ref_mode != "auto":
         return ref_mode
     if reference_free:
@@ -64,7 +47,7 @@ def choose_mode(ref_mode: str, lora: bool, ref_model: str | None, reference_free
 
 
 class Reference:
-    """No reference (``none``), and the base of the strategies: every phase does nothing."""
+    """No reference (``none``: reference-free losses), and the base of the strategies: every phase does nothing."""
 
     mode = "none"
 
@@ -79,8 +62,8 @@ class Reference:
 
 
 class OnlineReference(Reference):
-    """A frozen model run on every batch. ``load()`` gives it (unsharded); ``wrap`` shards it under FSDP,
-    where only rank 0 calls ``load`` and the other ranks receive their shards (loading.py)."""
+    """A frozen model run on every batch: the starting weights loaded a second time, or ``--ref``'s model.
+    ``load()`` gives it (unsharded); ``wrap`` shards it under FSDP (load_reference)."""
 
     mode = "online"
 
@@ -115,7 +98,8 @@ class AdaptersOffReference(Reference):
 
 
 class PrecomputedReference(Reference):
-    """Tables of every example's reference log-probs, filled once and read per batch.
+    """Tables of every example's reference log-probs (refcache.py), filled once and read per batch: no second
+    model in memory, the reference forward paid once per dataset instead of once per step and epoch.
 
     With ``load`` (``--ref``) its model scores in ``prepare`` (sharded by ``wrap`` under FSDP) and is freed
     afterwards. Else the policy's starting weights score: in ``prepare`` in one process; under FSDP
@@ -148,8 +132,8 @@ class PrecomputedReference(Reference):
             self.fill(policy, scorer)
 
     def fill(self, model: nn.Module, scorer: nn.Module) -> None:
-        """A table per dataset, scored by ``scorer`` (``model``'s log-probs; a peft model's with its
-        adapters off) or read from the cache by ``model``'s fingerprint."""
+        """A table per dataset, scored by ``scorer`` (a peft model's with its adapters off) or read from the
+        cache by ``model``'s fingerprint."""
         adapters_off = model.disable_adapter if hasattr(model, "disable_adapter") else contextlib.nullcontext
 
         def score(batch: Batch) -> Scores:

@@ -24,18 +24,16 @@ from tiltlm.runtime import Precision
 
 
 def make_batch(objective, examples: Sequence, indices: Sequence[int], device: torch.device) -> Batch:
-    """The batch of ``examples[i] for i in indices``, on ``device``, carrying ``indices`` (a precomputed
-    reference reads its rows by them)."""
+    """The batch of ``examples[i] for i in indices`` on ``device``, carrying ``indices`` for a precomputed reference."""
     batch = objective.collate([examples[i] for i in indices])
     return replace(batch, indices=tuple(indices)).to(device)
 
 
 def score(policy: Callable[[Batch], tuple], reference: Reference, objective, batch: Batch, dataset: str,
           precision: Precision) -> Scored:
-    """Policy scores (with grad when enabled) and reference scores (never grad) of ``batch``, both under
-    the run's autocast, through the objective. The reference runs first: under FSDP it may be the sharded
-    policy itself (adapters off), whose no-grad forward should not fall between the policy's forward and
-    its backward."""
+    """``batch`` through policy and reference, under the run's autocast, and the objective. The reference runs
+    first: under FSDP it may be the sharded policy itself (adapters off), whose no-grad forward should not
+    fall between the policy's forward and its backward."""
     reference_scores = reference(batch, dataset)
     with precision.autocast():
         policy_scores = policy(batch)
@@ -43,9 +41,8 @@ def score(policy: Callable[[Batch], tuple], reference: Reference, objective, bat
 
 
 def read_examples(source: str, tokenizer, config: TrainConfig, log) -> list:
-    """Tokenized examples of ``source`` (pairs, ranked lists or unpaired rows: one kind per file) with
-    the data summary logged; ranked lists become their pairs when ``config.pairs`` is ``all`` or a reward
-    model trains on them. An error when none is usable."""
+    """Tokenized examples of ``source`` (one kind per file), the data summary logged; ranked lists become
+    their pairs when ``config.pairs`` is ``all`` or a reward model trains on them."""
     examples = load_examples(source)
     check_one_kind(examples, source)
     rows, summary = tokenize_examples(examples, tokenizer, config.max_length, config.max_prompt_length,
@@ -75,11 +72,9 @@ def check_one_kind(examples: list, source: str) -> None:
 @torch.no_grad()
 def evaluate(policy: torch.nn.Module, reference: Reference, objective, examples: Sequence, dataset: str,
              batch_size: int, precision: Precision, prefix: str = "eval/", progress: bool = True) -> dict[str, float]:
-    """Mean loss and metrics over ``examples``, in eval mode. Under torchrun each rank takes every
-    world_size-th example and the sums are added over ranks, so all ranks return the same numbers.
-
-    Every rank runs as many batches as rank 0, which has the most examples, since a sharded (FSDP)
-    forward is a collective: a rank out of examples scores the first one again and does not count it."""
+    """Mean loss and metrics over ``examples``, in eval mode; under torchrun each rank takes every
+    world_size-th example and all return the sums over ranks. Every rank runs as many batches as rank 0,
+    since a sharded (FSDP) forward is a collective: a rank out of examples scores the first one uncounted."""
     rank, world = collectives.world()
     mine = range(len(examples))[rank::world]
     sums = MetricSums()

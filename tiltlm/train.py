@@ -1,11 +1,8 @@
 """The training recipe: ``setup(config) -> Run``, then ``loop(run)``; one process or a torchrun job.
 
-``setup`` checks every setting and loads data and models before anything is written. The loop knows an
-objective (objectives.py), not DPO; per optimizer step it makes micro-batches (step.py), backpropagates
-their losses, clips, steps, logs, evaluates and checkpoints. Full fine-tuning or LoRA; any reference
-strategy (reference.py); float32 master weights with bf16 autocast where asked; DDP or FSDP2 under
-torchrun (distributed.py); exact resume; SIGTERM saves a checkpoint and stops cleanly; non-finite steps
-are skipped and counted.
+``setup`` checks every setting and loads data and models before anything is written. Per optimizer step
+the loop makes micro-batches of its objective (step.py), backpropagates, clips, steps, logs, evaluates and
+checkpoints; exact resume; SIGTERM saves a checkpoint and stops cleanly; non-finite steps are skipped.
 """
 
 from __future__ import annotations
@@ -16,6 +13,7 @@ import math
 import signal
 import time
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 from typing import Callable
 
@@ -66,12 +64,7 @@ class Run:
 @dataclass
 class Outcome:
     output: Path
-    step: int
-    total_steps: int
-
-    @property
-    def finished(self) -> bool:
-        return self.step == self.total_steps
+    finished: bool  # the last step is done (else SIGTERM stopped the run)
 
 
 def train(config: TrainConfig) -> Path:
@@ -145,7 +138,6 @@ def one_kind(datasets: dict[str, list], config: TrainConfig) -> str:
 
 
 def data_order(config: TrainConfig, examples: list, objective, runtime: Runtime) -> tuple[DataOrder, int]:
-    """Which examples each rank sees at each step, and the number of optimizer steps."""
     lengths = tuple(objective.length(example) for example in examples)
     order = DataOrder(len(examples), config.batch_size, config.grad_accum, runtime.world_size, config.seed,
                       lengths=lengths if config.group_by_length else ())
@@ -157,19 +149,15 @@ def data_order(config: TrainConfig, examples: list, objective, runtime: Runtime)
 
 def make_reference(config: TrainConfig, runtime: Runtime, precision: Precision, objective, tokenizer,
                    sharded: bool, log, covers_data: bool) -> Reference:
-    """The reference strategy of ``config.ref_mode`` (``auto`` resolved by reference.choose_mode). A separate
-    reference model is loaded like the policy (same weights dtype, same autocast), so that at step 0 the
-    policy and its reference compute the same numbers and the loss is exactly log 2."""
+    """The reference strategy of ``config.ref_mode``. A separate reference model is loaded like the policy
+    (same dtype, same autocast), so that at step 0 both compute the same numbers: the loss is exactly log 2."""
     mode = choose_mode(config.ref_mode, config.lora_r > 0, config.ref, not objective.needs_reference,
                        covers_data and objective.precomputable)
     if mode == "precompute" and not objective.precomputable:
         raise ConfigError("ref_mode = precompute: KTO's reference point scores mismatched rows that depend on "
                           "the micro-batch, so no table can hold them; use ref_mode online (or adapters-off with LoRA)")
-
-    def load():
-        return objective.load(config.ref or config.model, precision.weights, config.trust_remote_code,
-                              config.attention, precision.device)
-
+    load = partial(objective.load, config.ref or config.model, precision.weights, config.trust_remote_code,
+                   config.attention, precision.device)
     wrap = (lambda scorer: distributed.shard(scorer, runtime)) if sharded else None
     if mode == "precompute":  # without --ref: the policy's own starting weights, no second copy
         return PrecomputedReference(tokenizer, precision, config.logprob_chunk, 4 * config.batch_size,
@@ -183,11 +171,10 @@ def make_reference(config: TrainConfig, runtime: Runtime, precision: Precision, 
 
 def build_policy(config: TrainConfig, precision: Precision, runtime: Runtime, reference: Reference, datasets: dict,
                  objective, sharded: bool) -> tuple[torch.nn.Module, torch.nn.Module]:
-    """The policy and what computes its scores, in order: loaded (master weights' dtype, dropout off),
-    reference prepared from its starting weights, gradient checkpointing, LoRA, placed, wrapped (DDP or
-    FSDP), reference attached. Under FSDP only rank 0 reads the weights and adds the adapters; the other
-    ranks receive their shards (loading.py); the reference is prepared after, so that rank 0 never holds
-    two whole models, and attached to the sharded root, since every sharded forward is a collective."""
+    """The policy and what computes its scores: loaded (dropout off), reference prepared from its starting
+    weights, gradient checkpointing, LoRA, placed, wrapped (DDP or FSDP), reference attached. Under FSDP
+    rank 0 alone reads the weights (loading.py) and the reference is prepared after, so that rank 0 never
+    holds two whole models, and attached to the sharded root, since every sharded forward is a collective."""
     def load() -> torch.nn.Module:
         model = objective.load(config.model, precision.weights, config.trust_remote_code, config.attention,
                                precision.device)
@@ -221,8 +208,8 @@ def build_policy(config: TrainConfig, precision: Precision, runtime: Runtime, re
 
 
 def param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict]:
-    """AdamW groups: weight decay on matrices (linear and embedding weights), none on biases and norm
-    weights (1-D), as in Loshchilov & Hutter's decoupled decay applied by common practice to matrices."""
+    """AdamW groups: weight decay on matrices, none on biases and norm weights (1-D), as common practice
+    applies Loshchilov & Hutter's decoupled decay."""
     trainable = [p for p in model.parameters() if p.requires_grad]
     return [{"params": [p for p in trainable if p.dim() >= 2], "weight_decay": weight_decay},
             {"params": [p for p in trainable if p.dim() < 2], "weight_decay": 0.0}]
@@ -231,8 +218,8 @@ def param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict]:
 def resume(config: TrainConfig, out: Path, model, optimizer, scheduler, runtime: Runtime, order: DataOrder,
            total_steps: int, log) -> int:
     """The step to start from: 0, or the newest intact checkpoint's step (its state restored). Any number
-    of processes may resume it (the checkpoint reshards), as long as a step takes the same pairs: the
-    data position is a function of the step."""
+    of processes may resume it (the checkpoint reshards) if a step takes the same number of pairs: the data
+    position is a function of the step."""
     if not config.resume:
         return 0
     latest = ckpt.latest_checkpoint(out / "checkpoints", config.resume_fallback, log)
@@ -255,8 +242,7 @@ def resume(config: TrainConfig, out: Path, model, optimizer, scheduler, runtime:
 
 
 def loop(run: Run) -> Outcome:
-    """Optimizer steps from ``run.start_step`` to ``run.total_steps``; stops early, with a checkpoint, on
-    SIGTERM. Writes ``final/`` when the last step is done."""
+    """Optimizer steps from ``run.start_step`` to ``run.total_steps``, or a checkpoint and a stop on SIGTERM."""
     config, runtime = run.config, run.runtime
     writer = MetricsWriter(run.out, config.tensorboard) if runtime.is_main else None
     stop_requested = []  # SIGTERM (preemption): finish the step, checkpoint, stop
@@ -289,12 +275,11 @@ def loop(run: Run) -> Outcome:
         if writer is not None:
             writer.close()
     finish(run, done)
-    return Outcome(run.out, done, run.total_steps)
+    return Outcome(run.out, done == run.total_steps)
 
 
 def train_step(run: Run, index: int, health: "StepHealth") -> dict:
-    """One optimizer step: the step's micro-batches on this rank, backward, clip, step (or skip a
-    non-finite one). Returns the row logged for it; reads the device back once."""
+    """One optimizer step (skipped if non-finite) on this rank's micro-batches; the row logged for it."""
     config, started, sums, tokens = run.config, time.perf_counter(), MetricSums(), 0
     micro_batches = run.order.micro_batches(index, run.runtime.rank)
     for i, indices in enumerate(micro_batches):
