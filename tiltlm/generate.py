@@ -10,9 +10,8 @@ The KL divergence between the policy and the reference is an expectation under t
     KL(pi || pi_ref) = E_{x, y ~ pi(.|x)} [log pi(y|x) - log pi_ref(y|x)],
 
 so its Monte Carlo estimate is the mean of ``logp_policy - logp_ref`` over samples drawn *from pi*.
-Scores are always log-probs under the model itself (temperature 1, no top-p). Sampling with another
-temperature or top_p < 1 draws from a different distribution, and the mean is then not an unbiased KL
-estimate; it is exact (in expectation) only for temperature 1 and top_p 1.
+Scores are always log-probs under the model itself (temperature 1, no top-p), so the estimate is unbiased
+only for samples drawn at temperature 1 and top_p 1.
 
 Prompts (a string or a list of chat messages per row) are encoded as training encodes them: plain
 strings as they are, since sampling from the text the policy was tuned on is what shows what tuning
@@ -72,13 +71,9 @@ class Sample:
 
 
 def read_prompts(source: str | Path) -> list[Text]:
-    """The prompt of every row of ``source``, in order.
-
-    Any input :mod:`tiltlm.data` reads works (JSONL, JSON, CSV, Parquet, a saved dataset). A row needs a
-    ``prompt`` (a string or a list of chat messages); a preference row (``chosen`` and ``rejected``)
-    gives the prompt training reads from it, also where the prompt is implicit (HH-RLHF dialogues), so
-    an eval split of the training data can be used as it is.
-    """
+    """The ``prompt`` of every row of ``source`` (any input :mod:`tiltlm.data` reads), in order; of a
+    preference row, the prompt training reads from it (also where it is implicit, as in HH-RLHF dialogues),
+    so an eval split of the training data can be used as it is."""
     prompts: list[Text] = []
     for where, row in read_rows(str(source)):
         if "chosen" in row and "rejected" in row:
@@ -92,12 +87,9 @@ def read_prompts(source: str | Path) -> list[Text]:
 
 
 def encode_prompt(tokenizer, prompt: Text, chat: bool = False) -> list[int]:
-    """Token ids of a prompt, the same ids training gives it (see :mod:`tiltlm.data.tokenize`).
-
-    A plain string gets a BOS exactly when the tokenizer's default encoding adds one. Messages are
-    rendered by the chat template with the assistant turn opened; the template writes its own special
-    tokens, so the text is encoded without adding any.
-    """
+    """Token ids of a prompt, the same ids training gives it (see :mod:`tiltlm.data.tokenize`): a plain
+    string gets a BOS exactly when the tokenizer's default encoding adds one; messages are rendered by the
+    chat template with the assistant turn opened, and the template writes its own special tokens."""
     if isinstance(prompt, str) and not chat:
         head = [tokenizer.bos_token_id] if adds_bos(tokenizer) else []
         return head + tokenizer(prompt, add_special_tokens=False)["input_ids"]
@@ -123,36 +115,24 @@ def stop_token_ids(model, tokenizer) -> list[int]:
     return sorted({tokenizer.eos_token_id, *configured} - {None})
 
 
-def sampling_config(max_new_tokens: int, temperature: float, top_p: float, stop: list[int], pad_id: int):
-    """A GenerationConfig for plain ancestral sampling from ``softmax(logits / temperature)``, top-p
-    filtered (greedy decoding for temperature 0). Use it under :func:`model_defaults_hidden`.
+@contextmanager
+def plain_sampling(model, max_new_tokens: int, temperature: float, top_p: float, stop: list[int], pad_id: int):
+    """The GenerationConfig of plain ancestral sampling from ``softmax(logits / temperature)``, top-p
+    filtered (greedy decoding for temperature 0), with the model's own generation config hidden meanwhile.
 
-    ``generate`` fills every option left unset first from the model's own generation config and then
-    from library defaults. Library defaults are neutral except top-k 50, switched off here.
+    ``generate`` fills every option left unset first from the model's generation config, then from library
+    defaults. A hub model's ``generation_config.json`` often sets top-k, repetition penalties or suppressed
+    tokens, and the samples would then come from something other than the model, which breaks the KL
+    estimate. Listing every such option with a neutral value is fragile (new ones appear), so the model's
+    own config is hidden instead. Library defaults are neutral except top-k 50, switched off here.
     """
     from transformers import GenerationConfig
 
     common = dict(max_new_tokens=max_new_tokens, eos_token_id=stop, pad_token_id=pad_id, num_beams=1, top_k=0)
-    if temperature == 0:
-        return GenerationConfig(do_sample=False, **common)
-    return GenerationConfig(do_sample=True, temperature=temperature, top_p=top_p, **common)
-
-
-@contextmanager
-def model_defaults_hidden(model):
-    """Give ``model`` a blank generation config for the duration, then restore its own.
-
-    A hub model's ``generation_config.json`` often sets top-k, repetition penalties or suppressed
-    tokens. ``generate`` would apply them to any option we leave unset, and the samples would then come
-    from something other than the model, which breaks the KL estimate. Listing every such option with a
-    neutral value is fragile (new ones appear), so the model's own defaults are hidden instead.
-    """
-    from transformers import GenerationConfig
-
-    own = model.generation_config
-    model.generation_config = GenerationConfig()
+    sampling = dict(do_sample=True, temperature=temperature, top_p=top_p) if temperature else dict(do_sample=False)
+    own, model.generation_config = model.generation_config, GenerationConfig()
     try:
-        yield model
+        yield GenerationConfig(**sampling, **common)
     finally:
         model.generation_config = own
 
@@ -170,13 +150,8 @@ def left_pad(rows: list[list[int]], pad_id: int) -> tuple[torch.Tensor, torch.Te
     """(input_ids, attention_mask) with padding on the left: a decoder continues from the last column,
     so each row's prompt must end there. ``generate`` derives position ids from the mask."""
     width = max(len(row) for row in rows)
-    ids = torch.full((len(rows), width), pad_id, dtype=torch.long)
-    mask = torch.zeros((len(rows), width), dtype=torch.long)
-    for r, row in enumerate(rows):
-        if row:
-            ids[r, width - len(row):] = torch.tensor(row)
-            mask[r, width - len(row):] = 1
-    return ids, mask
+    ids = torch.tensor([[pad_id] * (width - len(row)) + row for row in rows])
+    return ids, torch.tensor([[0] * (width - len(row)) + [1] * len(row) for row in rows])
 
 
 def sample(model, tokenizer, prompts: list[Text], n: int = 1, max_new_tokens: int = 64,
@@ -192,7 +167,6 @@ def sample(model, tokenizer, prompts: list[Text], n: int = 1, max_new_tokens: in
                                  seed=seed, batch_size=batch_size))  # a ConfigError names the option
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     stop = stop_token_ids(model, tokenizer)
-    config = sampling_config(max_new_tokens, temperature, top_p, stop, pad_id)
     encoded = [encode_prompt(tokenizer, prompt, chat) for prompt in prompts]
     for index, ids in enumerate(encoded):
         if not ids:
@@ -201,21 +175,18 @@ def sample(model, tokenizer, prompts: list[Text], n: int = 1, max_new_tokens: in
     rows = [(index, k) for index in range(len(prompts)) for k in range(n)]
     device = model.device
     samples: list[Sample] = []
-    fork_devices = [device] if device.type == "cuda" else []
-    with eval_mode(model), torch.random.fork_rng(devices=fork_devices), torch.inference_mode(), \
-            model_defaults_hidden(model):
+    with eval_mode(model), torch.random.fork_rng(devices=[device] if device.type == "cuda" else []), \
+            torch.inference_mode(), plain_sampling(model, max_new_tokens, temperature, top_p, stop, pad_id) as config:
         torch.manual_seed(seed)
-        starts = range(0, len(rows), batch_size)
-        for start in tqdm(starts, desc="sampling", unit="batch", disable=not progress):
+        for start in tqdm(range(0, len(rows), batch_size), desc="sampling", unit="batch", disable=not progress):
             chunk = rows[start:start + batch_size]
             ids, mask = left_pad([encoded[index] for index, _ in chunk], pad_id)
             out = model.generate(input_ids=ids.to(device), attention_mask=mask.to(device), generation_config=config)
             for (index, k), new_ids in zip(chunk, out[:, ids.shape[1]:].tolist()):
                 completion_ids, finished = cut_at_stop(new_ids, stop)
-                samples.append(Sample(
-                    prompt=prompts[index], completion=tokenizer.decode(completion_ids, skip_special_tokens=True),
-                    prompt_ids=list(encoded[index]), completion_ids=completion_ids, index=index, sample=k,
-                    finished=finished))
+                completion = tokenizer.decode(completion_ids, skip_special_tokens=True)
+                samples.append(Sample(prompts[index], completion, list(encoded[index]), completion_ids, index=index,
+                                      sample=k, finished=finished))
     return samples
 
 
@@ -224,28 +195,23 @@ def sample(model, tokenizer, prompts: list[Text], n: int = 1, max_new_tokens: in
 
 def score_logps(model, tokenizer, samples: list[Sample], batch_size: int = 8, progress: bool = False) -> list[float]:
     """``log p(completion_ids | prompt_ids)`` under ``model`` at temperature 1, summed over completion
-    tokens (EOS included when the sample ended with it), one float per sample, ``batch_size`` at a time.
-
-    Scored as training scores completions (:func:`tiltlm.data.collate.collate_prompt_completions` and
-    :class:`tiltlm.logprobs.CompletionLogps`): each sample is a prompt with one completion.
+    tokens (EOS included when the sample ended with it), one float per sample, ``batch_size`` at a time,
+    each a prompt with one completion scored as training scores it (:class:`tiltlm.logprobs.CompletionLogps`).
     """
+    for s in samples:
+        if not s.prompt_ids:
+            raise ValueError(f"sample {s.index}/{s.sample} has no prompt tokens; the first completion "
+                             f"token would have nothing to be predicted from")
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
     scorer = CompletionLogps(model)
     scores: list[float] = []
     with eval_mode(model), torch.inference_mode():
         for start in tqdm(range(0, len(samples), batch_size), desc="scoring", unit="batch", disable=not progress):
-            chunk = samples[start:start + batch_size]
-            examples = [as_example(s, i) for i, s in enumerate(chunk)]
+            examples = [PromptCompletions(s.prompt_ids, [s.completion_ids], [i])
+                        for i, s in enumerate(samples[start:start + batch_size])]
             logps, _ = scorer(collate_prompt_completions(examples, pad_id).to(model.device))
             scores += logps.tolist()
     return scores
-
-
-def as_example(s: Sample, sequence: int) -> PromptCompletions:
-    if not s.prompt_ids:
-        raise ValueError(f"sample {s.index}/{s.sample} has no prompt tokens; the first completion "
-                         f"token would have nothing to be predicted from")
-    return PromptCompletions(s.prompt_ids, [s.completion_ids], [sequence])
 
 
 # ---------------------------------------------------------------------------------- loading models
