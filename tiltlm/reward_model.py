@@ -161,11 +161,6 @@ def read_mark(directory: str) -> dict:
     return mark if isinstance(mark, dict) else {}
 
 
-def is_trained_here(directory: str) -> bool:
-    """Whether ``directory`` holds a reward model saved by ``tiltlm reward train`` (its config is marked)."""
-    return bool(read_mark(directory))
-
-
 def encode_reward_input(tokenizer, prompt, completion: str, max_length: int,
                         max_prompt_length: int) -> tuple[list[int], list[int]]:
     """``(prompt ids, completion ids)`` as the trainer makes them (tiltlm.data.tokenize): a chat prompt

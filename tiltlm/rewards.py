@@ -23,7 +23,6 @@ a directory
 
 from __future__ import annotations
 
-import importlib
 import importlib.util
 import math
 import numbers
@@ -38,8 +37,6 @@ import torch
 from tiltlm.data.types import Text
 
 Reward = Callable[[list[Text], list[str]], list[float]]
-
-SPECS = "'vader', 'module:function', 'file.py:function', or a sequence-classification model directory"
 
 
 class RewardError(ValueError):
@@ -56,7 +53,8 @@ def load_reward(spec: str, device: torch.device | str = "cpu", batch_size: int =
     if ":" in spec:
         return function_reward(spec)
     raise RewardError(f"reward {spec!r}: not a known reward, a module:function or an existing directory; "
-                      f"expected {SPECS}")
+                      f"expected 'vader', 'module:function', 'file.py:function', or a sequence-classification "
+                      f"model directory")
 
 
 # -------------------------------------------------------------------------------------------- VADER
@@ -72,8 +70,7 @@ def _vader_analyzer():
 
 def vader(prompts: list[Text], completions: list[str]) -> list[float]:
     """VADER's compound score of each completion, in [-1, 1]; prompts are ignored."""
-    analyzer = _vader_analyzer()
-    return [float(analyzer.polarity_scores(text)["compound"]) for text in completions]
+    return [float(_vader_analyzer().polarity_scores(text)["compound"]) for text in completions]
 
 
 # ------------------------------------------------------------------------------ user Python function
@@ -84,8 +81,7 @@ def function_reward(spec: str) -> Reward:
     module_name, _, function_name = spec.rpartition(":")
     if not module_name or not function_name:
         raise RewardError(f"reward {spec!r}: expected module:function, e.g. my_rewards.py:score or pkg.mod:fn")
-    module = _import(module_name, spec)
-    function = getattr(module, function_name, None)
+    function = getattr(_import(module_name, spec), function_name, None)
     if function is None:
         raise RewardError(f"reward {spec!r}: {module_name} has no function {function_name!r}")
     if not callable(function):
@@ -158,9 +154,9 @@ def classifier_reward(directory: str, device: torch.device | str = "cpu", batch_
     from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
     from tiltlm.models import refusing_pickles
-    from tiltlm.reward_model import is_trained_here, trained_reward
+    from tiltlm.reward_model import read_mark, trained_reward
 
-    if is_trained_here(directory):
+    if read_mark(directory):
         try:
             return trained_reward(directory, device, batch_size)
         except (OSError, ValueError) as error:
@@ -196,8 +192,7 @@ def classifier_reward(directory: str, device: torch.device | str = "cpu", batch_
             for start in range(0, len(encoded), batch_size):
                 batch = tokenizer.pad({"input_ids": encoded[start:start + batch_size]}, return_tensors="pt")
                 logits = model(**batch.to(device)).logits.float()
-                values = logits[:, 0] if labels == 1 else logits[:, 1] - logits[:, 0]
-                scores += values.tolist()
+                scores += (logits[:, 0] if labels == 1 else logits[:, 1] - logits[:, 0]).tolist()
         return scores
 
     return reward
