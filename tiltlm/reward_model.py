@@ -21,7 +21,6 @@ text ending with EOS, reads the token before it, not the one it was trained at:
 from __future__ import annotations
 
 import os
-import sys
 from collections import Counter
 
 import torch
@@ -29,7 +28,7 @@ from torch import Tensor, nn
 
 from tiltlm.data.collate import Batch, PromptCompletions, collate_prompt_completions
 from tiltlm.logprobs import backbone_states
-from tiltlm.models import ModelError, frozen, load_tokenizer, plain_after_gguf, resolve
+from tiltlm.models import ModelError, load_tokenizer, plain_after_gguf, resolve
 
 
 def last_token_positions(batch: Batch, sequences: int | None = None) -> tuple[Tensor, Tensor]:
@@ -188,27 +187,15 @@ def evaluate_reward_model(model: str, data: str, batch_size: int = 8, max_length
                           max_prompt_length: int | None = None, dtype: str = "auto", device: str = "auto",
                           trust_remote_code: bool = False, progress: bool = True) -> dict[str, float]:
     """Bradley-Terry loss, accuracy (ties half), mean margin and mean reward of a reward model on a file
-    of pairs (or ranked lists: their pairs), through the trainer's own objective and eval kernel. Lengths
-    default to those the model was trained with (its config's mark), else the trainer's defaults."""
-    from tiltlm import step
-    from tiltlm.config import TrainConfig, validate
-    from tiltlm.objectives import make_objective
-    from tiltlm.reference import Reference
-    from tiltlm.runtime import pick_device, training_precision
+    of pairs (or ranked lists: their pairs), as ``tiltlm eval`` measures a policy (the trainer's objective and
+    eval kernel). Lengths default to those the model was trained with (its mark), else the trainer's."""
+    from tiltlm.config import TrainConfig
+    from tiltlm.evaluate import evaluate_config
 
-    tokenizer = load_tokenizer(model, trust_remote_code)
     saved = read_mark(model)
-    lengths = {"max_length": max_length or saved.get("max_length", TrainConfig.max_length),
-               "max_prompt_length": max_prompt_length or saved.get("max_prompt_length", TrainConfig.max_prompt_length)}
+    max_length = max_length or saved.get("max_length", TrainConfig.max_length)
+    max_prompt_length = max_prompt_length or saved.get("max_prompt_length", TrainConfig.max_prompt_length)
     config = TrainConfig(model=model, data=data, objective="reward-model", batch_size=batch_size, dtype=dtype,
-                         device=device, trust_remote_code=trust_remote_code, **lengths)
-    validate(config)
-    precision = training_precision(dtype, False, pick_device(device))
-    log = (lambda message: print(message, file=sys.stderr)) if progress else (lambda message: None)
-    pairs = step.read_examples(data, tokenizer, config, log)
-    objective = make_objective(config, tokenizer, "pairs")
-    scorer = objective.scorer(frozen(objective.load(model, precision.weights, trust_remote_code, "auto",
-                                                    precision.device)).to(precision.device))
-    metrics = step.evaluate(scorer, Reference(), objective, pairs, data, batch_size, precision, prefix="",
-                            progress=progress)
-    return {"pairs": len(pairs), **metrics}
+                         device=device, trust_remote_code=trust_remote_code, max_length=max_length,
+                         max_prompt_length=max_prompt_length)
+    return evaluate_config(config, progress)
