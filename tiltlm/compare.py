@@ -45,12 +45,8 @@ class WinRate:
 
 def win_rate(rewards_a: Sequence[float], rewards_b: Sequence[float], n_boot: int = 2000, seed: int = 0,
              groups: Sequence[Hashable] | None = None) -> WinRate:
-    """The win rate of A over B (ties count half) and its 95% percentile-bootstrap interval.
-
-    ``groups`` (e.g. the prompt of each comparison) makes the bootstrap resample whole groups, the
-    independent units; without it every comparison is its own unit. A resample's rate is its total
-    outcome over its total count, which is the plain rate when every group has the same size.
-    """
+    """The win rate of A over B (ties count half) and its 95% percentile-bootstrap interval, resampling whole
+    ``groups`` (the independent units, e.g. the prompt of each comparison; by default each comparison)."""
     if len(rewards_a) != len(rewards_b):
         raise ValueError(f"{len(rewards_a)} rewards for A but {len(rewards_b)} for B; expected one pair each")
     scores = (np.sign(np.subtract(rewards_a, rewards_b, dtype=float)) + 1) / 2  # 1 win, 0.5 tie, 0 loss
@@ -61,9 +57,6 @@ def win_rate(rewards_a: Sequence[float], rewards_b: Sequence[float], n_boot: int
     return WinRate(rate=float(scores.mean()), low=low, high=high, n=int(scores.size),
                    wins=int((scores == 1.0).sum()), ties=int((scores == 0.5).sum()),
                    losses=int((scores == 0.0).sum()), groups=len(set(labels)))
-
-
-# ------------------------------------------------------------------------------- matching generations
 
 
 @dataclass(frozen=True)
@@ -126,9 +119,6 @@ def match(a: list[Generation], b: list[Generation], names: tuple[str, str]) -> l
     return [(g, by_key[g.key]) for g in a]
 
 
-# ------------------------------------------------------------------------------------- the report
-
-
 def compare(pairs: list[tuple[Generation, Generation]], reward, n_boot: int = 2000, seed: int = 0) -> dict:
     """Mean rewards of both sides (normal 95% interval over per-prompt means) and the win rate of A
     over B (bootstrap over prompts)."""
@@ -137,10 +127,8 @@ def compare(pairs: list[tuple[Generation, Generation]], reward, n_boot: int = 20
     rewards_b = reward(prompts, [b.completion for _, b in pairs])
     groups = [a.key[0] for a, _ in pairs]
     result = win_rate(rewards_a, rewards_b, n_boot=n_boot, seed=seed, groups=groups)
-    means = {}
-    for side, rewards in (("a", rewards_a), ("b", rewards_b)):
-        mean, low, high = mean_ci(per_group_means(rewards, groups))
-        means[side] = {"mean": mean, "low": low, "high": high}
+    means = {side: dict(zip(("mean", "low", "high"), mean_ci(per_group_means(rewards, groups))))
+             for side, rewards in (("a", rewards_a), ("b", rewards_b))}
     return {"win_rate": asdict(result), "rewards": means, "bootstrap_resamples": n_boot}
 
 
@@ -150,8 +138,7 @@ def format_report(report: dict, names: tuple[str, str], reward_spec: str) -> str
     width = max(len(names[0]), len(names[1]), 6)
     lines = [f"reward: {reward_spec}   prompts: {w['groups']}   comparisons: {w['n']}", "",
              f"    {'policy':<{width}}  mean reward  95% CI (normal, over prompts)"]
-    for label, name, side in (("A", names[0], "a"), ("B", names[1], "b")):
-        r = report["rewards"][side]
+    for label, name, r in zip("AB", names, (report["rewards"]["a"], report["rewards"]["b"])):
         lines.append(f"{label}   {name:<{width}}  {r['mean']:>11.4f}  [{r['low']:.4f}, {r['high']:.4f}]")
     lines += ["", f"win rate of A over B: {w['rate']:.3f}  95% CI [{w['low']:.3f}, {w['high']:.3f}] "
                   f"(bootstrap over prompts, {report['bootstrap_resamples']} resamples)",
