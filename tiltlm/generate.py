@@ -67,9 +67,6 @@ class Sample:
     finished: bool = False
 
 
-# ----------------------------------------------------------------------------------------- prompts
-
-
 def read_prompts(source: str | Path) -> list[Text]:
     """The ``prompt`` of every row of ``source`` (any input :mod:`tiltlm.data` reads), in order; of a
     preference row, the prompt training reads from it (also where it is implicit, as in HH-RLHF dialogues),
@@ -104,9 +101,6 @@ def encode_prompt(tokenizer, prompt: Text, chat: bool = False) -> list[int]:
     return tokenizer(text, add_special_tokens=False)["input_ids"]
 
 
-# ---------------------------------------------------------------------------------------- sampling
-
-
 def stop_token_ids(model, tokenizer) -> list[int]:
     """Tokens that end a completion: the tokenizer's EOS (what training appends to completions) and
     any EOS the model's generation config names (chat models often list their end-of-turn token)."""
@@ -118,14 +112,10 @@ def stop_token_ids(model, tokenizer) -> list[int]:
 @contextmanager
 def plain_sampling(model, max_new_tokens: int, temperature: float, top_p: float, stop: list[int], pad_id: int):
     """The GenerationConfig of plain ancestral sampling from ``softmax(logits / temperature)``, top-p
-    filtered (greedy decoding for temperature 0), with the model's own generation config hidden meanwhile.
-
-    ``generate`` fills every option left unset first from the model's generation config, then from library
-    defaults. A hub model's ``generation_config.json`` often sets top-k, repetition penalties or suppressed
-    tokens, and the samples would then come from something other than the model, which breaks the KL
-    estimate. Listing every such option with a neutral value is fragile (new ones appear), so the model's
-    own config is hidden instead. Library defaults are neutral except top-k 50, switched off here.
-    """
+    filtered (greedy for temperature 0), with the model's own generation config hidden meanwhile: ``generate``
+    fills options left unset from it (a hub model's often sets top-k, repetition penalties or suppressed
+    tokens, and new such options appear), and samples from anything but the model break the KL estimate.
+    Library defaults fill the rest; they are neutral except top-k 50, switched off here."""
     from transformers import GenerationConfig
 
     common = dict(max_new_tokens=max_new_tokens, eos_token_id=stop, pad_token_id=pad_id, num_beams=1, top_k=0)
@@ -157,12 +147,10 @@ def left_pad(rows: list[list[int]], pad_id: int) -> tuple[torch.Tensor, torch.Te
 def sample(model, tokenizer, prompts: list[Text], n: int = 1, max_new_tokens: int = 64,
            temperature: float = 1.0, top_p: float = 1.0, seed: int = 0, batch_size: int = 8,
            chat: bool = False, progress: bool = False) -> list[Sample]:
-    """``n`` completions of every prompt, prompt by prompt (all samples of prompt 0, then prompt 1, ...).
-
-    ``temperature = 0`` decodes greedily. Torch's RNG is seeded with ``seed`` before the first batch
-    (inside :func:`torch.random.fork_rng`, so the caller's RNG state is left as it was): the same seed,
-    batch size and model give the same samples. A different batch size draws different samples.
-    """
+    """``n`` completions of every prompt, prompt by prompt (all samples of prompt 0, then prompt 1, ...);
+    ``temperature = 0`` decodes greedily. Torch's RNG is seeded with ``seed`` inside
+    :func:`torch.random.fork_rng` (the caller's RNG state is left as it was): the same seed, batch size and
+    model give the same samples, a different batch size different ones."""
     check_options(SamplingConfig(samples=n, max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p,
                                  seed=seed, batch_size=batch_size))  # a ConfigError names the option
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
@@ -190,14 +178,10 @@ def sample(model, tokenizer, prompts: list[Text], n: int = 1, max_new_tokens: in
     return samples
 
 
-# ----------------------------------------------------------------------------------------- scoring
-
-
 def score_logps(model, tokenizer, samples: list[Sample], batch_size: int = 8, progress: bool = False) -> list[float]:
     """``log p(completion_ids | prompt_ids)`` under ``model`` at temperature 1, summed over completion
-    tokens (EOS included when the sample ended with it), one float per sample, ``batch_size`` at a time,
-    each a prompt with one completion scored as training scores it (:class:`tiltlm.logprobs.CompletionLogps`).
-    """
+    tokens (EOS included when the sample ended with it), one float per sample, each a prompt with one
+    completion scored as training scores it (:class:`tiltlm.logprobs.CompletionLogps`)."""
     for s in samples:
         if not s.prompt_ids:
             raise ValueError(f"sample {s.index}/{s.sample} has no prompt tokens; the first completion "
@@ -212,9 +196,6 @@ def score_logps(model, tokenizer, samples: list[Sample], batch_size: int = 8, pr
             logps, _ = scorer(collate_prompt_completions(examples, pad_id).to(model.device))
             scores += logps.tolist()
     return scores
-
-
-# ---------------------------------------------------------------------------------- loading models
 
 
 def load_policy(name: str, dtype: torch.dtype = torch.float32, device: torch.device | str = "cpu",
