@@ -1,21 +1,16 @@
-"""Bradley-Terry reward models: scoring a :class:`~tiltlm.data.collate.Batch`'s completions, loading and
-preparing the model.
+"""Bradley-Terry reward models: scoring a :class:`~tiltlm.data.collate.Batch`'s completions, loading the model.
 
-A reward model here is a Hugging Face ``AutoModelForSequenceClassification`` with ``num_labels = 1``: a
-transformer body and a linear "score" head from the last hidden state to one number. Trained with
-:func:`tiltlm.losses.bradley_terry_reward_loss`, its scalar output for prompt + completion is the
-reward ``r(x, y)`` (Ouyang et al. 2022, Section 3.5).
+A reward model is an ``AutoModelForSequenceClassification`` with ``num_labels = 1``: a transformer body and a
+linear "score" head from the last hidden state to one number, the reward ``r(x, y)`` of prompt + completion
+once trained with :func:`tiltlm.losses.bradley_terry_reward_loss` (Ouyang et al. 2022, Section 3.5).
 
-Scoring reads the hidden state at each sequence's *last* completion token (:func:`last_token_positions`).
-Because the batch's attention mask lets that position see exactly its own prompt and completion, both
-collate layouts (``concatenated`` and the prefix-``shared`` one, packed or not) give the score of the
-sequence run alone, with the body run once.
+Scoring reads the hidden state at each sequence's *last* completion token, which the batch's attention mask
+lets see exactly its own prompt and completion: every collate layout (concatenated, prefix-shared, packed)
+gives the score of the sequence run alone, with the body run once.
 
-Compatibility with Hugging Face's own forward (what a user of the saved ``final/`` model calls): it
-reads the score at the rightmost token that is not ``config.pad_token_id``. Completions end with EOS,
-so when the pad token *is* EOS (tiltlm's default for tokenizers without one) the saved model, run on
-text ending with EOS, reads the token before it, not the one it was trained at:
-:func:`prepare_reward_model` returns a warning for that case.
+Hugging Face's own forward (what a user of the saved ``final/`` calls) reads the score at the rightmost token
+that is not ``config.pad_token_id``. Completions end with EOS, so when pad *is* EOS (tiltlm's default for
+tokenizers without one) it reads the token before the one trained at: :func:`prepare_reward_model` warns.
 """
 
 from __future__ import annotations
@@ -35,14 +30,11 @@ def last_token_positions(batch: Batch, sequences: int | None = None) -> tuple[Te
     """``(rows, cols)``, shape [sequences] each: where each sequence (``batch.target_seq``, ``0 ..
     sequences - 1``, every one present) has its last completion token.
 
-    A sequence's tokens lie left to right in one row, each predicted from the column before it, so its
-    last token sits one column after its last predictor column (its largest ``target_cols`` entry). One
-    exception: a completion's *first* token is predicted from the prompt's last column, which in the
-    prefix-shared layout is shared by every completion of that prompt (a branch point). For a one-token
-    completion there, "one column after" is the first token of the completion laid out before it; its
-    token sits instead right after the end of the sibling before it, the siblings laid out one after
-    another in the order of their targets (as :func:`tiltlm.data.collate.collate_shared` lays them out).
-    """
+    Each token is predicted from the column before it, so a sequence's last token sits one column after its
+    last predictor column. Except at a branch point of the prefix-shared layout, the prompt's last column,
+    which predicts the first token of every completion of that prompt: there a one-token completion sits
+    right after the sibling laid out before it (:func:`tiltlm.data.collate.collate_shared` lays them out
+    one after another, in the order of their targets), not one column after."""
     count = sequences if sequences is not None else int(batch.target_seq.max()) + 1
     seq, tcols = batch.target_seq, batch.target_cols
     last = torch.full((count,), -1, dtype=torch.long, device=tcols.device).scatter_reduce(0, seq, tcols, reduce="amax")
@@ -50,8 +42,8 @@ def last_token_positions(batch: Batch, sequences: int | None = None) -> tuple[Te
         raise ValueError(f"sequence(s) {(last < 0).nonzero().flatten().tolist()} have no completion token")
     rows = torch.zeros(count, dtype=torch.long, device=tcols.device).scatter(0, seq, batch.target_rows)
     cols = (last + 1).tolist()
-    # walk the sequences predicted from each column in target order: a one-token one starts right after
-    # the previous one's last token (every other sequence's last column is already right)
+    # walk the sequences predicted from each column in target order: a one-token one sits right after the
+    # previous one's last token (every other sequence's last column is already right)
     targets = Counter(seq.tolist())
     siblings: dict[tuple[int, int], dict[int, None]] = {}  # (row, predictor column) -> its sequences, in order
     for row, col, s in zip(batch.target_rows.tolist(), tcols.tolist(), seq.tolist()):
@@ -120,13 +112,10 @@ def load_reward_model(name: str, tokenizer, dtype: torch.dtype = torch.float32, 
     return model
 
 
-# --- a trained reward model as a reward, and its evaluation ------------------------------------------------
-#
 # ``tiltlm reward train`` marks the saved config with ``tiltlm_reward`` (the run's max_length and
 # max_prompt_length). Such a model scores texts exactly as it was trained: prompt and completion tokenised
 # apart, the completion ending with EOS, truncated by the same rules, the score read at the last completion
 # token (tiltlm.data.tokenize; score_sequences), not at Hugging Face's "last non-pad token".
-
 MARK = "tiltlm_reward"
 
 

@@ -57,9 +57,6 @@ def load_reward(spec: str, device: torch.device | str = "cpu", batch_size: int =
                       f"model directory")
 
 
-# -------------------------------------------------------------------------------------------- VADER
-
-
 @lru_cache(maxsize=1)
 def _vader_analyzer():
     # Reading VADER's lexicon takes a moment; one analyzer serves every call.
@@ -71,9 +68,6 @@ def _vader_analyzer():
 def vader(prompts: list[Text], completions: list[str]) -> list[float]:
     """VADER's compound score of each completion, in [-1, 1]; prompts are ignored."""
     return [float(_vader_analyzer().polarity_scores(text)["compound"]) for text in completions]
-
-
-# ------------------------------------------------------------------------------ user Python function
 
 
 def function_reward(spec: str) -> Reward:
@@ -144,13 +138,9 @@ def _as_number(value: Any, spec: str, index: int) -> float:
     return float(value)
 
 
-# ------------------------------------------------------------------------- sequence classifier model
-
-
 def classifier_reward(directory: str, device: torch.device | str = "cpu", batch_size: int = 16) -> Reward:
-    """A batch reward from a sequence-classification model directory (see the module docstring). A
-    reward model trained by ``tiltlm reward train`` scores texts as it was trained (tokenised like its
-    training data, read at the completion's final EOS): :func:`tiltlm.reward_model.trained_reward`."""
+    """A batch reward from a sequence-classification model directory (see the module docstring); one that
+    ``tiltlm reward train`` saved scores as it was trained (:func:`tiltlm.reward_model.trained_reward`)."""
     from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
     from tiltlm.models import refusing_pickles
