@@ -1,21 +1,18 @@
 """Sampling completions from a policy, and scoring completions under any model.
 
-:func:`sample` shows what the tuned policy writes now: batched ancestral sampling with the KV cache.
+:func:`sample` shows what the tuned policy writes now (batched ancestral sampling with the KV cache);
 :func:`score_logps` measures how far it moved from the reference: ``log pi(y|x) = sum_t log pi(y_t | x,
-y_<t)`` of each sample under any model sharing the tokenizer, from the token ids exactly as sampled
-(never re-tokenised text: decoding and encoding again need not give the same ids back).
-
-The KL divergence between the policy and the reference is an expectation under the policy,
+y_<t)`` under any model sharing the tokenizer, from the token ids exactly as sampled (decoding and encoding
+again need not give the same ids back). The KL divergence is an expectation under the policy,
 
     KL(pi || pi_ref) = E_{x, y ~ pi(.|x)} [log pi(y|x) - log pi_ref(y|x)],
 
-so its Monte Carlo estimate is the mean of ``logp_policy - logp_ref`` over samples drawn *from pi*.
-Scores are always log-probs under the model itself (temperature 1, no top-p), so the estimate is unbiased
-only for samples drawn at temperature 1 and top_p 1.
+so its Monte Carlo estimate is the mean of ``logp_policy - logp_ref`` over samples drawn *from pi*; scores
+are log-probs under the model itself, so it is unbiased only for samples drawn at temperature 1, top_p 1.
 
-Prompts (a string or a list of chat messages per row) are encoded as training encodes them: plain
-strings as they are, since sampling from the text the policy was tuned on is what shows what tuning
-did (``chat=True`` wraps them as one user message instead); messages through the chat template.
+Prompts are encoded as training encodes them: plain strings as they are (sampling from the text the policy
+was tuned on shows what tuning did; ``chat=True`` wraps them as one user message instead), chat messages
+through the chat template.
 """
 
 from __future__ import annotations
@@ -84,9 +81,8 @@ def read_prompts(source: str | Path) -> list[Text]:
 
 
 def encode_prompt(tokenizer, prompt: Text, chat: bool = False) -> list[int]:
-    """Token ids of a prompt, the same ids training gives it (see :mod:`tiltlm.data.tokenize`): a plain
-    string gets a BOS exactly when the tokenizer's default encoding adds one; messages are rendered by the
-    chat template with the assistant turn opened, and the template writes its own special tokens."""
+    """The ids training gives a prompt (:mod:`tiltlm.data.tokenize`): BOS first exactly when the tokenizer's
+    default encoding adds one; messages rendered by the chat template (which writes its own special tokens)."""
     if isinstance(prompt, str) and not chat:
         head = [tokenizer.bos_token_id] if adds_bos(tokenizer) else []
         return head + tokenizer(prompt, add_special_tokens=False)["input_ids"]
@@ -130,10 +126,8 @@ def plain_sampling(model, max_new_tokens: int, temperature: float, top_p: float,
 def cut_at_stop(new_ids: list[int], stop: list[int]) -> tuple[list[int], bool]:
     """The tokens up to and including the first stop token, and whether there was one. ``generate``
     pads finished rows (with the pad id, which may be EOS itself); all of that comes after the stop."""
-    for position, token in enumerate(new_ids):
-        if token in stop:
-            return new_ids[:position + 1], True
-    return new_ids, False
+    end = next((position for position, token in enumerate(new_ids) if token in stop), None)
+    return (new_ids, False) if end is None else (new_ids[:end + 1], True)
 
 
 def left_pad(rows: list[list[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:

@@ -1,24 +1,22 @@
 """Rewards: one interface for scoring completions, and the ways to name one on the command line.
 
-A reward is any ``Reward = Callable[[prompts, completions], list[float]]``: a whole batch in, one float
-per completion out (batched, because a neural reward model scores many texts per forward pass).
-:func:`load_reward` builds one from a spec string:
+A reward is any ``Reward = Callable[[prompts, completions], list[float]]``: a whole batch in, one float per
+completion out (a neural reward model scores many texts per forward pass). :func:`load_reward` builds one
+from a spec:
 
 ``vader``
-    The VADER compound sentiment score of the completion, in [-1, 1] (Hutto & Gilbert 2014,
-    "VADER: A Parsimonious Rule-based Model for Sentiment Analysis of Social Media Text"). The prompt
-    is ignored: the question is how positive the policy's own words are.
+    The VADER compound sentiment score of the completion, in [-1, 1] (Hutto & Gilbert 2014, "VADER: A
+    Parsimonious Rule-based Model for Sentiment Analysis of Social Media Text"). The prompt is ignored.
 ``module:function`` or ``path/to/file.py:function``
-    A Python function ``f(prompt, completion) -> float`` that you write. A name ending in ``.py`` or
-    containing a path separator is loaded from that file; otherwise it is imported as a module, with
-    the current directory searched first (``my_rewards:score`` finds ``./my_rewards.py``).
+    Your ``f(prompt, completion) -> float``, from that file when the name ends in ``.py`` or holds a path
+    separator, else imported with the current directory searched first (``my_rewards:score`` finds
+    ``./my_rewards.py``).
 a directory
-    A Hugging Face sequence-classification model (``AutoModelForSequenceClassification``) with its
-    tokenizer. It reads the prompt followed by the completion (a chat prompt is rendered with the
-    completion as the assistant's reply through the tokenizer's chat template), and the reward is the
-    single logit of a one-output model (a reward model), or ``logit[1] - logit[0]`` of a two-class
-    model, the log-odds of class 1, which is "positive" or "preferred" by the usual convention. A
-    reward model saved by ``tiltlm reward train`` reads its texts exactly as it was trained on them.
+    A sequence-classification model and its tokenizer, reading the prompt then the completion (a chat
+    prompt rendered with the completion as the assistant's reply by the chat template). The reward is the
+    logit of a one-output model (a reward model), or ``logit[1] - logit[0]`` of a two-class one: the
+    log-odds of class 1, "positive" or "preferred" by the usual convention. A reward model saved by
+    ``tiltlm reward train`` reads its texts exactly as it was trained on them.
 """
 
 from __future__ import annotations
