@@ -65,9 +65,8 @@ class Sample:
 
 
 def read_prompts(source: str | Path) -> list[Text]:
-    """The ``prompt`` of every row of ``source`` (any input :mod:`tiltlm.data` reads), in order; of a
-    preference row, the prompt training reads from it (also where it is implicit, as in HH-RLHF dialogues),
-    so an eval split of the training data can be used as it is."""
+    """The ``prompt`` of every row of ``source`` (any input :mod:`tiltlm.data` reads); of a preference row, the
+    one training reads (implicit ones too, as in HH-RLHF), so an eval split of training data serves as it is."""
     prompts: list[Text] = []
     for where, row in read_rows(str(source)):
         if "chosen" in row and "rejected" in row:
@@ -173,9 +172,8 @@ def sample(model, tokenizer, prompts: list[Text], n: int = 1, max_new_tokens: in
 
 
 def score_logps(model, tokenizer, samples: list[Sample], batch_size: int = 8, progress: bool = False) -> list[float]:
-    """``log p(completion_ids | prompt_ids)`` under ``model`` at temperature 1, summed over completion
-    tokens (EOS included when the sample ended with it), one float per sample, each a prompt with one
-    completion scored as training scores it (:class:`tiltlm.logprobs.CompletionLogps`)."""
+    """``log p(completion_ids | prompt_ids)`` of each sample under ``model`` at temperature 1, summed over its
+    tokens (EOS included when it ended with one), scored as training scores completions (CompletionLogps)."""
     for s in samples:
         if not s.prompt_ids:
             raise ValueError(f"sample {s.index}/{s.sample} has no prompt tokens; the first completion "

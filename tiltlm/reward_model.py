@@ -76,9 +76,8 @@ def score_sequences(model: nn.Module, batch: Batch, sequences: int | None = None
 
 
 def prepare_reward_model(model: nn.Module, tokenizer) -> str | None:
-    """Set ``config.pad_token_id`` from the tokenizer (Hugging Face's forward needs it to find each
-    sequence's last token in a padded batch, and saves it with the model). A warning when pad is EOS
-    (see the module docstring), else ``None``."""
+    """Set ``config.pad_token_id`` (Hugging Face's forward finds each sequence's last token in a padded batch
+    by it, and saves it with the model); a warning when pad is EOS (module docstring), else ``None``."""
     pad, eos = tokenizer.pad_token_id, tokenizer.eos_token_id
     if pad is None:
         raise ModelError("the tokenizer has no pad token: a reward model needs one in its config; "

@@ -187,9 +187,8 @@ def classifier_reward(directory: str, device: torch.device | str = "cpu", batch_
 
 
 def encode_for_classifier(tokenizer, prompt: Text, completion: str, name: str, limit: int | None) -> list[int]:
-    """Token ids a classifier reads: prompt then completion with the tokenizer's special tokens (a BERT
-    classifier needs its [CLS]), or the chat with the completion as the assistant's reply, rendered by
-    the chat template, which writes its own special tokens."""
+    """Prompt then completion with the tokenizer's special tokens (a BERT classifier needs its [CLS]), or the
+    chat with the completion as the assistant's reply, by the chat template (which writes its own)."""
     if isinstance(prompt, str):
         text, specials = prompt + completion, True
     elif getattr(tokenizer, "chat_template", None):

@@ -20,8 +20,7 @@ Z95 = NormalDist().inv_cdf(0.975)  # 1.95996...
 
 
 def mean_ci(values: Sequence[float]) -> tuple[float, float, float]:
-    """``(mean, low, high)``: the mean and its normal 95% interval ``mean +- z s / sqrt(n)``, with ``s``
-    the sample standard deviation (divisor n - 1). One value has no spread: the bounds are NaN."""
+    """``(mean, low, high)``: the normal 95% interval, ``s`` with divisor n - 1; NaN bounds for one value."""
     if not values:
         raise ValueError("no values: expected at least one")
     mean = fmean(values)
