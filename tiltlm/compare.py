@@ -77,8 +77,8 @@ def read_generations(path: str | Path) -> list[Generation]:
     path = Path(path)
     if not path.is_file():
         raise CompareError(f"generations file {path}: no such file")
-    seen: dict[str, int] = defaultdict(int)
-    keys: dict[tuple[str, int], int] = {}
+    seen: dict[str, int] = defaultdict(int)  # rows of each prompt so far
+    lines: dict[tuple[str, int], int] = {}  # the line of each (prompt, sample)
     found = []
     for number, line in enumerate(path.read_text(encoding="utf-8").splitlines(), start=1):
         if not line.strip():
@@ -90,16 +90,15 @@ def read_generations(path: str | Path) -> list[Generation]:
         if not isinstance(row, dict) or "prompt" not in row or not isinstance(row.get("completion"), str):
             raise CompareError(f"{path}:{number}: expected an object with 'prompt' and a string 'completion' "
                                f"(a tiltlm generate output row)")
-        prompt_key = json.dumps(row["prompt"], sort_keys=True, ensure_ascii=False)
-        index = row.get("sample", seen[prompt_key])
+        prompt = json.dumps(row["prompt"], sort_keys=True, ensure_ascii=False)
+        index = row.get("sample", seen[prompt])
         if not isinstance(index, int):
             raise CompareError(f"{path}:{number}: 'sample' must be an integer, got {index!r}")
-        seen[prompt_key] += 1
-        generation = Generation(row["prompt"], index, row["completion"])
-        if generation.key in keys:
-            raise CompareError(f"{path}:{number}: the same prompt and sample {index} as line {keys[generation.key]}")
-        keys[generation.key] = number
-        found.append(generation)
+        seen[prompt] += 1
+        if (prompt, index) in lines:
+            raise CompareError(f"{path}:{number}: the same prompt and sample {index} as line {lines[prompt, index]}")
+        lines[prompt, index] = number
+        found.append(Generation(row["prompt"], index, row["completion"]))
     if not found:
         raise CompareError(f"generations file {path}: no rows")
     return found
