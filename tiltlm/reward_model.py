@@ -22,6 +22,7 @@ import torch
 from torch import Tensor, nn
 
 from tiltlm.data.collate import Batch, PromptCompletions, collate_prompt_completions
+from tiltlm.data.tokenize import _encode, _eos, _head, adds_bos, fit_completions, fit_prompt, render_texts, with_eos
 from tiltlm.logprobs import backbone_states
 from tiltlm.models import ModelError, load_tokenizer, plain_after_gguf, resolve
 
@@ -112,9 +113,8 @@ def load_reward_model(name: str, tokenizer, dtype: torch.dtype = torch.float32, 
 
 
 # ``tiltlm reward train`` marks the saved config with ``tiltlm_reward`` (the run's max_length and
-# max_prompt_length). Such a model scores texts exactly as it was trained: prompt and completion tokenised
-# apart, the completion ending with EOS, truncated by the same rules, the score read at the last completion
-# token (tiltlm.data.tokenize; score_sequences), not at Hugging Face's "last non-pad token".
+# max_prompt_length), so the model scores texts exactly as it was trained (:func:`encode_reward_input`, the
+# score read at the last completion token by score_sequences, not at Hugging Face's "last non-pad token").
 MARK = "tiltlm_reward"
 
 
@@ -133,9 +133,6 @@ def encode_reward_input(tokenizer, prompt, completion: str, max_length: int,
                         max_prompt_length: int) -> tuple[list[int], list[int]]:
     """``(prompt ids, completion ids)`` as the trainer makes them (tiltlm.data.tokenize): a chat prompt
     rendered with the completion as the assistant's reply; an empty completion is EOS alone."""
-    from tiltlm.data.tokenize import (_encode, _eos, _head, adds_bos, fit_completions, fit_prompt, render_texts,
-                                      with_eos)
-
     reply = completion if isinstance(prompt, str) else [{"role": "assistant", "content": completion}]
     prompt_text, (completion_text,), chat = render_texts(prompt, [reply], tokenizer, "reward input")
     prompt_ids, completion_ids = _encode(tokenizer, [prompt_text, completion_text])

@@ -42,8 +42,7 @@ class RewardError(ValueError):
 
 
 def load_reward(spec: str, device: torch.device | str = "cpu", batch_size: int = 16) -> Reward:
-    """The reward a spec names (see the module docstring); ``device`` and ``batch_size`` concern
-    classifier models only."""
+    """The reward a spec names (module docstring); ``device`` and ``batch_size`` concern classifiers only."""
     if spec == "vader":
         return vader
     if Path(spec).is_dir():
