@@ -6,10 +6,7 @@ the mean outcome. Ties counting half makes the rates of A over B and of B over A
 
 Uncertainty is over prompts, the unit that was sampled (see :mod:`tiltlm.stats`): the win rate's 95%
 interval is a percentile bootstrap resampling whole prompts, mean rewards get a normal interval over
-per-prompt means.
-
-Inputs: two generation files written by ``tiltlm generate`` (rows matched by prompt and ``sample``), or
-two models sampled here on the same prompts, or one of each.
+per-prompt means. Completions are matched by prompt and ``sample`` (as ``tiltlm generate`` writes them).
 """
 
 from __future__ import annotations
