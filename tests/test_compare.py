@@ -12,7 +12,7 @@ from test_generate import save_tiny
 
 from tiltlm.cli import main
 from tiltlm.compare import CompareError, Generation, match, read_generations, win_rate
-from tiltlm.stats import mean_ci, wald_interval
+from tiltlm.stats import mean_ci
 
 Z = 1.959963984540054  # the 97.5% standard normal quantile
 
@@ -68,6 +68,14 @@ def test_bootstrap_agrees_with_the_normal_approximation_for_large_n():
 def test_same_seed_same_interval():
     a, b = simulated_rewards(60, 0.4, 0.1, seed=3)
     assert win_rate(a, b, seed=7) == win_rate(a, b, seed=7)
+
+
+def wald_interval(scores: list[float]) -> tuple[float, float]:
+    """Normal-approximation 95% interval of a mean of outcomes: ``mean +- z sqrt(var / n)`` with the
+    plug-in variance (divisor n), which is ``p (1 - p)`` when there are no ties (the Wald interval)."""
+    n, mean = len(scores), statistics.fmean(scores)
+    half = Z * math.sqrt(sum((s - mean) ** 2 for s in scores) / n / n)
+    return mean - half, mean + half
 
 
 def test_wald_interval_by_hand():

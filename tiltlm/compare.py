@@ -6,10 +6,7 @@ the mean outcome. Ties counting half makes the rates of A over B and of B over A
 
 Uncertainty is over prompts, the unit that was sampled (see :mod:`tiltlm.stats`): the win rate's 95%
 interval is a percentile bootstrap resampling whole prompts, mean rewards get a normal interval over
-per-prompt means.
-
-Inputs: two generation files written by ``tiltlm generate`` (rows matched by prompt and ``sample``), or
-two models sampled here on the same prompts, or one of each.
+per-prompt means. Completions are matched by prompt and ``sample`` (as ``tiltlm generate`` writes them).
 """
 
 from __future__ import annotations
@@ -45,12 +42,8 @@ class WinRate:
 
 def win_rate(rewards_a: Sequence[float], rewards_b: Sequence[float], n_boot: int = 2000, seed: int = 0,
              groups: Sequence[Hashable] | None = None) -> WinRate:
-    """The win rate of A over B (ties count half) and its 95% percentile-bootstrap interval.
-
-    ``groups`` (e.g. the prompt of each comparison) makes the bootstrap resample whole groups, the
-    independent units; without it every comparison is its own unit. A resample's rate is its total
-    outcome over its total count, which is the plain rate when every group has the same size.
-    """
+    """The win rate of A over B (ties count half) and its 95% percentile-bootstrap interval, resampling whole
+    ``groups`` (the independent units, e.g. the prompt of each comparison; by default each comparison)."""
     if len(rewards_a) != len(rewards_b):
         raise ValueError(f"{len(rewards_a)} rewards for A but {len(rewards_b)} for B; expected one pair each")
     scores = (np.sign(np.subtract(rewards_a, rewards_b, dtype=float)) + 1) / 2  # 1 win, 0.5 tie, 0 loss
@@ -61,9 +54,6 @@ def win_rate(rewards_a: Sequence[float], rewards_b: Sequence[float], n_boot: int
     return WinRate(rate=float(scores.mean()), low=low, high=high, n=int(scores.size),
                    wins=int((scores == 1.0).sum()), ties=int((scores == 0.5).sum()),
                    losses=int((scores == 0.0).sum()), groups=len(set(labels)))
-
-
-# ------------------------------------------------------------------------------- matching generations
 
 
 @dataclass(frozen=True)
@@ -84,8 +74,8 @@ def read_generations(path: str | Path) -> list[Generation]:
     path = Path(path)
     if not path.is_file():
         raise CompareError(f"generations file {path}: no such file")
-    seen: dict[str, int] = defaultdict(int)
-    keys: dict[tuple[str, int], int] = {}
+    seen: dict[str, int] = defaultdict(int)  # rows of each prompt so far
+    lines: dict[tuple[str, int], int] = {}  # the line of each (prompt, sample)
     found = []
     for number, line in enumerate(path.read_text(encoding="utf-8").splitlines(), start=1):
         if not line.strip():
@@ -97,16 +87,15 @@ def read_generations(path: str | Path) -> list[Generation]:
         if not isinstance(row, dict) or "prompt" not in row or not isinstance(row.get("completion"), str):
             raise CompareError(f"{path}:{number}: expected an object with 'prompt' and a string 'completion' "
                                f"(a tiltlm generate output row)")
-        prompt_key = json.dumps(row["prompt"], sort_keys=True, ensure_ascii=False)
-        index = row.get("sample", seen[prompt_key])
+        prompt = json.dumps(row["prompt"], sort_keys=True, ensure_ascii=False)
+        index = row.get("sample", seen[prompt])
         if not isinstance(index, int):
             raise CompareError(f"{path}:{number}: 'sample' must be an integer, got {index!r}")
-        seen[prompt_key] += 1
-        generation = Generation(row["prompt"], index, row["completion"])
-        if generation.key in keys:
-            raise CompareError(f"{path}:{number}: the same prompt and sample {index} as line {keys[generation.key]}")
-        keys[generation.key] = number
-        found.append(generation)
+        seen[prompt] += 1
+        if (prompt, index) in lines:
+            raise CompareError(f"{path}:{number}: the same prompt and sample {index} as line {lines[prompt, index]}")
+        lines[prompt, index] = number
+        found.append(Generation(row["prompt"], index, row["completion"]))
     if not found:
         raise CompareError(f"generations file {path}: no rows")
     return found
@@ -126,9 +115,6 @@ def match(a: list[Generation], b: list[Generation], names: tuple[str, str]) -> l
     return [(g, by_key[g.key]) for g in a]
 
 
-# ------------------------------------------------------------------------------------- the report
-
-
 def compare(pairs: list[tuple[Generation, Generation]], reward, n_boot: int = 2000, seed: int = 0) -> dict:
     """Mean rewards of both sides (normal 95% interval over per-prompt means) and the win rate of A
     over B (bootstrap over prompts)."""
@@ -137,10 +123,8 @@ def compare(pairs: list[tuple[Generation, Generation]], reward, n_boot: int = 20
     rewards_b = reward(prompts, [b.completion for _, b in pairs])
     groups = [a.key[0] for a, _ in pairs]
     result = win_rate(rewards_a, rewards_b, n_boot=n_boot, seed=seed, groups=groups)
-    means = {}
-    for side, rewards in (("a", rewards_a), ("b", rewards_b)):
-        mean, low, high = mean_ci(per_group_means(rewards, groups))
-        means[side] = {"mean": mean, "low": low, "high": high}
+    means = {side: dict(zip(("mean", "low", "high"), mean_ci(per_group_means(rewards, groups))))
+             for side, rewards in (("a", rewards_a), ("b", rewards_b))}
     return {"win_rate": asdict(result), "rewards": means, "bootstrap_resamples": n_boot}
 
 
@@ -150,8 +134,7 @@ def format_report(report: dict, names: tuple[str, str], reward_spec: str) -> str
     width = max(len(names[0]), len(names[1]), 6)
     lines = [f"reward: {reward_spec}   prompts: {w['groups']}   comparisons: {w['n']}", "",
              f"    {'policy':<{width}}  mean reward  95% CI (normal, over prompts)"]
-    for label, name, side in (("A", names[0], "a"), ("B", names[1], "b")):
-        r = report["rewards"][side]
+    for label, name, r in zip("AB", names, (report["rewards"]["a"], report["rewards"]["b"])):
         lines.append(f"{label}   {name:<{width}}  {r['mean']:>11.4f}  [{r['low']:.4f}, {r['high']:.4f}]")
     lines += ["", f"win rate of A over B: {w['rate']:.3f}  95% CI [{w['low']:.3f}, {w['high']:.3f}] "
                   f"(bootstrap over prompts, {report['bootstrap_resamples']} resamples)",

@@ -1,22 +1,18 @@
 """Sampling completions from a policy, and scoring completions under any model.
 
-:func:`sample` shows what the tuned policy writes now: batched ancestral sampling with the KV cache.
+:func:`sample` shows what the tuned policy writes now (batched ancestral sampling with the KV cache);
 :func:`score_logps` measures how far it moved from the reference: ``log pi(y|x) = sum_t log pi(y_t | x,
-y_<t)`` of each sample under any model sharing the tokenizer, from the token ids exactly as sampled
-(never re-tokenised text: decoding and encoding again need not give the same ids back).
-
-The KL divergence between the policy and the reference is an expectation under the policy,
+y_<t)`` under any model sharing the tokenizer, from the token ids exactly as sampled (decoding and encoding
+again need not give the same ids back). The KL divergence is an expectation under the policy,
 
     KL(pi || pi_ref) = E_{x, y ~ pi(.|x)} [log pi(y|x) - log pi_ref(y|x)],
 
-so its Monte Carlo estimate is the mean of ``logp_policy - logp_ref`` over samples drawn *from pi*.
-Scores are always log-probs under the model itself (temperature 1, no top-p). Sampling with another
-temperature or top_p < 1 draws from a different distribution, and the mean is then not an unbiased KL
-estimate; it is exact (in expectation) only for temperature 1 and top_p 1.
+so its Monte Carlo estimate is the mean of ``logp_policy - logp_ref`` over samples drawn *from pi*; scores
+are log-probs under the model itself, so it is unbiased only for samples drawn at temperature 1, top_p 1.
 
-Prompts (a string or a list of chat messages per row) are encoded as training encodes them: plain
-strings as they are, since sampling from the text the policy was tuned on is what shows what tuning
-did (``chat=True`` wraps them as one user message instead); messages through the chat template.
+Prompts are encoded as training encodes them: plain strings as they are (sampling from the text the policy
+was tuned on shows what tuning did; ``chat=True`` wraps them as one user message instead), chat messages
+through the chat template.
 """
 
 from __future__ import annotations
@@ -68,17 +64,9 @@ class Sample:
     finished: bool = False
 
 
-# ----------------------------------------------------------------------------------------- prompts
-
-
 def read_prompts(source: str | Path) -> list[Text]:
-    """The prompt of every row of ``source``, in order.
-
-    Any input :mod:`tiltlm.data` reads works (JSONL, JSON, CSV, Parquet, a saved dataset). A row needs a
-    ``prompt`` (a string or a list of chat messages); a preference row (``chosen`` and ``rejected``)
-    gives the prompt training reads from it, also where the prompt is implicit (HH-RLHF dialogues), so
-    an eval split of the training data can be used as it is.
-    """
+    """The ``prompt`` of every row of ``source`` (any input :mod:`tiltlm.data` reads); of a preference row, the
+    one training reads (implicit ones too, as in HH-RLHF), so an eval split of training data serves as it is."""
     prompts: list[Text] = []
     for where, row in read_rows(str(source)):
         if "chosen" in row and "rejected" in row:
@@ -92,12 +80,8 @@ def read_prompts(source: str | Path) -> list[Text]:
 
 
 def encode_prompt(tokenizer, prompt: Text, chat: bool = False) -> list[int]:
-    """Token ids of a prompt, the same ids training gives it (see :mod:`tiltlm.data.tokenize`).
-
-    A plain string gets a BOS exactly when the tokenizer's default encoding adds one. Messages are
-    rendered by the chat template with the assistant turn opened; the template writes its own special
-    tokens, so the text is encoded without adding any.
-    """
+    """The ids training gives a prompt (:mod:`tiltlm.data.tokenize`): BOS first exactly when the tokenizer's
+    default encoding adds one; messages rendered by the chat template (which writes its own special tokens)."""
     if isinstance(prompt, str) and not chat:
         head = [tokenizer.bos_token_id] if adds_bos(tokenizer) else []
         return head + tokenizer(prompt, add_special_tokens=False)["input_ids"]
@@ -112,9 +96,6 @@ def encode_prompt(tokenizer, prompt: Text, chat: bool = False) -> list[int]:
     return tokenizer(text, add_special_tokens=False)["input_ids"]
 
 
-# ---------------------------------------------------------------------------------------- sampling
-
-
 def stop_token_ids(model, tokenizer) -> list[int]:
     """Tokens that end a completion: the tokenizer's EOS (what training appends to completions) and
     any EOS the model's generation config names (chat models often list their end-of-turn token)."""
@@ -123,36 +104,20 @@ def stop_token_ids(model, tokenizer) -> list[int]:
     return sorted({tokenizer.eos_token_id, *configured} - {None})
 
 
-def sampling_config(max_new_tokens: int, temperature: float, top_p: float, stop: list[int], pad_id: int):
-    """A GenerationConfig for plain ancestral sampling from ``softmax(logits / temperature)``, top-p
-    filtered (greedy decoding for temperature 0). Use it under :func:`model_defaults_hidden`.
-
-    ``generate`` fills every option left unset first from the model's own generation config and then
-    from library defaults. Library defaults are neutral except top-k 50, switched off here.
-    """
+@contextmanager
+def plain_sampling(model, max_new_tokens: int, temperature: float, top_p: float, stop: list[int], pad_id: int):
+    """The GenerationConfig of plain ancestral sampling from ``softmax(logits / temperature)``, top-p
+    filtered (greedy for temperature 0), with the model's own generation config hidden meanwhile: ``generate``
+    fills options left unset from it (a hub model's often sets top-k, repetition penalties or suppressed
+    tokens, and new such options appear), and samples from anything but the model break the KL estimate.
+    Library defaults fill the rest; they are neutral except top-k 50, switched off here."""
     from transformers import GenerationConfig
 
     common = dict(max_new_tokens=max_new_tokens, eos_token_id=stop, pad_token_id=pad_id, num_beams=1, top_k=0)
-    if temperature == 0:
-        return GenerationConfig(do_sample=False, **common)
-    return GenerationConfig(do_sample=True, temperature=temperature, top_p=top_p, **common)
-
-
-@contextmanager
-def model_defaults_hidden(model):
-    """Give ``model`` a blank generation config for the duration, then restore its own.
-
-    A hub model's ``generation_config.json`` often sets top-k, repetition penalties or suppressed
-    tokens. ``generate`` would apply them to any option we leave unset, and the samples would then come
-    from something other than the model, which breaks the KL estimate. Listing every such option with a
-    neutral value is fragile (new ones appear), so the model's own defaults are hidden instead.
-    """
-    from transformers import GenerationConfig
-
-    own = model.generation_config
-    model.generation_config = GenerationConfig()
+    sampling = dict(do_sample=True, temperature=temperature, top_p=top_p) if temperature else dict(do_sample=False)
+    own, model.generation_config = model.generation_config, GenerationConfig()
     try:
-        yield model
+        yield GenerationConfig(**sampling, **common)
     finally:
         model.generation_config = own
 
@@ -160,39 +125,29 @@ def model_defaults_hidden(model):
 def cut_at_stop(new_ids: list[int], stop: list[int]) -> tuple[list[int], bool]:
     """The tokens up to and including the first stop token, and whether there was one. ``generate``
     pads finished rows (with the pad id, which may be EOS itself); all of that comes after the stop."""
-    for position, token in enumerate(new_ids):
-        if token in stop:
-            return new_ids[:position + 1], True
-    return new_ids, False
+    end = next((position for position, token in enumerate(new_ids) if token in stop), None)
+    return (new_ids, False) if end is None else (new_ids[:end + 1], True)
 
 
 def left_pad(rows: list[list[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
     """(input_ids, attention_mask) with padding on the left: a decoder continues from the last column,
     so each row's prompt must end there. ``generate`` derives position ids from the mask."""
     width = max(len(row) for row in rows)
-    ids = torch.full((len(rows), width), pad_id, dtype=torch.long)
-    mask = torch.zeros((len(rows), width), dtype=torch.long)
-    for r, row in enumerate(rows):
-        if row:
-            ids[r, width - len(row):] = torch.tensor(row)
-            mask[r, width - len(row):] = 1
-    return ids, mask
+    ids = torch.tensor([[pad_id] * (width - len(row)) + row for row in rows])
+    return ids, torch.tensor([[0] * (width - len(row)) + [1] * len(row) for row in rows])
 
 
 def sample(model, tokenizer, prompts: list[Text], n: int = 1, max_new_tokens: int = 64,
            temperature: float = 1.0, top_p: float = 1.0, seed: int = 0, batch_size: int = 8,
            chat: bool = False, progress: bool = False) -> list[Sample]:
-    """``n`` completions of every prompt, prompt by prompt (all samples of prompt 0, then prompt 1, ...).
-
-    ``temperature = 0`` decodes greedily. Torch's RNG is seeded with ``seed`` before the first batch
-    (inside :func:`torch.random.fork_rng`, so the caller's RNG state is left as it was): the same seed,
-    batch size and model give the same samples. A different batch size draws different samples.
-    """
+    """``n`` completions of every prompt, prompt by prompt (all samples of prompt 0, then prompt 1, ...);
+    ``temperature = 0`` decodes greedily. Torch's RNG is seeded with ``seed`` inside
+    :func:`torch.random.fork_rng` (the caller's RNG state is left as it was): the same seed, batch size and
+    model give the same samples, a different batch size different ones."""
     check_options(SamplingConfig(samples=n, max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p,
                                  seed=seed, batch_size=batch_size))  # a ConfigError names the option
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     stop = stop_token_ids(model, tokenizer)
-    config = sampling_config(max_new_tokens, temperature, top_p, stop, pad_id)
     encoded = [encode_prompt(tokenizer, prompt, chat) for prompt in prompts]
     for index, ids in enumerate(encoded):
         if not ids:
@@ -201,54 +156,38 @@ def sample(model, tokenizer, prompts: list[Text], n: int = 1, max_new_tokens: in
     rows = [(index, k) for index in range(len(prompts)) for k in range(n)]
     device = model.device
     samples: list[Sample] = []
-    fork_devices = [device] if device.type == "cuda" else []
-    with eval_mode(model), torch.random.fork_rng(devices=fork_devices), torch.inference_mode(), \
-            model_defaults_hidden(model):
+    with eval_mode(model), torch.random.fork_rng(devices=[device] if device.type == "cuda" else []), \
+            torch.inference_mode(), plain_sampling(model, max_new_tokens, temperature, top_p, stop, pad_id) as config:
         torch.manual_seed(seed)
-        starts = range(0, len(rows), batch_size)
-        for start in tqdm(starts, desc="sampling", unit="batch", disable=not progress):
+        for start in tqdm(range(0, len(rows), batch_size), desc="sampling", unit="batch", disable=not progress):
             chunk = rows[start:start + batch_size]
             ids, mask = left_pad([encoded[index] for index, _ in chunk], pad_id)
             out = model.generate(input_ids=ids.to(device), attention_mask=mask.to(device), generation_config=config)
             for (index, k), new_ids in zip(chunk, out[:, ids.shape[1]:].tolist()):
                 completion_ids, finished = cut_at_stop(new_ids, stop)
-                samples.append(Sample(
-                    prompt=prompts[index], completion=tokenizer.decode(completion_ids, skip_special_tokens=True),
-                    prompt_ids=list(encoded[index]), completion_ids=completion_ids, index=index, sample=k,
-                    finished=finished))
+                completion = tokenizer.decode(completion_ids, skip_special_tokens=True)
+                samples.append(Sample(prompts[index], completion, list(encoded[index]), completion_ids, index=index,
+                                      sample=k, finished=finished))
     return samples
 
 
-# ----------------------------------------------------------------------------------------- scoring
-
-
 def score_logps(model, tokenizer, samples: list[Sample], batch_size: int = 8, progress: bool = False) -> list[float]:
-    """``log p(completion_ids | prompt_ids)`` under ``model`` at temperature 1, summed over completion
-    tokens (EOS included when the sample ended with it), one float per sample, ``batch_size`` at a time.
-
-    Scored as training scores completions (:func:`tiltlm.data.collate.collate_prompt_completions` and
-    :class:`tiltlm.logprobs.CompletionLogps`): each sample is a prompt with one completion.
-    """
+    """``log p(completion_ids | prompt_ids)`` of each sample under ``model`` at temperature 1, summed over its
+    tokens (EOS included when it ended with one), scored as training scores completions (CompletionLogps)."""
+    for s in samples:
+        if not s.prompt_ids:
+            raise ValueError(f"sample {s.index}/{s.sample} has no prompt tokens; the first completion "
+                             f"token would have nothing to be predicted from")
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
     scorer = CompletionLogps(model)
     scores: list[float] = []
     with eval_mode(model), torch.inference_mode():
         for start in tqdm(range(0, len(samples), batch_size), desc="scoring", unit="batch", disable=not progress):
-            chunk = samples[start:start + batch_size]
-            examples = [as_example(s, i) for i, s in enumerate(chunk)]
+            examples = [PromptCompletions(s.prompt_ids, [s.completion_ids], [i])
+                        for i, s in enumerate(samples[start:start + batch_size])]
             logps, _ = scorer(collate_prompt_completions(examples, pad_id).to(model.device))
             scores += logps.tolist()
     return scores
-
-
-def as_example(s: Sample, sequence: int) -> PromptCompletions:
-    if not s.prompt_ids:
-        raise ValueError(f"sample {s.index}/{s.sample} has no prompt tokens; the first completion "
-                         f"token would have nothing to be predicted from")
-    return PromptCompletions(s.prompt_ids, [s.completion_ids], [sequence])
-
-
-# ---------------------------------------------------------------------------------- loading models
 
 
 def load_policy(name: str, dtype: torch.dtype = torch.float32, device: torch.device | str = "cpu",

@@ -1,100 +1,73 @@
-"""Bradley-Terry reward models: scoring a :class:`~tiltlm.data.collate.Batch`'s completions, loading and
-preparing the model.
+"""Bradley-Terry reward models: scoring a :class:`~tiltlm.data.collate.Batch`'s completions, loading the model.
 
-A reward model here is a Hugging Face ``AutoModelForSequenceClassification`` with ``num_labels = 1``: a
-transformer body and a linear "score" head from the last hidden state to one number. Trained with
-:func:`tiltlm.losses.bradley_terry_reward_loss`, its scalar output for prompt + completion is the
-reward ``r(x, y)`` (Ouyang et al. 2022, Section 3.5).
+A reward model is an ``AutoModelForSequenceClassification`` with ``num_labels = 1``: a transformer body and a
+linear "score" head from the last hidden state to one number, the reward ``r(x, y)`` of prompt + completion
+once trained with :func:`tiltlm.losses.bradley_terry_reward_loss` (Ouyang et al. 2022, Section 3.5).
 
-Scoring reads the hidden state at each sequence's *last* completion token, which the batch already
-locates: the last scored token of sequence ``s`` is predicted at column ``c`` (its ``target_cols``
-entry), so it sits at column ``c + 1`` of that row. Because the batch's attention mask lets that
-position see exactly its own prompt and completion, both collate layouts (``concatenated`` and the
-prefix-``shared`` one, packed or not) give the score of the sequence run alone, with the body run once.
+Scoring reads the hidden state at each sequence's *last* completion token, which the batch's attention mask
+lets see exactly its own prompt and completion: every collate layout (concatenated, prefix-shared, packed)
+gives the score of the sequence run alone, with the body run once.
 
-Compatibility with Hugging Face's own forward (what a user of the saved ``final/`` model calls): it
-reads the score at the rightmost token that is not ``config.pad_token_id``. Completions end with EOS,
-so when the pad token *is* EOS (tiltlm's default for tokenizers without one) the saved model, run on
-text ending with EOS, reads the token before it, not the one it was trained at:
-:func:`prepare_reward_model` returns a warning for that case.
+Hugging Face's own forward (what a user of the saved ``final/`` calls) reads the score at the rightmost token
+that is not ``config.pad_token_id``. Completions end with EOS, so when pad *is* EOS (tiltlm's default for
+tokenizers without one) it reads the token before the one trained at: :func:`prepare_reward_model` warns.
 """
 
 from __future__ import annotations
 
 import os
+from collections import Counter
 
 import torch
 from torch import Tensor, nn
 
-from tiltlm.data.collate import Batch
+from tiltlm.data.collate import Batch, PromptCompletions, collate_prompt_completions
+from tiltlm.data.tokenize import _encode, _eos, _head, adds_bos, fit_completions, fit_prompt, render_texts, with_eos
 from tiltlm.logprobs import backbone_states
-from tiltlm.models import ModelError, plain_after_gguf, resolve
+from tiltlm.models import ModelError, load_tokenizer, plain_after_gguf, resolve
 
 
 def last_token_positions(batch: Batch, sequences: int | None = None) -> tuple[Tensor, Tensor]:
-    """``(rows, cols)``, shape [sequences] each: where each sequence's last completion token sits.
+    """``(rows, cols)``, shape [sequences] each: where each sequence (``batch.target_seq``, ``0 ..
+    sequences - 1``, every one present) has its last completion token.
 
-    Sequence ids are ``batch.target_seq`` (``0 .. sequences - 1``, every one present). A sequence's
-    tokens lie left to right in one row and each is predicted from the column before it, so its last
-    token sits one column after its last predictor column. One exception: a completion's *first* token
-    is predicted from the prompt's last column, which in the prefix-shared layout is shared by every
-    completion of that prompt (a branch point). For a one-token completion there, "one column after"
-    is the first token of the completion laid out before it; its token sits instead right after the
-    end of the sibling before it, the siblings laid out one after another in the order of their targets
-    (how :func:`tiltlm.data.collate.collate_shared` lays them out). See :func:`_branch_single_tokens`.
-    """
+    Each token is predicted from the column before it, so a sequence's last token sits one column after its
+    last predictor column. Except at a branch point of the prefix-shared layout, the prompt's last column,
+    which predicts the first token of every completion of that prompt: there a one-token completion sits
+    right after the sibling laid out before it (:func:`tiltlm.data.collate.collate_shared` lays them out
+    one after another, in the order of their targets), not one column after."""
     count = sequences if sequences is not None else int(batch.target_seq.max()) + 1
     seq, tcols = batch.target_seq, batch.target_cols
     last = torch.full((count,), -1, dtype=torch.long, device=tcols.device).scatter_reduce(0, seq, tcols, reduce="amax")
     if bool((last < 0).any()):
         raise ValueError(f"sequence(s) {(last < 0).nonzero().flatten().tolist()} have no completion token")
     rows = torch.zeros(count, dtype=torch.long, device=tcols.device).scatter(0, seq, batch.target_rows)
-    cols = last + 1
-    for s, col in _branch_single_tokens(batch, cols).items():
-        cols[s] = col
-    return rows, cols
-
-
-def _branch_single_tokens(batch: Batch, ends: Tensor) -> dict[int, int]:
-    """Column of each one-token sequence whose only predictor column is shared with other sequences:
-    walking the siblings at that column in target order, each starts right after the previous one's
-    last token (``ends``: each sequence's last column, correct for all but these)."""
-    rows, cols, seqs = batch.target_rows.tolist(), batch.target_cols.tolist(), batch.target_seq.tolist()
-    siblings: dict[tuple[int, int], list[int]] = {}
-    targets = [0] * len(ends)
-    for row, col, s in zip(rows, cols, seqs):
-        targets[s] += 1
-        at = siblings.setdefault((row, col), [])
-        if s not in at:
-            at.append(s)
-    fixed: dict[int, int] = {}
+    cols = (last + 1).tolist()
+    # walk the sequences predicted from each column in target order: a one-token one sits right after the
+    # previous one's last token (every other sequence's last column is already right)
+    targets = Counter(seq.tolist())
+    siblings: dict[tuple[int, int], dict[int, None]] = {}  # (row, predictor column) -> its sequences, in order
+    for row, col, s in zip(batch.target_rows.tolist(), tcols.tolist(), seq.tolist()):
+        siblings.setdefault((row, col), {})[s] = None
     for (_, col), group in siblings.items():
-        if len(group) < 2 or all(targets[s] > 1 for s in group):
-            continue
         start = col + 1
         for s in group:
-            end = start if targets[s] == 1 else int(ends[s])
             if targets[s] == 1:
-                fixed[s] = start
-            start = end + 1
-    return fixed
+                cols[s] = start
+            start = cols[s] + 1
+    return rows, torch.tensor(cols, dtype=torch.long, device=tcols.device)
 
 
-def body_and_score_head(model: nn.Module) -> tuple[nn.Module, nn.Module]:
-    """The transformer body and the score head of a sequence-classification model, also under peft
-    (which wraps a trained head in a ``ModulesToSaveWrapper``: called, it runs the trained copy)."""
+def score_sequences(model: nn.Module, batch: Batch, sequences: int | None = None) -> Tensor:
+    """One reward per sequence of ``batch`` (shape [sequences], float32 or wider): the score head
+    applied to the hidden state at the sequence's last completion token, the body run once. Under peft
+    the head is a ``ModulesToSaveWrapper``, which runs the trained copy when called."""
     base = model.get_base_model() if hasattr(model, "get_base_model") else model
     head = getattr(base, "score", None)
     if not isinstance(head, nn.Module) or not isinstance(getattr(head, "weight", None), Tensor):
         raise ModelError(f"{type(base).__name__} has no linear 'score' head; a reward model must be an "
                          f"AutoModelForSequenceClassification of a decoder architecture (Llama, Qwen, ...)")
-    return base.base_model, head
-
-
-def score_sequences(model: nn.Module, batch: Batch, sequences: int | None = None) -> Tensor:
-    """One reward per sequence of ``batch`` (shape [sequences], float32 or wider): the score head
-    applied to the hidden state at the sequence's last completion token, the body run once."""
-    body, head = body_and_score_head(model)
+    body = base.base_model
     # the same attention as the policy's log-probs: segment metadata to tiltlm's kernels, else the dense
     # mask of the segment rule (a 2D padding mask would let a shared prompt's completions see each other)
     hidden = backbone_states(body, body.config, batch, head.weight.dtype)
@@ -104,9 +77,8 @@ def score_sequences(model: nn.Module, batch: Batch, sequences: int | None = None
 
 
 def prepare_reward_model(model: nn.Module, tokenizer) -> str | None:
-    """Set ``config.pad_token_id`` from the tokenizer (Hugging Face's forward needs it to find each
-    sequence's last token in a padded batch, and saves it with the model). A warning when pad is EOS
-    (see the module docstring), else ``None``."""
+    """Set ``config.pad_token_id`` (Hugging Face's forward finds each sequence's last token in a padded batch
+    by it, and saves it with the model); a warning when pad is EOS (module docstring), else ``None``."""
     pad, eos = tokenizer.pad_token_id, tokenizer.eos_token_id
     if pad is None:
         raise ModelError("the tokenizer has no pad token: a reward model needs one in its config; "
@@ -140,13 +112,9 @@ def load_reward_model(name: str, tokenizer, dtype: torch.dtype = torch.float32, 
     return model
 
 
-# --- a trained reward model as a reward, and its evaluation ------------------------------------------------
-#
 # ``tiltlm reward train`` marks the saved config with ``tiltlm_reward`` (the run's max_length and
-# max_prompt_length). Such a model scores texts exactly as it was trained: prompt and completion tokenised
-# apart, the completion ending with EOS, truncated by the same rules, the score read at the last completion
-# token (tiltlm.data.tokenize; score_sequences), not at Hugging Face's "last non-pad token".
-
+# max_prompt_length), so the model scores texts exactly as it was trained (:func:`encode_reward_input`, the
+# score read at the last completion token by score_sequences, not at Hugging Face's "last non-pad token").
 MARK = "tiltlm_reward"
 
 
@@ -161,18 +129,10 @@ def read_mark(directory: str) -> dict:
     return mark if isinstance(mark, dict) else {}
 
 
-def is_trained_here(directory: str) -> bool:
-    """Whether ``directory`` holds a reward model saved by ``tiltlm reward train`` (its config is marked)."""
-    return bool(read_mark(directory))
-
-
 def encode_reward_input(tokenizer, prompt, completion: str, max_length: int,
                         max_prompt_length: int) -> tuple[list[int], list[int]]:
     """``(prompt ids, completion ids)`` as the trainer makes them (tiltlm.data.tokenize): a chat prompt
     rendered with the completion as the assistant's reply; an empty completion is EOS alone."""
-    from tiltlm.data.tokenize import (_encode, _eos, _head, adds_bos, fit_completions, fit_prompt, render_texts,
-                                      with_eos)
-
     reply = completion if isinstance(prompt, str) else [{"role": "assistant", "content": completion}]
     prompt_text, (completion_text,), chat = render_texts(prompt, [reply], tokenizer, "reward input")
     prompt_ids, completion_ids = _encode(tokenizer, [prompt_text, completion_text])
@@ -180,17 +140,15 @@ def encode_reward_input(tokenizer, prompt, completion: str, max_length: int,
     if head is None:
         raise ValueError("an empty prompt, and the tokenizer has no BOS to score the completion after")
     full_prompt, _ = fit_prompt(head, prompt_ids, max_prompt_length)
-    fitted = fit_completions(len(full_prompt), [with_eos(completion_ids, _eos(tokenizer))], max_length)
+    completion_ids = with_eos(completion_ids, _eos(tokenizer))
+    fitted = fit_completions(len(full_prompt), [completion_ids], max_length)
     if isinstance(fitted, str):  # the prompt filled max_length: keep its end and one completion token
-        full_prompt, fitted = full_prompt[-(max_length - 1):], ([with_eos(completion_ids, _eos(tokenizer))[:1]], True)
+        return full_prompt[-(max_length - 1):], completion_ids[:1]
     return full_prompt, fitted[0][0]
 
 
 def trained_reward(directory: str, device: torch.device | str = "cpu", batch_size: int = 16):
     """A ``tiltlm.rewards.Reward`` (prompts, completions -> floats) from a model ``tiltlm reward train`` saved."""
-    from tiltlm.data.collate import PromptCompletions, collate_prompt_completions
-    from tiltlm.models import load_tokenizer
-
     tokenizer = load_tokenizer(directory)
     model = load_reward_model(directory, tokenizer).to(device).eval()
     limits = getattr(model.config, MARK)
@@ -214,30 +172,15 @@ def evaluate_reward_model(model: str, data: str, batch_size: int = 8, max_length
                           max_prompt_length: int | None = None, dtype: str = "auto", device: str = "auto",
                           trust_remote_code: bool = False, progress: bool = True) -> dict[str, float]:
     """Bradley-Terry loss, accuracy (ties half), mean margin and mean reward of a reward model on a file
-    of pairs (or ranked lists: their pairs), through the trainer's own objective and eval kernel. Lengths
-    default to those the model was trained with (its config's mark), else the trainer's defaults."""
-    import sys
+    of pairs (or ranked lists: their pairs), as ``tiltlm eval`` measures a policy (the trainer's objective and
+    eval kernel). Lengths default to those the model was trained with (its mark), else the trainer's."""
+    from tiltlm.config import TrainConfig
+    from tiltlm.evaluate import evaluate_config
 
-    from tiltlm import step
-    from tiltlm.config import TrainConfig, validate
-    from tiltlm.models import frozen, load_tokenizer
-    from tiltlm.objectives import make_objective
-    from tiltlm.reference import Reference
-    from tiltlm.runtime import pick_device, training_precision
-
-    tokenizer = load_tokenizer(model, trust_remote_code)
     saved = read_mark(model)
-    lengths = {"max_length": max_length or saved.get("max_length", TrainConfig.max_length),
-               "max_prompt_length": max_prompt_length or saved.get("max_prompt_length", TrainConfig.max_prompt_length)}
+    max_length = max_length or saved.get("max_length", TrainConfig.max_length)
+    max_prompt_length = max_prompt_length or saved.get("max_prompt_length", TrainConfig.max_prompt_length)
     config = TrainConfig(model=model, data=data, objective="reward-model", batch_size=batch_size, dtype=dtype,
-                         device=device, trust_remote_code=trust_remote_code, **lengths)
-    validate(config)
-    precision = training_precision(dtype, False, pick_device(device))
-    log = (lambda message: print(message, file=sys.stderr)) if progress else (lambda message: None)
-    pairs = step.read_examples(data, tokenizer, config, log)
-    objective = make_objective(config, tokenizer, "pairs")
-    scorer = objective.scorer(frozen(objective.load(model, precision.weights, trust_remote_code, "auto",
-                                                    precision.device)).to(precision.device))
-    metrics = step.evaluate(scorer, Reference(), objective, pairs, data, batch_size, precision, prefix="",
-                            progress=progress)
-    return {"pairs": len(pairs), **metrics}
+                         device=device, trust_remote_code=trust_remote_code, max_length=max_length,
+                         max_prompt_length=max_prompt_length)
+    return evaluate_config(config, progress)

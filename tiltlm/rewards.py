@@ -1,29 +1,26 @@
 """Rewards: one interface for scoring completions, and the ways to name one on the command line.
 
-A reward is any ``Reward = Callable[[prompts, completions], list[float]]``: a whole batch in, one float
-per completion out (batched, because a neural reward model scores many texts per forward pass).
-:func:`load_reward` builds one from a spec string:
+A reward is any ``Reward = Callable[[prompts, completions], list[float]]``: a whole batch in, one float per
+completion out (a neural reward model scores many texts per forward pass). :func:`load_reward` builds one
+from a spec:
 
 ``vader``
-    The VADER compound sentiment score of the completion, in [-1, 1] (Hutto & Gilbert 2014,
-    "VADER: A Parsimonious Rule-based Model for Sentiment Analysis of Social Media Text"). The prompt
-    is ignored: the question is how positive the policy's own words are.
+    The VADER compound sentiment score of the completion, in [-1, 1] (Hutto & Gilbert 2014, "VADER: A
+    Parsimonious Rule-based Model for Sentiment Analysis of Social Media Text"). The prompt is ignored.
 ``module:function`` or ``path/to/file.py:function``
-    A Python function ``f(prompt, completion) -> float`` that you write. A name ending in ``.py`` or
-    containing a path separator is loaded from that file; otherwise it is imported as a module, with
-    the current directory searched first (``my_rewards:score`` finds ``./my_rewards.py``).
+    Your ``f(prompt, completion) -> float``, from that file when the name ends in ``.py`` or holds a path
+    separator, else imported with the current directory searched first (``my_rewards:score`` finds
+    ``./my_rewards.py``).
 a directory
-    A Hugging Face sequence-classification model (``AutoModelForSequenceClassification``) with its
-    tokenizer. It reads the prompt followed by the completion (a chat prompt is rendered with the
-    completion as the assistant's reply through the tokenizer's chat template), and the reward is the
-    single logit of a one-output model (a reward model), or ``logit[1] - logit[0]`` of a two-class
-    model, the log-odds of class 1, which is "positive" or "preferred" by the usual convention. A
-    reward model saved by ``tiltlm reward train`` reads its texts exactly as it was trained on them.
+    A sequence-classification model and its tokenizer, reading the prompt then the completion (a chat
+    prompt rendered with the completion as the assistant's reply by the chat template). The reward is the
+    logit of a one-output model (a reward model), or ``logit[1] - logit[0]`` of a two-class one: the
+    log-odds of class 1, "positive" or "preferred" by the usual convention. A reward model saved by
+    ``tiltlm reward train`` reads its texts exactly as it was trained on them.
 """
 
 from __future__ import annotations
 
-import importlib
 import importlib.util
 import math
 import numbers
@@ -39,16 +36,13 @@ from tiltlm.data.types import Text
 
 Reward = Callable[[list[Text], list[str]], list[float]]
 
-SPECS = "'vader', 'module:function', 'file.py:function', or a sequence-classification model directory"
-
 
 class RewardError(ValueError):
     """A reward spec that cannot be loaded, or a reward function that misbehaves, naming the spec."""
 
 
 def load_reward(spec: str, device: torch.device | str = "cpu", batch_size: int = 16) -> Reward:
-    """The reward a spec names (see the module docstring); ``device`` and ``batch_size`` concern
-    classifier models only."""
+    """The reward a spec names (module docstring); ``device`` and ``batch_size`` concern classifiers only."""
     if spec == "vader":
         return vader
     if Path(spec).is_dir():
@@ -56,10 +50,8 @@ def load_reward(spec: str, device: torch.device | str = "cpu", batch_size: int =
     if ":" in spec:
         return function_reward(spec)
     raise RewardError(f"reward {spec!r}: not a known reward, a module:function or an existing directory; "
-                      f"expected {SPECS}")
-
-
-# -------------------------------------------------------------------------------------------- VADER
+                      f"expected 'vader', 'module:function', 'file.py:function', or a sequence-classification "
+                      f"model directory")
 
 
 @lru_cache(maxsize=1)
@@ -72,11 +64,7 @@ def _vader_analyzer():
 
 def vader(prompts: list[Text], completions: list[str]) -> list[float]:
     """VADER's compound score of each completion, in [-1, 1]; prompts are ignored."""
-    analyzer = _vader_analyzer()
-    return [float(analyzer.polarity_scores(text)["compound"]) for text in completions]
-
-
-# ------------------------------------------------------------------------------ user Python function
+    return [float(_vader_analyzer().polarity_scores(text)["compound"]) for text in completions]
 
 
 def function_reward(spec: str) -> Reward:
@@ -84,8 +72,7 @@ def function_reward(spec: str) -> Reward:
     module_name, _, function_name = spec.rpartition(":")
     if not module_name or not function_name:
         raise RewardError(f"reward {spec!r}: expected module:function, e.g. my_rewards.py:score or pkg.mod:fn")
-    module = _import(module_name, spec)
-    function = getattr(module, function_name, None)
+    function = getattr(_import(module_name, spec), function_name, None)
     if function is None:
         raise RewardError(f"reward {spec!r}: {module_name} has no function {function_name!r}")
     if not callable(function):
@@ -148,19 +135,15 @@ def _as_number(value: Any, spec: str, index: int) -> float:
     return float(value)
 
 
-# ------------------------------------------------------------------------- sequence classifier model
-
-
 def classifier_reward(directory: str, device: torch.device | str = "cpu", batch_size: int = 16) -> Reward:
-    """A batch reward from a sequence-classification model directory (see the module docstring). A
-    reward model trained by ``tiltlm reward train`` scores texts as it was trained (tokenised like its
-    training data, read at the completion's final EOS): :func:`tiltlm.reward_model.trained_reward`."""
+    """A batch reward from a sequence-classification model directory (see the module docstring); one that
+    ``tiltlm reward train`` saved scores as it was trained (:func:`tiltlm.reward_model.trained_reward`)."""
     from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
     from tiltlm.models import refusing_pickles
-    from tiltlm.reward_model import is_trained_here, trained_reward
+    from tiltlm.reward_model import read_mark, trained_reward
 
-    if is_trained_here(directory):
+    if read_mark(directory):
         try:
             return trained_reward(directory, device, batch_size)
         except (OSError, ValueError) as error:
@@ -196,17 +179,15 @@ def classifier_reward(directory: str, device: torch.device | str = "cpu", batch_
             for start in range(0, len(encoded), batch_size):
                 batch = tokenizer.pad({"input_ids": encoded[start:start + batch_size]}, return_tensors="pt")
                 logits = model(**batch.to(device)).logits.float()
-                values = logits[:, 0] if labels == 1 else logits[:, 1] - logits[:, 0]
-                scores += values.tolist()
+                scores += (logits[:, 0] if labels == 1 else logits[:, 1] - logits[:, 0]).tolist()
         return scores
 
     return reward
 
 
 def encode_for_classifier(tokenizer, prompt: Text, completion: str, name: str, limit: int | None) -> list[int]:
-    """Token ids a classifier reads: prompt then completion with the tokenizer's special tokens (a BERT
-    classifier needs its [CLS]), or the chat with the completion as the assistant's reply, rendered by
-    the chat template, which writes its own special tokens."""
+    """Prompt then completion with the tokenizer's special tokens (a BERT classifier needs its [CLS]), or the
+    chat with the completion as the assistant's reply, by the chat template (which writes its own)."""
     if isinstance(prompt, str):
         text, specials = prompt + completion, True
     elif getattr(tokenizer, "chat_template", None):

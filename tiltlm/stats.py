@@ -4,8 +4,7 @@ Samples of one prompt share it and are not independent, so a prompt's values are
 (:func:`per_group_means`) and intervals are taken over prompts. :func:`mean_ci` is the normal interval
 ``mean +- z s / sqrt(n)``: with fewer than about 30 prompts it is too narrow (a t interval would be
 wider). :func:`grouped_bootstrap` is the percentile bootstrap (Efron & Tibshirani 1993, "An
-Introduction to the Bootstrap", ch. 13) of a ratio of totals, resampling whole groups;
-:func:`wald_interval` is its normal approximation, for checks.
+Introduction to the Bootstrap", ch. 13) of a ratio of totals, resampling whole groups.
 """
 
 from __future__ import annotations
@@ -21,8 +20,7 @@ Z95 = NormalDist().inv_cdf(0.975)  # 1.95996...
 
 
 def mean_ci(values: Sequence[float]) -> tuple[float, float, float]:
-    """``(mean, low, high)``: the mean and its normal 95% interval ``mean +- z s / sqrt(n)``, with ``s``
-    the sample standard deviation (divisor n - 1). One value has no spread: the bounds are NaN."""
+    """``(mean, low, high)``: the normal 95% interval, ``s`` with divisor n - 1; NaN bounds for one value."""
     if not values:
         raise ValueError("no values: expected at least one")
     mean = fmean(values)
@@ -44,14 +42,6 @@ def per_group_means(values: Sequence[float], groups: Sequence[Hashable]) -> list
     for value, group in zip(values, groups):
         members[group].append(value)
     return [fmean(v) for v in members.values()]
-
-
-def wald_interval(scores: Sequence[float]) -> tuple[float, float]:
-    """Normal-approximation 95% interval of a mean of outcomes: ``mean +- z sqrt(var / n)`` with the
-    plug-in variance (divisor n), which is ``p (1 - p)`` when there are no ties (the Wald interval)."""
-    n, mean = len(scores), fmean(scores)
-    half = Z95 * math.sqrt(sum((s - mean) ** 2 for s in scores) / n / n)
-    return mean - half, mean + half
 
 
 def grouped_bootstrap(values: Sequence[float], groups: Sequence[Hashable], n_boot: int = 2000,
