@@ -33,7 +33,7 @@ import math
 import os
 import platform
 import time
-from dataclasses import dataclass, replace
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Callable
 
@@ -42,9 +42,9 @@ import torch
 from tiltlm.checkpoint import save_pretrained_atomically
 from tiltlm.config import ConfigError, TrainConfig, check_options, option, same_as
 from tiltlm.data.types import Text
-from tiltlm.experiment import (ExperimentConfig, Labelled, label, lora_run, refuse_existing, rewarded_samples,
-                               sample_rows, score_policy, training_shape, write_jsonl)
-from tiltlm.frontier_report import Point, render, write_json
+from tiltlm.experiment import (ExperimentConfig, Labelled, by_prompt, label, lora_run, refuse_existing,
+                               rewarded_samples, sample_rows, score_policy, training_shape, write_json, write_jsonl)
+from tiltlm.frontier_report import Point, command, point_row, render
 from tiltlm.generate import read_prompts
 from tiltlm.models import ALIASES, load_model, load_tokenizer, parse_dtype, refusing_pickles
 from tiltlm.prompts import PROMPTS
@@ -79,19 +79,6 @@ QUICK = dict(train_prompts=8, heldout=4, samples=2, eval_samples=2, max_new_toke
              batch_size=4, best_of="1,2,4")
 
 
-# ------------------------------------------------------------------------------ settings and checks
-
-
-@dataclass(frozen=True)
-class Plan:
-    """The checked, parsed settings of a run."""
-
-    betas: tuple[float, ...]
-    best_of: tuple[int, ...]
-    train_prompts: list[Text]
-    heldout: list[Text]
-
-
 def parse_numbers(text: str, kind: type, name: str) -> tuple:
     """Comma-separated positive numbers, sorted and without repeats; a clear error otherwise."""
     try:
@@ -104,8 +91,9 @@ def parse_numbers(text: str, kind: type, name: str) -> tuple:
     return tuple(sorted(set(values)))
 
 
-def check(config: FrontierConfig) -> Plan:
-    """Every user mistake found before anything runs or is written."""
+def check(config: FrontierConfig) -> tuple[tuple[float, ...], tuple[int, ...], list[Text], list[Text]]:
+    """Every user mistake found before anything runs or is written; the betas, the N of best-of-N, the
+    training prompts and the held-out ones."""
     refuse_existing(config, "report.md", "frontier.json")
     betas = parse_numbers(config.betas, float, "betas")
     best_of = parse_numbers(config.best_of, int, "best_of")
@@ -121,10 +109,60 @@ def check(config: FrontierConfig) -> Plan:
     if wanted > available or wanted < 1:
         raise ConfigError(f"{len(prompts)} prompts cannot give {wanted} training prompts and "
                           f"{config.heldout} held-out ones; lower --train-prompts or --heldout")
-    return Plan(betas, best_of, prompts[:wanted], prompts[len(prompts) - config.heldout:])
+    return betas, best_of, prompts[:wanted], prompts[len(prompts) - config.heldout:]
 
 
-# --------------------------------------------------------------------------------------- measuring
+@dataclass
+class Bench:
+    """What every step of a run shares; ``reference`` is the original one (KL is always taken against it)."""
+
+    config: FrontierConfig
+    betas: tuple[float, ...]
+    best_of: tuple[int, ...]
+    train_prompts: list[Text]
+    heldout: list[Text]
+    out: Path
+    reference: object
+    tokenizer: object
+    reward: Callable
+    dtype: torch.dtype
+    start: str  # the model name every training run of round 1 starts from
+    stage: int = 0
+
+    @property
+    def eval_seed(self) -> int:
+        """Every measured policy samples the held-out prompts with one seed, as the best-of-N draws do."""
+        return self.config.seed + 1
+
+    def announce(self, text: str) -> None:
+        self.stage += 1
+        print(f"[{self.stage}/{len(self.betas) + self.config.rounds + 2}] {text}")
+
+
+def prepare(config: FrontierConfig) -> Bench:
+    """Check the settings, then load the reward, tokenizer and reference; the output directory is made
+    only after all of that succeeded, so a mistake leaves nothing behind."""
+    plan = check(config)
+    torch.manual_seed(config.seed)
+    device = pick_device(config.device)
+    dtype = parse_dtype(config.dtype, device)
+    reward = load_reward(config.reward, device)
+    tokenizer = load_tokenizer(config.model)
+    reference = load_model(config.model, dtype).to(device).eval()
+    out = Path(config.output)
+    (out / "samples").mkdir(parents=True, exist_ok=True)
+    return Bench(config, *plan, out, reference, tokenizer, reward, dtype, plain_copy(config, reference, tokenizer, out))
+
+
+def plain_copy(config: FrontierConfig, reference, tokenizer, out: Path) -> str:
+    """The model name every training run starts from. An alias is a GGUF file that takes a long time to
+    de-quantize: it is saved once as a plain model directory, which loads in seconds."""
+    if config.model not in ALIASES:
+        return config.model
+    directory = out / "runs" / "reference"
+    if not (directory / "config.json").is_file():
+        save_pretrained_atomically(directory, reference, tokenizer)
+    return str(directory)
 
 
 def best_of_n_kl(n: int) -> float:
@@ -136,8 +174,6 @@ def best_of_n_kl(n: int) -> float:
     and, since F is uniform under pi_ref, E_{pi_N}[log F] = -1/N. With ties or heavy outputs the true
     KL is smaller: the formula is an upper bound (Beirami et al. 2024, "Theoretical guarantees on the
     best-of-n alignment policy")."""
-    if n < 1:
-        raise ValueError(f"N = {n}: expected at least 1")
     return math.log(n) - (n - 1) / n
 
 
@@ -156,25 +192,16 @@ def best_of_n_rewards(rewards_by_prompt: list[list[float]], n: int) -> list[floa
 
 def best_of_n_points(bench: Bench) -> list[Point]:
     """The best-of-N baseline: max(N) draws per held-out prompt from the reference, shared by every N."""
-    started, config, plan = time.perf_counter(), bench.config, bench.plan
-    samples, rewards = rewarded_samples(bench.reference, bench.tokenizer, plan.heldout, bench.reward, max(plan.best_of),
-                                        config.max_new_tokens, bench.eval_seed, config.gen_batch_size)
-    samples_file = write_jsonl(bench.out / "samples" / "reference-draws.jsonl", sample_rows(samples, rewards))
-    by_prompt: dict[int, list[float]] = {}
-    for s, r in sorted(zip(samples, rewards), key=lambda item: (item[0].index, item[0].sample)):
-        by_prompt.setdefault(s.index, []).append(r)
+    started, config = time.perf_counter(), bench.config
+    samples, rewards = rewarded_samples(bench.reference, bench.tokenizer, bench.heldout, bench.reward,
+                                        max(bench.best_of), config.max_new_tokens, bench.eval_seed,
+                                        config.gen_batch_size)
+    write_jsonl(bench.out / "samples" / "reference-draws.jsonl", sample_rows(samples, rewards))
+    draws = [[reward for reward, _ in scored] for scored in by_prompt(samples, rewards)]
     seconds = time.perf_counter() - started
-    points = []
-    for n in plan.best_of:
-        kl = best_of_n_kl(n)
-        points.append(Point(name=f"best-of-{n}", method="best-of-n", n=n, kl=(kl, kl, kl),
-                            kl_source="analytic: log N - (N-1)/N",
-                            reward=mean_ci(best_of_n_rewards(list(by_prompt.values()), n)),
-                            samples_file=str(samples_file.relative_to(bench.out)), measure_seconds=seconds))
-    return points
-
-
-# ---------------------------------------------------------------------------------------- training
+    return [Point(name=f"best-of-{n}", method="best-of-n", n=n, kl=(best_of_n_kl(n),) * 3,
+                  kl_source="analytic: log N - (N-1)/N", reward=mean_ci(best_of_n_rewards(draws, n)),
+                  samples_file="samples/reference-draws.jsonl", measure_seconds=seconds) for n in bench.best_of]
 
 
 class RunStopped(RuntimeError):
@@ -198,41 +225,6 @@ def train_run(config: FrontierConfig, start: str, labelled: Labelled, run_dir: P
     return run_dir / "final", time.perf_counter() - started
 
 
-def plain_copy(config: FrontierConfig, reference, tokenizer, out: Path) -> str:
-    """The model name every training run starts from. An alias is a GGUF file that takes a long time to
-    de-quantize: it is saved once as a plain model directory, which loads in seconds."""
-    if config.model not in ALIASES:
-        return config.model
-    directory = out / "runs" / "reference"
-    if not (directory / "config.json").is_file():
-        save_pretrained_atomically(directory, reference, tokenizer)
-    return str(directory)
-
-
-# ---------------------------------------------------------------------------------------- the run
-
-
-@dataclass
-class Bench:
-    """What every step of a run shares; ``reference`` is the original one (KL is always taken against it)."""
-
-    reference: object
-    tokenizer: object
-    plan: Plan
-    reward: Callable
-    config: FrontierConfig
-    out: Path
-    eval_seed: int
-    start: str  # the model name every training run of round 1 starts from
-    dtype: torch.dtype
-    stage: int = 0
-
-    def announce(self, text: str) -> None:
-        self.stage += 1
-        total = len(self.plan.betas) + self.config.rounds + 2
-        print(f"[{self.stage}/{total}] {text}")
-
-
 def measure_trained(bench: Bench, name: str, method: str, adapter: Path, train_seconds: float, base,
                     **labels) -> tuple[Point, object]:
     """The point of the policy ``base`` + ``adapter`` (merged into ``base`` in place), and that policy.
@@ -243,7 +235,7 @@ def measure_trained(bench: Bench, name: str, method: str, adapter: Path, train_s
     with refusing_pickles(str(adapter)):
         policy = PeftModel.from_pretrained(base, str(adapter)).merge_and_unload()  # one plain model to sample
     run_name = adapter.parent.name
-    score = score_policy(policy, bench.tokenizer, bench.plan.heldout, bench.reward, bench.config.eval_samples,
+    score = score_policy(policy, bench.tokenizer, bench.heldout, bench.reward, bench.config.eval_samples,
                          bench.config.max_new_tokens, bench.eval_seed, bench.config.gen_batch_size,
                          reference=bench.reference)
     write_jsonl(bench.out / "samples" / f"{run_name}.jsonl", score.rows())
@@ -254,27 +246,10 @@ def measure_trained(bench: Bench, name: str, method: str, adapter: Path, train_s
     return point, policy
 
 
-def prepare(config: FrontierConfig) -> Bench:
-    """Check the settings, then load the reward, tokenizer and reference; the output directory is made
-    only after all of that succeeded, so a mistake leaves nothing behind."""
-    plan = check(config)
-    out = Path(config.output)
-    torch.manual_seed(config.seed)
-    device = pick_device(config.device)
-    dtype = parse_dtype(config.dtype, device)
-    reward = load_reward(config.reward, device)
-    tokenizer = load_tokenizer(config.model)
-    reference = load_model(config.model, dtype).to(device).eval()
-    (out / "samples").mkdir(parents=True, exist_ok=True)
-    start = plain_copy(config, reference, tokenizer, out)
-    # Every measured policy samples the held-out prompts with one seed, as the best-of-N draws do.
-    return Bench(reference, tokenizer, plan, reward, config, out, config.seed + 1, start, dtype)
-
-
 def one_shot_points(bench: Bench, pairs: Labelled) -> list[Point]:
     """DPO at every beta and preferred-FT, each trained on ``pairs`` from the reference."""
     config, out, points = bench.config, bench.out, []
-    for beta in bench.plan.betas:
+    for beta in bench.betas:
         bench.announce(f"DPO, beta = {beta:g}")
         # the run iterative DPO continues from is also saved merged, as the start of round 2
         adapter, seconds = train_run(config, bench.start, pairs, out / "runs" / f"dpo-beta{beta:g}", beta,
@@ -297,9 +272,9 @@ def iterative_points(bench: Bench) -> list[Point]:
     policy = load_model(str(previous / "merged"), bench.dtype).to(bench.reference.device) if config.rounds > 1 else None
     for k in range(2, config.rounds + 1):
         bench.announce(f"iterative DPO round {k} of {config.rounds} (beta {beta:g}, reference {config.ref_update})")
-        round_pairs = label(policy, bench.tokenizer, bench.plan.train_prompts, bench.reward, config.samples,
-                                  config.max_new_tokens, config.seed + 100 + k, config.gen_batch_size,
-                                  out / f"pairs-round{k}.jsonl")
+        round_pairs = label(policy, bench.tokenizer, bench.train_prompts, bench.reward, config.samples,
+                            config.max_new_tokens, config.seed + 100 + k, config.gen_batch_size,
+                            out / f"pairs-round{k}.jsonl")
         run_dir = out / "runs" / f"dpo-beta{beta:g}-round{k}"
         adapter, seconds = train_run(config, str(previous / "merged"), round_pairs, run_dir, beta,
                                      ref=bench.start if config.ref_update == "fixed" else None, merge=k < config.rounds)
@@ -314,18 +289,19 @@ def run_frontier(config: FrontierConfig) -> Path:
     """Run the experiment (see the module docstring); returns the output directory."""
     started, load_at_start = time.perf_counter(), os.getloadavg()[0]
     bench = prepare(config)
-    bench.announce(f"preference pairs from the reference ({len(bench.plan.train_prompts)} prompts, "
+    bench.announce(f"preference pairs from the reference ({len(bench.train_prompts)} prompts, "
                    f"{config.samples} continuations each)")
-    pairs = label(bench.reference, bench.tokenizer, bench.plan.train_prompts, bench.reward, config.samples,
-                        config.max_new_tokens, config.seed, config.gen_batch_size, bench.out / "pairs-round1.jsonl")
-    bench.announce(f"best-of-N from the reference, N in {list(bench.plan.best_of)}")
-    points = best_of_n_points(bench)
-    points += one_shot_points(bench, pairs)
-    points += iterative_points(bench)
+    pairs = label(bench.reference, bench.tokenizer, bench.train_prompts, bench.reward, config.samples,
+                  config.max_new_tokens, config.seed, config.gen_batch_size, bench.out / "pairs-round1.jsonl")
+    bench.announce(f"best-of-N from the reference, N in {list(bench.best_of)}")
+    points = best_of_n_points(bench) + one_shot_points(bench, pairs) + iterative_points(bench)
     machine = {"device": str(bench.reference.device), "torch_threads": torch.get_num_threads(),
                "cpus": os.cpu_count(), "platform": platform.platform(), "load_average_start": load_at_start,
                "load_average_end": os.getloadavg()[0]}
-    write_json(bench.out / "frontier.json", config, bench.plan, points, time.perf_counter() - started, machine,
-               bench.eval_seed)
+    write_json(bench.out / "frontier.json", {
+        "command": command(config), "config": asdict(config), "betas": list(bench.betas),
+        "best_of": list(bench.best_of), "train_prompts": len(bench.train_prompts), "heldout_prompts": bench.heldout,
+        "eval_seed": bench.eval_seed, "pairs_seed_round1": config.seed, "wall_seconds": time.perf_counter() - started,
+        "machine": machine, "points": [point_row(p) for p in points]})
     print(render(bench.out).read_text(encoding="utf-8"))
     return bench.out

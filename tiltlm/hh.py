@@ -26,11 +26,13 @@ import json
 import random
 import time
 from dataclasses import asdict, dataclass
+from functools import partial
 from pathlib import Path
+from typing import Callable
 
 from tiltlm.config import ConfigError, TrainConfig, check_options, option
 from tiltlm.data import load_pairs
-from tiltlm.experiment import score_policy, write_jsonl
+from tiltlm.experiment import score_policy, write_json, write_jsonl
 from tiltlm.metrics import read_metrics
 from tiltlm.stats import Z95
 
@@ -59,26 +61,17 @@ class HHConfig:
     seed: int = option(0, "seed of the split, the training runs and the sampling", at_least=0)
 
 
-@dataclass
-class Stage:
-    """A result saved under ``name`` in the output directory, with how long it took."""
-
-    name: str
-    value: dict
-    seconds: float
-
-
 def run_hh(config: HHConfig) -> dict:
     """Every stage in order (each skipped when its result is saved); the results as ``results.json`` has them."""
     from tiltlm.hh_report import write_report
 
     out = prepare_output(check_options(config))
-    stages = [stage(out, "split", lambda: split_by_prompt(config, out))]
-    for name in ("reward_model", "dpo", "preferred_ft"):
-        stages.append(stage(out, name, lambda: train_and_score(config, out, name)))
-    stages.append(stage(out, "generation", lambda: generation(config, out)))
-    results = {done.name: done.value for done in stages}
-    results["stage_seconds"] = {done.name: done.seconds for done in stages}
+    stages = [("split", partial(split_by_prompt, config, out)),
+              *((name, partial(train_and_score, config, out, name)) for name in RUNS),
+              ("generation", partial(generation, config, out))]
+    done = {name: stage(out, name, compute) for name, compute in stages}
+    results = {name: value for name, (value, _) in done.items()}
+    results["stage_seconds"] = {name: seconds for name, (_, seconds) in done.items()}
     write_report(Path(config.report or out), config, results)
     return results
 
@@ -92,20 +85,22 @@ def prepare_output(config: HHConfig) -> Path:
     if saved.is_file() and json.loads(saved.read_text()) != settings:
         raise ConfigError(f"output {out} holds an experiment with other settings ({saved}); use another --output")
     out.mkdir(parents=True, exist_ok=True)
-    saved.write_text(json.dumps(settings, indent=2) + "\n")
+    write_json(saved, settings)
     return out
 
 
-def stage(out: Path, name: str, compute) -> Stage:
-    """The saved result of stage ``name``, or compute it (a dict) and save it with its wall time."""
+def stage(out: Path, name: str, compute: Callable[[], dict]) -> tuple[dict, float]:
+    """The saved result of stage ``name`` and its wall time in seconds, or compute it and save both."""
     path = out / f"{name}.json"
     if path.is_file():
-        return Stage(name, **json.loads(path.read_text()))
+        saved = json.loads(path.read_text())
+        return saved["value"], saved["seconds"]
     print(f"[hh] {name}")
     started = time.perf_counter()
-    done = Stage(name, compute(), time.perf_counter() - started)
-    path.write_text(json.dumps({"value": done.value, "seconds": done.seconds}, indent=2) + "\n")
-    return done
+    value = compute()
+    seconds = time.perf_counter() - started
+    write_json(path, {"value": value, "seconds": seconds})
+    return value, seconds
 
 
 # --- the split -------------------------------------------------------------------------------------------
@@ -123,17 +118,17 @@ def split_by_prompt(config: HHConfig, out: Path) -> dict:
     random.Random(config.seed).shuffle(prompts)
     heldout, train = [], []
     for prompt in prompts:
-        target = heldout if len(heldout) < config.heldout_pairs else train
-        if target is train and len(train) >= config.train_pairs:
-            break
-        target.extend(by_prompt[prompt])
+        if len(heldout) < config.heldout_pairs:
+            heldout.extend(by_prompt[prompt])
+        elif len(train) < config.train_pairs:
+            train.extend(by_prompt[prompt])
     train = train[:config.train_pairs]
     write_jsonl(out / "train.jsonl", train)
     write_jsonl(out / "heldout.jsonl", heldout)
-    shared = {row["prompt"] for row in train} & {row["prompt"] for row in heldout}
-    return {"train_pairs": len(train), "heldout_pairs": len(heldout), "pairs_in_file": sum(map(len, by_prompt.values())),
-            "train_prompts": len({row["prompt"] for row in train}),
-            "heldout_prompts": len({row["prompt"] for row in heldout}), "prompts_in_both": len(shared)}
+    train_prompts, heldout_prompts = {row["prompt"] for row in train}, {row["prompt"] for row in heldout}
+    return {"train_pairs": len(train), "heldout_pairs": len(heldout),
+            "pairs_in_file": sum(map(len, by_prompt.values())), "train_prompts": len(train_prompts),
+            "heldout_prompts": len(heldout_prompts), "prompts_in_both": len(train_prompts & heldout_prompts)}
 
 
 # --- training and held-out accuracy ------------------------------------------------------------------------
@@ -143,33 +138,24 @@ RUNS = {"reward_model": dict(objective="reward-model", merge_lora=True), "dpo": 
         "preferred_ft": dict(loss="nll")}
 
 
-def run_config(config: HHConfig, out: Path, name: str) -> TrainConfig:
-    """The training run ``name`` of the experiment: one epoch of LoRA on the training pairs, checkpoints
-    every 10 steps; resumed when it was started before."""
-    run_dir = out / name
-    return TrainConfig(model=config.model, data=str(out / "train.jsonl"), output=str(run_dir),
-                       resume=(run_dir / "config.yaml").is_file(), beta=config.beta, lr=config.lr, epochs=1,
-                       batch_size=config.batch_size, grad_accum=config.grad_accum, lora_r=config.lora_r,
-                       max_length=config.max_length, max_prompt_length=config.max_prompt_length,
-                       warmup_ratio=0.1, seed=config.seed, save_every=10, keep_checkpoints=1, tensorboard=False,
-                       **RUNS[name])
-
-
 def train_and_score(config: HHConfig, out: Path, name: str) -> dict:
-    """Train run ``name`` (or finish it) and score its held-out accuracy: the reward model's own scores,
-    or the implicit reward ``beta log pi/pi_ref`` of a policy against its base (adapters off)."""
+    """Train run ``name`` (one epoch of LoRA on the training pairs, checkpoints every 10 steps; resumed when
+    it was started before) and score its held-out accuracy: the reward model's own scores, or the implicit
+    reward ``beta log pi/pi_ref`` of a policy against its base (adapters off)."""
     from tiltlm.evaluate import evaluate
     from tiltlm.reward_model import evaluate_reward_model
     from tiltlm.train import train
 
-    settings = run_config(config, out, name)
-    run_dir = Path(settings.output)
-    started = time.perf_counter()
+    run_dir, started = out / name, time.perf_counter()
+    lengths = dict(max_length=config.max_length, max_prompt_length=config.max_prompt_length)
     if not (run_dir / "final").is_dir():
-        train(settings)
+        train(TrainConfig(model=config.model, data=str(out / "train.jsonl"), output=str(run_dir),
+                          resume=(run_dir / "config.yaml").is_file(), beta=config.beta, lr=config.lr, epochs=1,
+                          batch_size=config.batch_size, grad_accum=config.grad_accum, lora_r=config.lora_r,
+                          warmup_ratio=0.1, seed=config.seed, save_every=10, keep_checkpoints=1, tensorboard=False,
+                          **lengths, **RUNS[name]))
     trained = time.perf_counter() - started
     heldout = str(out / "heldout.jsonl")
-    lengths = dict(max_length=config.max_length, max_prompt_length=config.max_prompt_length)
     if name == "reward_model":
         metrics = evaluate_reward_model(str(run_dir / "merged"), heldout, config.batch_size, **lengths)
     else:  # preferred-FT trained without a reference; its implicit reward is read the same way as DPO's

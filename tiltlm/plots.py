@@ -80,31 +80,28 @@ def series(rows: list[dict], key: str) -> tuple[list[float], list[float]]:
     return steps, [by_step[s] for s in steps]
 
 
-def draw_panel(ax: Axes, rows: list[dict], panel: Panel) -> bool:
-    """Draw a panel's curves on ``ax``; False when the rows hold none of its quantities."""
-    drew = False
+def has_data(rows: list[dict], panel: Panel) -> bool:
+    return any(series(rows, key)[0] or series(rows, EVAL_PREFIX + key)[0] for key in panel.keys)
+
+
+def draw_panel(ax: Axes, rows: list[dict], panel: Panel) -> None:
+    """A panel's curves on ``ax``: a line per training key, markers for its eval rows in the same colour."""
     for key in panel.keys:
         steps, values = series(rows, key)
-        color = None
-        if steps:
-            (line,) = ax.plot(steps, values, label=key, linewidth=1.2)
-            color = line.get_color()
+        color = ax.plot(steps, values, label=key, linewidth=1.2)[0].get_color() if steps else None
         eval_steps, eval_values = series(rows, EVAL_PREFIX + key)
         if eval_steps:
             ax.plot(eval_steps, eval_values, linestyle="none", marker="o", markersize=5, color=color,
                     label=EVAL_PREFIX + key)
-        drew = drew or bool(steps) or bool(eval_steps)
-    if drew:
-        ax.set_title(panel.title)
-        ax.set_xlabel("step")
-        ax.grid(alpha=0.3)
-        ax.legend(fontsize="small")
-    return drew
+    ax.set_title(panel.title)
+    ax.set_xlabel("step")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize="small")
 
 
 def panel_figure(rows: list[dict], panels: tuple[Panel, ...]) -> Figure | None:
     """One figure with the panels that have data side by side (wrapping after three), or None."""
-    present = [p for p in panels if any(series(rows, k)[0] or series(rows, EVAL_PREFIX + k)[0] for k in p.keys)]
+    present = [p for p in panels if has_data(rows, p)]
     if not present:
         return None
     columns = min(3, len(present))
@@ -135,12 +132,7 @@ def plot_run(run_dir: str | Path, out_dir: str | Path | None = None) -> list[Pat
     base = Path(run_dir) if Path(run_dir).is_dir() else Path(run_dir).parent
     out = Path(out_dir) if out_dir is not None else base / "plots"
     out.mkdir(parents=True, exist_ok=True)
-    written = []
-    for panel in PANELS:
-        figure = panel_figure(rows, (panel,))
-        if figure is None:
-            continue
-        path = out / f"{panel.name}.png"
-        figure.savefig(path, dpi=100)
-        written.append(path)
-    return written
+    panels = [panel for panel in PANELS if has_data(rows, panel)]
+    for panel in panels:
+        panel_figure(rows, (panel,)).savefig(out / f"{panel.name}.png", dpi=100)
+    return [out / f"{panel.name}.png" for panel in panels]
