@@ -44,12 +44,7 @@ class PolicyScore:
     kl: tuple[float, float, float]
     samples: list[Sample]
     rewards: list[float]
-    policy_logps: list[float]  # log pi(y|x) of each sample
-    reference_logps: list[float]  # log pi_ref(y|x)
-
-    def rows(self) -> list[dict]:
-        """One JSON-ready row per sample, to save beside a report."""
-        return sample_rows(self.samples, self.rewards, self.policy_logps, self.reference_logps)
+    rows: list[dict]  # one JSON-ready row per sample (see sample_rows), to save beside a report
 
 
 # Every experiment's training runs: short prompts and continuations, one step per batch, no checkpoints.
@@ -212,6 +207,5 @@ def score_policy(policy, tokenizer, prompts: list, reward: Callable, samples_per
             reference_logps = score_logps(policy, tokenizer, samples, batch_size=batch_size)
     log_ratios = [p - r for p, r in zip(policy_logps, reference_logps)]
     prompt_of = [s.index for s in samples]
-    return PolicyScore(reward=mean_ci(per_group_means(rewards, prompt_of)),
-                       kl=mean_ci(per_group_means(log_ratios, prompt_of)), samples=samples, rewards=rewards,
-                       policy_logps=policy_logps, reference_logps=reference_logps)
+    return PolicyScore(mean_ci(per_group_means(rewards, prompt_of)), mean_ci(per_group_means(log_ratios, prompt_of)),
+                       samples, rewards, sample_rows(samples, rewards, policy_logps, reference_logps))

@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import json
 import math
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import dataclass, field, fields
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -38,29 +38,6 @@ class Point:
 
 def interval_dict(interval: tuple[float, float, float]) -> dict:
     return dict(zip(("mean", "low", "high"), (None if math.isnan(v) else v for v in interval)))  # NaN is not JSON
-
-
-def point_row(point: Point) -> dict:
-    """A point as frontier.json has it: intervals as {mean, low, high}."""
-    return {**asdict(point), "reward": interval_dict(point.reward), "kl": interval_dict(point.kl)}
-
-
-def point_from(row: dict) -> Point:
-    """A point read back from frontier.json (a missing interval bound, written as null, is NaN)."""
-    def interval(values: dict) -> tuple[float, float, float]:
-        return tuple(math.nan if values[k] is None else values[k] for k in ("mean", "low", "high"))
-
-    return Point(**{**row, "reward": interval(row["reward"]), "kl": interval(row["kl"])})
-
-
-def render(out: Path) -> Path:
-    """frontier.png and report.md drawn from frontier.json alone, so that the report always shows the
-    numbers that were saved; returns the report's path."""
-    document = json.loads((out / "frontier.json").read_text(encoding="utf-8"))
-    config = SimpleNamespace(**document["config"])  # the saved settings
-    points = [point_from(row) for row in document["points"]]
-    plot = plot_frontier(points, out / "frontier.png", config)
-    return write_report(out, document, config, points, plot)
 
 
 def command(config) -> str:
@@ -129,15 +106,6 @@ def plot_frontier(points: list[Point], path: Path, config) -> Path:
     return path
 
 
-def table(points: list[Point]) -> list[str]:
-    return markdown_table(
-        ["point", "method", "beta", "round", "N", "mean reward (95% CI)", "KL nats (95% CI)", "KL from", "train s",
-         "measure s"],
-        [[p.name, p.method, "" if p.beta is None else f"{p.beta:g}", "" if p.round is None else p.round,
-          "" if p.n is None else p.n, format_interval(p.reward), format_interval(p.kl), p.kl_source,
-          f"{p.train_seconds:.1f}", f"{p.measure_seconds:.1f}"] for p in points])
-
-
 def dpo_reward_at(points: list[Point], kl: float) -> tuple[float, Point, Point] | None:
     """One-shot DPO's mean reward at ``kl``, interpolated linearly between the two DPO points whose KLs
     bracket it, with those two points; None outside the DPO points' KL range. This is how the DPO paper
@@ -189,8 +157,15 @@ def setup_paragraph(out: Path, document: dict, config) -> str:
             f"held-out prompt.{iterative}")
 
 
-def write_report(out: Path, document: dict, config, points: list[Point], plot: Path) -> Path:
-    machine, seconds = document["machine"], document["wall_seconds"]
+def render(out: Path) -> Path:
+    """frontier.png and report.md drawn from frontier.json alone; returns the report's path."""
+    def interval(values: dict) -> tuple[float, float, float]:  # a missing bound, written as null, is NaN
+        return tuple(math.nan if values[k] is None else values[k] for k in ("mean", "low", "high"))
+
+    document = json.loads((out / "frontier.json").read_text(encoding="utf-8"))
+    config, machine = SimpleNamespace(**document["config"]), document["machine"]  # the saved settings
+    points = [Point(**{**row, "reward": interval(row["reward"]), "kl": interval(row["kl"])})
+              for row in document["points"]]
     return write_markdown(out / "report.md", [
         "# Reward against KL: DPO, preferred-FT and best-of-N",
         "The controlled-sentiment experiment of the DPO paper (Rafailov et al. 2023, section 6.1, Figure 2 "
@@ -199,8 +174,12 @@ def write_report(out: Path, document: dict, config, points: list[Point], plot: P
         f"Measured on {len(document['heldout_prompts'])} held-out prompts, {config.eval_samples} continuations "
         f"each for every trained policy, at most {config.max_new_tokens} new tokens, temperature 1, seed "
         f"{document['eval_seed']} for every policy.",
-        f"![reward against KL]({plot.name})",
-        table(points),
+        f"![reward against KL]({plot_frontier(points, out / 'frontier.png', config).name})",
+        markdown_table(["point", "method", "beta", "round", "N", "mean reward (95% CI)", "KL nats (95% CI)", "KL from",
+                        "train s", "measure s"],
+                       [[p.name, p.method, "" if p.beta is None else f"{p.beta:g}", "" if p.round is None else p.round,
+                         "" if p.n is None else p.n, format_interval(p.reward), format_interval(p.kl), p.kl_source,
+                         f"{p.train_seconds:.1f}", f"{p.measure_seconds:.1f}"] for p in points]),
         "Mean reward: the mean over held-out prompts of each prompt's mean reward, with a normal 95% interval "
         "over prompts. KL(pi || pi_ref): for trained policies, the mean over the same prompts of "
         "log pi(y|x) - log pi_ref(y|x) averaged over continuations y sampled from pi, in nats per "
@@ -213,7 +192,7 @@ def write_report(out: Path, document: dict, config, points: list[Point], plot: P
         matching_kl(points),
         "## Command",
         ["```bash", document["command"], "```"],
-        f"Wall time: {seconds / 60:.1f} min on {machine['device']} ({machine['cpus']} cores, "
+        f"Wall time: {document['wall_seconds'] / 60:.1f} min on {machine['device']} ({machine['cpus']} cores, "
         f"torch threads: {machine['torch_threads']}; load average {machine['load_average_start']:.1f} at the "
         f"start and {machine['load_average_end']:.1f} at the end - above the core count means other "
         f"processes shared the CPU).",

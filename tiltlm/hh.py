@@ -62,10 +62,18 @@ class HHConfig:
 
 
 def run_hh(config: HHConfig) -> dict:
-    """Every stage in order (each skipped when its result is saved); the results as ``results.json`` has them."""
+    """Every stage in order (each skipped when its result is saved); the results as ``results.json`` has them.
+    An output directory that an experiment with other settings started is refused."""
     from tiltlm.hh_report import write_report
 
-    out = prepare_output(check_options(config))
+    out, settings = Path(config.output), {k: v for k, v in asdict(check_options(config)).items() if k != "report"}
+    if not Path(config.data).is_file():
+        raise ConfigError(f"data {config.data}: no such file; give --data (the HH-RLHF harmless-base JSONL)")
+    saved = out / "experiment.json"
+    if saved.is_file() and json.loads(saved.read_text(encoding="utf-8")) != settings:
+        raise ConfigError(f"output {out} holds an experiment with other settings ({saved}); use another --output")
+    out.mkdir(parents=True, exist_ok=True)
+    write_json(saved, settings)
     stages = [("split", partial(split_by_prompt, config, out)),
               *((name, partial(train_and_score, config, out, name)) for name in RUNS),
               ("generation", partial(generation, config, out))]
@@ -74,19 +82,6 @@ def run_hh(config: HHConfig) -> dict:
     results["stage_seconds"] = {name: seconds for name, (_, seconds) in done.items()}
     write_report(Path(config.report or out), config, results)
     return results
-
-
-def prepare_output(config: HHConfig) -> Path:
-    """The output directory, refusing one that an experiment with other settings started."""
-    out, settings = Path(config.output), {k: v for k, v in asdict(config).items() if k != "report"}
-    if not Path(config.data).is_file():
-        raise ConfigError(f"data {config.data}: no such file; give --data (the HH-RLHF harmless-base JSONL)")
-    saved = out / "experiment.json"
-    if saved.is_file() and json.loads(saved.read_text()) != settings:
-        raise ConfigError(f"output {out} holds an experiment with other settings ({saved}); use another --output")
-    out.mkdir(parents=True, exist_ok=True)
-    write_json(saved, settings)
-    return out
 
 
 def stage(out: Path, name: str, compute: Callable[[], dict]) -> tuple[dict, float]:
@@ -101,9 +96,6 @@ def stage(out: Path, name: str, compute: Callable[[], dict]) -> tuple[dict, floa
     seconds = time.perf_counter() - started
     write_json(path, {"value": value, "seconds": seconds})
     return value, seconds
-
-
-# --- the split -------------------------------------------------------------------------------------------
 
 
 def split_by_prompt(config: HHConfig, out: Path) -> dict:
@@ -130,8 +122,6 @@ def split_by_prompt(config: HHConfig, out: Path) -> dict:
             "pairs_in_file": sum(map(len, by_prompt.values())), "train_prompts": len(train_prompts),
             "heldout_prompts": len(heldout_prompts), "prompts_in_both": len(train_prompts & heldout_prompts)}
 
-
-# --- training and held-out accuracy ------------------------------------------------------------------------
 
 # what each run trains: the reward model (Bradley-Terry on the pairs), DPO, preferred-FT (NLL of chosen)
 RUNS = {"reward_model": dict(objective="reward-model", merge_lora=True), "dpo": dict(loss="sigmoid"),
@@ -177,48 +167,36 @@ def accuracy_interval(accuracy: float, n: int) -> tuple[float, float]:
     return max(0.0, accuracy - half), min(1.0, accuracy + half)
 
 
-# --- generation ------------------------------------------------------------------------------------------
-
-
 def generation(config: HHConfig, out: Path) -> dict:
     """The reference, DPO and preferred-FT each sample one reply per held-out prompt (temperature 1, the
     draws an unbiased KL estimate needs); the reward model judges every reply; each policy's win rate
     against the reference with a prompt-level bootstrap interval, and its KL from its own samples."""
-    from peft import PeftModel
-
     from tiltlm.compare import win_rate
-    from tiltlm.models import load_model, load_tokenizer, refusing_pickles
+    from tiltlm.models import load_model, load_tokenizer
     from tiltlm.reward_model import trained_reward
 
     tokenizer = load_tokenizer(config.model)
-    prompts = generation_prompts(config, out, tokenizer)
+    # distinct held-out prompts that fit max_prompt_length tokens: a longer dialogue would be cut at its
+    # start, changing what the reply answers
+    heldout = [json.loads(line) for line in (out / "heldout.jsonl").read_text(encoding="utf-8").splitlines()]
+    prompts = [prompt for prompt in dict.fromkeys(row["prompt"] for row in heldout)
+               if len(tokenizer(prompt)["input_ids"]) <= config.max_prompt_length][:config.generate_prompts]
     reward = trained_reward(str(out / "reward_model" / "merged"), batch_size=config.batch_size)
-    scores, results = {}, {"prompts": len(prompts), "max_new_tokens": config.max_new_tokens}
+    results = {"prompts": len(prompts), "max_new_tokens": config.max_new_tokens}
     for name in ("reference", "dpo", "preferred_ft"):
-        started, base = time.perf_counter(), load_model(config.model)
-        policy = base
-        if name != "reference":
-            with refusing_pickles(str(out / name / "final")):
-                policy = PeftModel.from_pretrained(base, str(out / name / "final"))
-        scores[name] = score_policy(policy, tokenizer, prompts, reward, 1, config.max_new_tokens, config.seed + 1,
-                                    batch_size=config.sample_batch, reference=base if name == "reference" else None)
-        write_jsonl(out / f"samples_{name}.jsonl", scores[name].rows())
-        tokens = sum(len(s.completion_ids) for s in scores[name].samples)
-        results[name] = {"mean_reward": list(scores[name].reward), "kl": list(scores[name].kl),
-                         "seconds": time.perf_counter() - started, "tokens": tokens,
-                         "finished": sum(s.finished for s in scores[name].samples)}
-    for name in ("dpo", "preferred_ft"):
-        rate = win_rate(scores[name].rewards, scores["reference"].rewards, seed=config.seed,
-                        groups=[s.index for s in scores[name].samples])
+        started = time.perf_counter()
+        policy = load_model(config.model if name == "reference" else str(out / name / "final"))
+        score = score_policy(policy, tokenizer, prompts, reward, 1, config.max_new_tokens, config.seed + 1,
+                             batch_size=config.sample_batch, reference=policy if name == "reference" else None)
+        write_jsonl(out / f"samples_{name}.jsonl", score.rows)
+        results[name] = {"mean_reward": list(score.reward), "kl": list(score.kl),
+                         "seconds": time.perf_counter() - started,
+                         "tokens": sum(len(s.completion_ids) for s in score.samples),
+                         "finished": sum(s.finished for s in score.samples)}
+        if name == "reference":
+            reference_rewards = score.rewards
+            continue
+        rate = win_rate(score.rewards, reference_rewards, seed=config.seed, groups=[s.index for s in score.samples])
         results[name].update(win_rate=rate.rate, win_ci=[rate.low, rate.high], wins=rate.wins, ties=rate.ties,
                              losses=rate.losses)
     return results
-
-
-def generation_prompts(config: HHConfig, out: Path, tokenizer) -> list[str]:
-    """The first ``generate_prompts`` distinct held-out prompts that fit ``max_prompt_length`` tokens (longer
-    dialogues would be cut at their start, changing what the reply answers)."""
-    rows = [json.loads(line) for line in (out / "heldout.jsonl").read_text(encoding="utf-8").splitlines()]
-    prompts = list(dict.fromkeys(row["prompt"] for row in rows))
-    fitting = [p for p in prompts if len(tokenizer(p)["input_ids"]) <= config.max_prompt_length]
-    return fitting[:config.generate_prompts]

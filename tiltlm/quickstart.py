@@ -78,8 +78,8 @@ def run_quickstart(config: QuickstartConfig) -> Path:
         policy = PeftModel.from_pretrained(base, str(run_dir / "final"))
     after = score_policy(policy, tokenizer, heldout, reward, config.samples, config.max_new_tokens,
                          config.seed + 1)
-    write_jsonl(out / "heldout_before.jsonl", before.rows())
-    write_jsonl(out / "heldout_after.jsonl", after.rows())
+    write_jsonl(out / "heldout_before.jsonl", before.rows)
+    write_jsonl(out / "heldout_after.jsonl", after.rows)
     accuracy = evaluate(str(run_dir / "final"), str(heldout_file), beta=config.beta, progress=False, **SEQUENCE)
     rows = read_metrics(run_dir / "metrics.jsonl")
     plot = plot_metrics(rows, out / "training.png")
