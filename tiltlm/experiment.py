@@ -37,8 +37,8 @@ class ExperimentConfig:
 
 @dataclass
 class PolicyScore:
-    """Mean reward over prompts and the sampled KL(pi || pi_ref), each with a normal 95% interval over
-    prompts (samples of one prompt are averaged first: they are not independent)."""
+    """Mean reward and sampled KL(pi || pi_ref), each with a normal 95% interval over prompts (samples of
+    one prompt are averaged first: they are not independent)."""
 
     reward: tuple[float, float, float]  # mean, low, high
     kl: tuple[float, float, float]
@@ -52,7 +52,6 @@ SEQUENCE = dict(max_length=256, max_prompt_length=64)
 
 
 def lora_run(config: ExperimentConfig, model: str, data: Path, output: Path, **settings) -> TrainConfig:
-    """The settings of a LoRA training run of an experiment, from ``model`` on the pairs in ``data``."""
     shared = dict(model=model, data=str(data), output=str(output), overwrite=True, lr=config.lr, epochs=config.epochs,
                   batch_size=config.batch_size, grad_accum=1, lora_r=config.lora_r, warmup_ratio=0.1, seed=config.seed,
                   save_every=10_000, log_every=1, tensorboard=False, **SEQUENCE)
@@ -72,7 +71,7 @@ def sample_rows(samples: list[Sample], rewards: list[float], policy_logps: list[
 
 
 def by_prompt(samples: list[Sample], rewards: list[float]) -> list[list[tuple[float, Sample]]]:
-    """Each prompt's ``(reward, sample)`` pairs in the order they were drawn, prompts in order."""
+    """Each prompt's ``(reward, sample)`` in the order drawn, prompts in order."""
     groups: dict[int, list[tuple[float, Sample]]] = {}
     for reward, s in zip(rewards, samples):
         groups.setdefault(s.index, []).append((reward, s))
@@ -180,12 +179,11 @@ def write_json(path: Path, data) -> Path:
 
 
 def write_jsonl(path: Path, rows: list[dict]) -> Path:
-    """Write through a temporary file and rename, so the output is whole or absent; returns ``path``."""
+    """Written through a temporary file and renamed, so the output is whole or absent."""
     path.parent.mkdir(parents=True, exist_ok=True)
     temporary = path.with_name(f".{path.name}.tmp-{os.getpid()}")
     with open(temporary, "w", encoding="utf-8") as handle:
-        for row in rows:
-            handle.write(json.dumps(row, ensure_ascii=False) + "\n")
+        handle.writelines(json.dumps(row, ensure_ascii=False) + "\n" for row in rows)
     os.replace(temporary, path)
     return path
 

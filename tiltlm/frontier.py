@@ -96,13 +96,11 @@ def best_of_n_rewards(rewards_by_prompt: list[list[float]], n: int) -> list[floa
     """Per prompt, the mean over disjoint groups of ``n`` draws (in draw order) of each group's highest
     reward: every group is one independent best-of-N sample, and using all groups lowers the variance.
     Draws beyond the last whole group are left out."""
-    means = []
     for draws in rewards_by_prompt:
-        groups = len(draws) // n
-        if groups == 0:
+        if len(draws) < n:
             raise ValueError(f"best-of-{n} needs at least {n} draws per prompt; got {len(draws)}")
-        means.append(sum(max(draws[g * n:(g + 1) * n]) for g in range(groups)) / groups)
-    return means
+    return [sum(max(draws[g:g + n]) for g in range(0, len(draws) - n + 1, n)) / (len(draws) // n)
+            for draws in rewards_by_prompt]
 
 
 class RunStopped(RuntimeError):

@@ -43,14 +43,12 @@ def interval_dict(interval: tuple[float, float, float]) -> dict:
 def command(config) -> str:
     """The command that repeats a run of the dataclass ``config``: every option that differs from the
     defaults."""
-    defaults = type(config)()
-    parts = ["tiltlm", "frontier"]
+    defaults, parts = type(config)(), ["tiltlm", "frontier"]
     for f in fields(config):
-        value = getattr(config, f.name)
-        if value == getattr(defaults, f.name):
-            continue
-        flag = f.name.replace("_", "-")
-        parts += [f"--{flag}" if value else f"--no-{flag}"] if isinstance(value, bool) else [f"--{flag}", str(value)]
+        value, flag = getattr(config, f.name), f.name.replace("_", "-")
+        if value != getattr(defaults, f.name):
+            parts += ([f"--{flag}" if value else f"--no-{flag}"] if isinstance(value, bool)
+                      else [f"--{flag}", str(value)])
     return " ".join(parts)
 
 
