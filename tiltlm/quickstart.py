@@ -1,15 +1,12 @@
 """``tiltlm quickstart``: DPO end to end on the embedded default, on CPU, in a few minutes.
 
 A controlled-sentiment task in the manner of the DPO paper's IMDb experiment (Rafailov et al. 2023,
-section 6.1), with SmolLM2-135M-Instruct as the reference and VADER as the reward:
-
-1. the reference samples several continuations of each training prompt (tiltlm.prompts);
-2. VADER scores them; each prompt's continuations make one ranked list (pairs-ranked.jsonl) and its best
-   and worst one preference pair (pairs.jsonl);
-3. DPO with LoRA trains on one of them (``--preferences``; the reference is the base with adapters off);
-4. held-out prompts are sampled before and after; the report gives the mean reward of each with a 95%
-   interval, KL(policy || reference) from samples, the implicit-reward accuracy on held-out pairs,
-   example continuations, and plots of loss, accuracy and margins (report.md, training.png).
+section 6.1), with SmolLM2-135M-Instruct as the reference and VADER as the reward. The reference's
+continuations of each training prompt (tiltlm.prompts), scored, make one ranked list (pairs-ranked.jsonl)
+and one best-against-worst pair (pairs.jsonl); DPO with LoRA trains on one of them (``--preferences``; the
+reference is the base with adapters off). Held-out prompts are sampled before and after: the report gives
+the mean reward of each with a 95% interval, KL(policy || reference) from samples, the implicit-reward
+accuracy on held-out pairs, example continuations, and plots of loss, accuracy and margins.
 """
 
 from __future__ import annotations
