@@ -88,7 +88,7 @@ def stage(out: Path, name: str, compute: Callable[[], dict]) -> tuple[dict, floa
     """The saved result of stage ``name`` and its wall time in seconds, or compute it and save both."""
     path = out / f"{name}.json"
     if path.is_file():
-        saved = json.loads(path.read_text())
+        saved = json.loads(path.read_text(encoding="utf-8"))
         return saved["value"], saved["seconds"]
     print(f"[hh] {name}")
     started = time.perf_counter()
