@@ -4,7 +4,6 @@ pairs, and measure a policy by its mean reward and its KL divergence from the re
 
 from __future__ import annotations
 
-import contextlib
 import json
 import os
 from dataclasses import dataclass
@@ -38,19 +37,14 @@ class ExperimentConfig:
 
 @dataclass
 class PolicyScore:
-    """Mean reward over prompts and the sampled KL(pi || pi_ref), each with a normal 95% interval over
-    prompts (samples of one prompt are averaged first: they are not independent)."""
+    """Mean reward and sampled KL(pi || pi_ref), each with a normal 95% interval over prompts (samples of
+    one prompt are averaged first: they are not independent)."""
 
     reward: tuple[float, float, float]  # mean, low, high
     kl: tuple[float, float, float]
     samples: list[Sample]
     rewards: list[float]
-    policy_logps: list[float]  # log pi(y|x) of each sample
-    reference_logps: list[float]  # log pi_ref(y|x)
-
-    def rows(self) -> list[dict]:
-        """One JSON-ready row per sample, to save beside a report."""
-        return sample_rows(self.samples, self.rewards, self.policy_logps, self.reference_logps)
+    rows: list[dict]  # one JSON-ready row per sample (see sample_rows), to save beside a report
 
 
 # Every experiment's training runs: short prompts and continuations, one step per batch, no checkpoints.
@@ -58,7 +52,6 @@ SEQUENCE = dict(max_length=256, max_prompt_length=64)
 
 
 def lora_run(config: ExperimentConfig, model: str, data: Path, output: Path, **settings) -> TrainConfig:
-    """The settings of a LoRA training run of an experiment, from ``model`` on the pairs in ``data``."""
     shared = dict(model=model, data=str(data), output=str(output), overwrite=True, lr=config.lr, epochs=config.epochs,
                   batch_size=config.batch_size, grad_accum=1, lora_r=config.lora_r, warmup_ratio=0.1, seed=config.seed,
                   save_every=10_000, log_every=1, tensorboard=False, **SEQUENCE)
@@ -69,28 +62,28 @@ def sample_rows(samples: list[Sample], rewards: list[float], policy_logps: list[
                 reference_logps: list[float] | None = None) -> list[dict]:
     """Samples as JSONL rows with their rewards, the token ids the log-probs were computed on and, when
     given, the log-probs and their difference ``log_ratio = log pi(y|x) - log pi_ref(y|x)``."""
-    rows = []
-    for i, s in enumerate(samples):
-        row = {"index": s.index, "sample": s.sample, "prompt": s.prompt, "completion": s.completion,
-               "reward": rewards[i], "prompt_ids": s.prompt_ids, "completion_ids": s.completion_ids,
-               "finished": s.finished}
-        if policy_logps is not None and reference_logps is not None:
-            row.update(logp_policy=policy_logps[i], logp_ref=reference_logps[i],
-                       log_ratio=policy_logps[i] - reference_logps[i])
-        rows.append(row)
+    rows = [{"index": s.index, "sample": s.sample, "prompt": s.prompt, "completion": s.completion, "reward": reward,
+             "prompt_ids": s.prompt_ids, "completion_ids": s.completion_ids, "finished": s.finished}
+            for s, reward in zip(samples, rewards)]
+    for row, policy, reference in zip(rows, policy_logps or [], reference_logps or []):
+        row.update(logp_policy=policy, logp_ref=reference, log_ratio=policy - reference)
     return rows
+
+
+def by_prompt(samples: list[Sample], rewards: list[float]) -> list[list[tuple[float, Sample]]]:
+    """Each prompt's ``(reward, sample)`` in the order drawn, prompts in order."""
+    groups: dict[int, list[tuple[float, Sample]]] = {}
+    for reward, s in zip(rewards, samples):
+        groups.setdefault(s.index, []).append((reward, s))
+    return [groups[index] for index in sorted(groups)]
 
 
 def preference_pairs(samples: list[Sample], rewards: list[float]) -> list[dict]:
     """For each prompt, its highest- and lowest-reward completions as an explicit-format pair; prompts
     whose samples all score the same give no pair."""
-    by_prompt: dict[int, list[tuple[float, Sample]]] = {}
-    for reward, s in zip(rewards, samples):
-        by_prompt.setdefault(s.index, []).append((reward, s))
     pairs = []
-    for _, scored in sorted(by_prompt.items()):
-        best = max(scored, key=lambda item: item[0])
-        worst = min(scored, key=lambda item: item[0])
+    for scored in by_prompt(samples, rewards):
+        best, worst = max(scored, key=lambda item: item[0]), min(scored, key=lambda item: item[0])
         if best[0] > worst[0] and best[1].completion != worst[1].completion:
             pairs.append({"prompt": best[1].prompt, "chosen": best[1].completion, "rejected": worst[1].completion,
                           "reward_chosen": best[0], "reward_rejected": worst[0]})
@@ -109,15 +102,13 @@ def rewarded_samples(policy, tokenizer, prompts: list, reward: Callable, samples
 def ranked_lists(samples: list[Sample], rewards: list[float]) -> list[dict]:
     """For each prompt, its distinct completions with their rewards as a ranked list (``scores``: higher is
     better, ties allowed); prompts whose completions all score the same give none."""
-    by_prompt: dict[int, dict[str, tuple[float, Sample]]] = {}
-    for reward, s in zip(rewards, samples):
-        by_prompt.setdefault(s.index, {}).setdefault(s.completion, (reward, s))
     lists = []
-    for _, scored in sorted(by_prompt.items()):
-        values = [reward for reward, _ in scored.values()]
-        if len(values) >= 2 and max(values) > min(values):
-            lists.append({"prompt": next(iter(scored.values()))[1].prompt, "completions": list(scored),
-                          "scores": values})
+    for scored in by_prompt(samples, rewards):
+        first: dict[str, float] = {}  # a completion drawn twice counts once, with its first reward
+        for reward, s in scored:
+            first.setdefault(s.completion, reward)
+        if len(first) >= 2 and max(first.values()) > min(first.values()):
+            lists.append({"prompt": scored[0][1].prompt, "completions": list(first), "scores": list(first.values())})
     return lists
 
 
@@ -169,18 +160,30 @@ def refuse_existing(config: ExperimentConfig, *names: str) -> Path:
     return out
 
 
-def write_markdown(path: Path, lines: list[str]) -> Path:
-    path.write_text("\n".join(lines) + "\n", encoding="utf-8")
+def write_markdown(path: Path, blocks: list[str | list[str]]) -> Path:
+    """A Markdown file of ``blocks`` (a paragraph, or the lines of a table or a list) between blank lines."""
+    text = "\n\n".join(block if isinstance(block, str) else "\n".join(block) for block in blocks)
+    path.write_text(text + "\n", encoding="utf-8")
+    return path
+
+
+def markdown_table(header: list[str], rows: list[list]) -> list[str]:
+    """The lines of a Markdown table; a cell is any value, written with ``str``."""
+    return [f"| {' | '.join(header)} |", "|" + "---|" * len(header),
+            *(f"| {' | '.join(map(str, row))} |" for row in rows)]
+
+
+def write_json(path: Path, data) -> Path:
+    path.write_text(json.dumps(data, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
     return path
 
 
 def write_jsonl(path: Path, rows: list[dict]) -> Path:
-    """Write through a temporary file and rename, so the output is whole or absent; returns ``path``."""
+    """Written through a temporary file and renamed, so the output is whole or absent."""
     path.parent.mkdir(parents=True, exist_ok=True)
     temporary = path.with_name(f".{path.name}.tmp-{os.getpid()}")
     with open(temporary, "w", encoding="utf-8") as handle:
-        for row in rows:
-            handle.write(json.dumps(row, ensure_ascii=False) + "\n")
+        handle.writelines(json.dumps(row, ensure_ascii=False) + "\n" for row in rows)
     os.replace(temporary, path)
     return path
 
@@ -198,10 +201,9 @@ def score_policy(policy, tokenizer, prompts: list, reward: Callable, samples_per
     elif reference is not None:
         reference_logps = score_logps(reference, tokenizer, samples, batch_size=batch_size)
     else:  # a peft policy with its adapters off is its own base
-        with policy.disable_adapter() if hasattr(policy, "disable_adapter") else contextlib.nullcontext():
+        with policy.disable_adapter():
             reference_logps = score_logps(policy, tokenizer, samples, batch_size=batch_size)
     log_ratios = [p - r for p, r in zip(policy_logps, reference_logps)]
     prompt_of = [s.index for s in samples]
-    return PolicyScore(reward=mean_ci(per_group_means(rewards, prompt_of)),
-                       kl=mean_ci(per_group_means(log_ratios, prompt_of)), samples=samples, rewards=rewards,
-                       policy_logps=policy_logps, reference_logps=reference_logps)
+    return PolicyScore(mean_ci(per_group_means(rewards, prompt_of)), mean_ci(per_group_means(log_ratios, prompt_of)),
+                       samples, rewards, sample_rows(samples, rewards, policy_logps, reference_logps))

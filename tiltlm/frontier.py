@@ -1,28 +1,19 @@
 """``tiltlm frontier``: the reward / KL frontier of the DPO paper's controlled-sentiment experiment, in
 miniature (Rafailov et al. 2023, "Direct Preference Optimization", section 6.1 and Figure 2 left).
 
-The paper asks which method gets the most reward for a given divergence from the reference: every
-method trades reward for KL(pi || pi_ref), and the better method lies above the others at matching KL.
-Here, with the embedded default (SmolLM2-135M-Instruct, VADER, the prompts of :mod:`tiltlm.prompts`):
+Every method trades reward for KL(pi || pi_ref); the better method lies above the others at matching KL.
+The reference's samples of the training prompts, labelled by the reward (as in ``tiltlm quickstart``),
+train DPO with LoRA at several betas and preferred-FT, the paper's supervised baseline (the length-averaged
+NLL of the chosen completions, no reference). Best-of-N keeps the highest-reward of N reference samples;
+its KL is known in closed form. Optionally, iterative (online) DPO: each round's policy samples and labels
+the training prompts again for the next round, trained against the original reference or the policy it
+starts from (``--ref-update fixed|current``).
 
-1. the reference samples continuations of the training prompts; the reward labels them, and the best
-   and the worst of each prompt make a preference pair (as in ``tiltlm quickstart``);
-2. DPO with LoRA trains on these pairs at several betas;
-3. preferred-FT, the paper's supervised baseline, fine-tunes on the chosen completions of the same
-   pairs (the length-averaged NLL, no reference);
-4. best-of-N samples N continuations of each held-out prompt from the reference and keeps the one with
-   the highest reward; its KL to the reference is known in closed form, ``log N - (N - 1) / N``;
-5. optionally, iterative (online) DPO: the policy after a round samples the training prompts again,
-   the reward labels the new samples, and the next round trains from that policy, against either the
-   original reference or the policy it starts from (``--ref-update fixed|current``).
-
-Every trained policy is measured the same way on the same held-out prompts: its mean reward with a
-normal 95% interval over prompts, and KL(pi || pi_ref) estimated from its own samples at temperature 1
-as the mean of ``log pi(y|x) - log pi_ref(y|x)``, always against the ORIGINAL reference, so that the
-points of every method and round share one x axis.
-
-Outputs in ``--output``: see :mod:`tiltlm.frontier_report`; samples/*.jsonl hold every measured sample
-with its reward and log-probs, so that every number of the table can be recomputed.
+Every trained policy is measured on the same held-out prompts: its mean reward with a normal 95% interval
+over prompts, and KL(pi || pi_ref) estimated from its own samples at temperature 1 as the mean of
+``log pi(y|x) - log pi_ref(y|x)``, always against the ORIGINAL reference, so that the points of every
+method and round share one x axis. Outputs: see :mod:`tiltlm.frontier_report`; samples/*.jsonl hold every
+measured sample with its reward and log-probs, so that every number of the table can be recomputed.
 """
 
 from __future__ import annotations
@@ -33,18 +24,16 @@ import math
 import os
 import platform
 import time
-from dataclasses import dataclass, replace
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
-from typing import Callable
 
 import torch
 
 from tiltlm.checkpoint import save_pretrained_atomically
 from tiltlm.config import ConfigError, TrainConfig, check_options, option, same_as
-from tiltlm.data.types import Text
-from tiltlm.experiment import (ExperimentConfig, Labelled, label, lora_run, refuse_existing, rewarded_samples,
-                               sample_rows, score_policy, training_shape, write_jsonl)
-from tiltlm.frontier_report import Point, render, write_json
+from tiltlm.experiment import (ExperimentConfig, Labelled, by_prompt, label, lora_run, refuse_existing,
+                               rewarded_samples, sample_rows, score_policy, training_shape, write_json, write_jsonl)
+from tiltlm.frontier_report import Point, command, interval_dict, render
 from tiltlm.generate import read_prompts
 from tiltlm.models import ALIASES, load_model, load_tokenizer, parse_dtype, refusing_pickles
 from tiltlm.prompts import PROMPTS
@@ -79,19 +68,6 @@ QUICK = dict(train_prompts=8, heldout=4, samples=2, eval_samples=2, max_new_toke
              batch_size=4, best_of="1,2,4")
 
 
-# ------------------------------------------------------------------------------ settings and checks
-
-
-@dataclass(frozen=True)
-class Plan:
-    """The checked, parsed settings of a run."""
-
-    betas: tuple[float, ...]
-    best_of: tuple[int, ...]
-    train_prompts: list[Text]
-    heldout: list[Text]
-
-
 def parse_numbers(text: str, kind: type, name: str) -> tuple:
     """Comma-separated positive numbers, sorted and without repeats; a clear error otherwise."""
     try:
@@ -104,29 +80,6 @@ def parse_numbers(text: str, kind: type, name: str) -> tuple:
     return tuple(sorted(set(values)))
 
 
-def check(config: FrontierConfig) -> Plan:
-    """Every user mistake found before anything runs or is written."""
-    refuse_existing(config, "report.md", "frontier.json")
-    betas = parse_numbers(config.betas, float, "betas")
-    best_of = parse_numbers(config.best_of, int, "best_of")
-    if config.samples < 2:
-        raise ConfigError(f"samples = {config.samples}: a preference pair needs at least 2 continuations "
-                          f"per prompt")
-    check_options(config)
-    if config.rounds > 1:
-        betas = parse_numbers(f"{config.betas},{config.round_beta}", float, "round_beta")
-    prompts = read_prompts(config.prompts) if config.prompts else list(PROMPTS)
-    available = len(prompts) - config.heldout
-    wanted = config.train_prompts or available
-    if wanted > available or wanted < 1:
-        raise ConfigError(f"{len(prompts)} prompts cannot give {wanted} training prompts and "
-                          f"{config.heldout} held-out ones; lower --train-prompts or --heldout")
-    return Plan(betas, best_of, prompts[:wanted], prompts[len(prompts) - config.heldout:])
-
-
-# --------------------------------------------------------------------------------------- measuring
-
-
 def best_of_n_kl(n: int) -> float:
     """KL(best-of-N || pi_ref) = log N - (N - 1) / N, in nats.
 
@@ -136,8 +89,6 @@ def best_of_n_kl(n: int) -> float:
     and, since F is uniform under pi_ref, E_{pi_N}[log F] = -1/N. With ties or heavy outputs the true
     KL is smaller: the formula is an upper bound (Beirami et al. 2024, "Theoretical guarantees on the
     best-of-n alignment policy")."""
-    if n < 1:
-        raise ValueError(f"N = {n}: expected at least 1")
     return math.log(n) - (n - 1) / n
 
 
@@ -145,36 +96,11 @@ def best_of_n_rewards(rewards_by_prompt: list[list[float]], n: int) -> list[floa
     """Per prompt, the mean over disjoint groups of ``n`` draws (in draw order) of each group's highest
     reward: every group is one independent best-of-N sample, and using all groups lowers the variance.
     Draws beyond the last whole group are left out."""
-    means = []
     for draws in rewards_by_prompt:
-        groups = len(draws) // n
-        if groups == 0:
+        if len(draws) < n:
             raise ValueError(f"best-of-{n} needs at least {n} draws per prompt; got {len(draws)}")
-        means.append(sum(max(draws[g * n:(g + 1) * n]) for g in range(groups)) / groups)
-    return means
-
-
-def best_of_n_points(bench: Bench) -> list[Point]:
-    """The best-of-N baseline: max(N) draws per held-out prompt from the reference, shared by every N."""
-    started, config, plan = time.perf_counter(), bench.config, bench.plan
-    samples, rewards = rewarded_samples(bench.reference, bench.tokenizer, plan.heldout, bench.reward, max(plan.best_of),
-                                        config.max_new_tokens, bench.eval_seed, config.gen_batch_size)
-    samples_file = write_jsonl(bench.out / "samples" / "reference-draws.jsonl", sample_rows(samples, rewards))
-    by_prompt: dict[int, list[float]] = {}
-    for s, r in sorted(zip(samples, rewards), key=lambda item: (item[0].index, item[0].sample)):
-        by_prompt.setdefault(s.index, []).append(r)
-    seconds = time.perf_counter() - started
-    points = []
-    for n in plan.best_of:
-        kl = best_of_n_kl(n)
-        points.append(Point(name=f"best-of-{n}", method="best-of-n", n=n, kl=(kl, kl, kl),
-                            kl_source="analytic: log N - (N-1)/N",
-                            reward=mean_ci(best_of_n_rewards(list(by_prompt.values()), n)),
-                            samples_file=str(samples_file.relative_to(bench.out)), measure_seconds=seconds))
-    return points
-
-
-# ---------------------------------------------------------------------------------------- training
+    return [sum(max(draws[g:g + n]) for g in range(0, len(draws) - n + 1, n)) / (len(draws) // n)
+            for draws in rewards_by_prompt]
 
 
 class RunStopped(RuntimeError):
@@ -190,142 +116,144 @@ def train_run(config: FrontierConfig, start: str, labelled: Labelled, run_dir: P
     ref_mode = "none" if loss == "nll" else ("online" if ref else "adapters-off")
     # preferred-FT reads pairs; a later round may label fewer prompts than a batch holds (ties give none)
     shaped = replace(config, preferences="pair") if loss == "nll" else config
-    train(lora_run(config, start, labelled.training(shaped), run_dir, loss=loss, beta=beta, ref=ref, ref_mode=ref_mode,
-                   merge_lora=merge, device=config.device, dtype=config.dtype, **training_shape(shaped, labelled.count)))
+    train(lora_run(config, start, labelled.training(shaped), run_dir, loss=loss, beta=beta, ref=ref,
+                   ref_mode=ref_mode, merge_lora=merge, device=config.device, dtype=config.dtype,
+                   **training_shape(shaped, labelled.count)))
     if not (run_dir / "final").is_dir():  # train() returns early, with a checkpoint, on SIGTERM
         raise RunStopped(f"training in {run_dir} stopped before its last step (SIGTERM?); nothing after it "
                          f"was measured. Run tiltlm frontier again (with --overwrite) to redo the frontier")
     return run_dir / "final", time.perf_counter() - started
 
 
-def plain_copy(config: FrontierConfig, reference, tokenizer, out: Path) -> str:
-    """The model name every training run starts from. An alias is a GGUF file that takes a long time to
-    de-quantize: it is saved once as a plain model directory, which loads in seconds."""
-    if config.model not in ALIASES:
-        return config.model
-    directory = out / "runs" / "reference"
-    if not (directory / "config.json").is_file():
-        save_pretrained_atomically(directory, reference, tokenizer)
-    return str(directory)
+class Frontier:
+    """What every step of a run shares; ``reference`` is the original model (KL is always taken against it)."""
 
-
-# ---------------------------------------------------------------------------------------- the run
-
-
-@dataclass
-class Bench:
-    """What every step of a run shares; ``reference`` is the original one (KL is always taken against it)."""
-
-    reference: object
-    tokenizer: object
-    plan: Plan
-    reward: Callable
-    config: FrontierConfig
-    out: Path
-    eval_seed: int
-    start: str  # the model name every training run of round 1 starts from
-    dtype: torch.dtype
-    stage: int = 0
+    def __init__(self, config: FrontierConfig) -> None:
+        """Every user mistake found first, then the reward, tokenizer and reference loaded; the output
+        directory is made only after all of that succeeded, so a mistake leaves nothing behind."""
+        refuse_existing(config, "report.md", "frontier.json")
+        self.config, self.stage = config, 0
+        self.betas = parse_numbers(config.betas, float, "betas")
+        self.best_of = parse_numbers(config.best_of, int, "best_of")
+        if config.samples < 2:
+            raise ConfigError(f"samples = {config.samples}: a preference pair needs at least 2 continuations "
+                              f"per prompt")
+        check_options(config)
+        if config.rounds > 1:
+            self.betas = parse_numbers(f"{config.betas},{config.round_beta}", float, "round_beta")
+        prompts = read_prompts(config.prompts) if config.prompts else list(PROMPTS)
+        available = len(prompts) - config.heldout
+        wanted = config.train_prompts or available
+        if wanted > available or wanted < 1:
+            raise ConfigError(f"{len(prompts)} prompts cannot give {wanted} training prompts and "
+                              f"{config.heldout} held-out ones; lower --train-prompts or --heldout")
+        self.train_prompts, self.heldout = prompts[:wanted], prompts[len(prompts) - config.heldout:]
+        torch.manual_seed(config.seed)
+        device = pick_device(config.device)
+        self.dtype = parse_dtype(config.dtype, device)
+        self.reward = load_reward(config.reward, device)
+        self.tokenizer = load_tokenizer(config.model)
+        self.reference = load_model(config.model, self.dtype).to(device).eval()
+        self.out, self.start = Path(config.output), config.model  # start: the model of every run of round 1
+        (self.out / "samples").mkdir(parents=True, exist_ok=True)
+        if config.model in ALIASES:  # a GGUF file, slow to de-quantize: saved once as a plain model directory
+            self.start = str(self.out / "runs" / "reference")
+            if not (Path(self.start) / "config.json").is_file():
+                save_pretrained_atomically(Path(self.start), self.reference, self.tokenizer)
+        self.eval_seed = config.seed + 1  # every measured policy samples the held-out prompts with it, as best-of-N
 
     def announce(self, text: str) -> None:
         self.stage += 1
-        total = len(self.plan.betas) + self.config.rounds + 2
-        print(f"[{self.stage}/{total}] {text}")
+        print(f"[{self.stage}/{len(self.betas) + self.config.rounds + 2}] {text}")
 
+    def best_of_n_points(self) -> list[Point]:
+        """The best-of-N baseline: max(N) draws per held-out prompt from the reference, shared by every N."""
+        started, config = time.perf_counter(), self.config
+        samples, rewards = rewarded_samples(self.reference, self.tokenizer, self.heldout, self.reward,
+                                            max(self.best_of), config.max_new_tokens, self.eval_seed,
+                                            config.gen_batch_size)
+        write_jsonl(self.out / "samples" / "reference-draws.jsonl", sample_rows(samples, rewards))
+        draws = [[reward for reward, _ in scored] for scored in by_prompt(samples, rewards)]
+        seconds = time.perf_counter() - started
+        return [Point(name=f"best-of-{n}", method="best-of-n", n=n, kl=(best_of_n_kl(n),) * 3,
+                      kl_source="analytic: log N - (N-1)/N", reward=mean_ci(best_of_n_rewards(draws, n)),
+                      samples_file="samples/reference-draws.jsonl", measure_seconds=seconds) for n in self.best_of]
 
-def measure_trained(bench: Bench, name: str, method: str, adapter: Path, train_seconds: float, base,
-                    **labels) -> tuple[Point, object]:
-    """The point of the policy ``base`` + ``adapter`` (merged into ``base`` in place), and that policy.
-    Its samples, with their rewards and log-probs, are saved beside the report."""
-    from peft import PeftModel
+    def measure(self, name: str, method: str, adapter: Path, train_seconds: float, base,
+                **labels) -> tuple[Point, object]:
+        """The point of the policy ``base`` + ``adapter`` (merged into ``base`` in place), and that policy.
+        Its samples, with their rewards and log-probs, are saved beside the report."""
+        from peft import PeftModel
 
-    started = time.perf_counter()
-    with refusing_pickles(str(adapter)):
-        policy = PeftModel.from_pretrained(base, str(adapter)).merge_and_unload()  # one plain model to sample
-    run_name = adapter.parent.name
-    score = score_policy(policy, bench.tokenizer, bench.plan.heldout, bench.reward, bench.config.eval_samples,
-                         bench.config.max_new_tokens, bench.eval_seed, bench.config.gen_batch_size,
-                         reference=bench.reference)
-    write_jsonl(bench.out / "samples" / f"{run_name}.jsonl", score.rows())
-    point = Point(name=name, method=method, reward=score.reward, kl=score.kl, kl_source="samples",
-                  samples_file=f"samples/{run_name}.jsonl", run_dir=f"runs/{run_name}",
-                  train_seconds=train_seconds, measure_seconds=time.perf_counter() - started, **labels)
-    print(f"      {name}: reward {format_interval(point.reward)}, KL {format_interval(point.kl)}")
-    return point, policy
+        started, config = time.perf_counter(), self.config
+        with refusing_pickles(str(adapter)):
+            policy = PeftModel.from_pretrained(base, str(adapter)).merge_and_unload()  # one plain model to sample
+        run_name = adapter.parent.name
+        score = score_policy(policy, self.tokenizer, self.heldout, self.reward, config.eval_samples,
+                             config.max_new_tokens, self.eval_seed, config.gen_batch_size, reference=self.reference)
+        write_jsonl(self.out / "samples" / f"{run_name}.jsonl", score.rows)
+        point = Point(name=name, method=method, reward=score.reward, kl=score.kl, kl_source="samples",
+                      samples_file=f"samples/{run_name}.jsonl", run_dir=f"runs/{run_name}",
+                      train_seconds=train_seconds, measure_seconds=time.perf_counter() - started, **labels)
+        print(f"      {name}: reward {format_interval(point.reward)}, KL {format_interval(point.kl)}")
+        return point, policy
 
+    def one_shot_points(self, pairs: Labelled) -> list[Point]:
+        """DPO at every beta and preferred-FT, each trained on ``pairs`` from the reference."""
+        config, runs, points = self.config, self.out / "runs", []
+        for beta in self.betas:
+            self.announce(f"DPO, beta = {beta:g}")
+            # the run iterative DPO continues from is also saved merged, as the start of round 2
+            adapter, seconds = train_run(config, self.start, pairs, runs / f"dpo-beta{beta:g}", beta,
+                                         merge=config.rounds > 1 and beta == config.round_beta)
+            points.append(self.measure(f"DPO beta={beta:g}", "dpo", adapter, seconds, copy.deepcopy(self.reference),
+                                       beta=beta, round=1)[0])
+            gc.collect()  # one trained policy in memory at a time
+        self.announce("preferred-FT (NLL of the chosen completions, no reference)")
+        adapter, seconds = train_run(config, self.start, pairs, runs / "preferred-ft", beta=0.1, loss="nll")
+        points.append(self.measure("preferred-FT", "preferred-ft", adapter, seconds, copy.deepcopy(self.reference))[0])
+        gc.collect()
+        return points
 
-def prepare(config: FrontierConfig) -> Bench:
-    """Check the settings, then load the reward, tokenizer and reference; the output directory is made
-    only after all of that succeeded, so a mistake leaves nothing behind."""
-    plan = check(config)
-    out = Path(config.output)
-    torch.manual_seed(config.seed)
-    device = pick_device(config.device)
-    dtype = parse_dtype(config.dtype, device)
-    reward = load_reward(config.reward, device)
-    tokenizer = load_tokenizer(config.model)
-    reference = load_model(config.model, dtype).to(device).eval()
-    (out / "samples").mkdir(parents=True, exist_ok=True)
-    start = plain_copy(config, reference, tokenizer, out)
-    # Every measured policy samples the held-out prompts with one seed, as the best-of-N draws do.
-    return Bench(reference, tokenizer, plan, reward, config, out, config.seed + 1, start, dtype)
-
-
-def one_shot_points(bench: Bench, pairs: Labelled) -> list[Point]:
-    """DPO at every beta and preferred-FT, each trained on ``pairs`` from the reference."""
-    config, out, points = bench.config, bench.out, []
-    for beta in bench.plan.betas:
-        bench.announce(f"DPO, beta = {beta:g}")
-        # the run iterative DPO continues from is also saved merged, as the start of round 2
-        adapter, seconds = train_run(config, bench.start, pairs, out / "runs" / f"dpo-beta{beta:g}", beta,
-                                     merge=config.rounds > 1 and beta == config.round_beta)
-        points.append(measure_trained(bench, f"DPO beta={beta:g}", "dpo", adapter, seconds,
-                                      copy.deepcopy(bench.reference), beta=beta, round=1)[0])
-        gc.collect()  # one trained policy in memory at a time
-    bench.announce("preferred-FT (NLL of the chosen completions, no reference)")
-    adapter, seconds = train_run(config, bench.start, pairs, out / "runs" / "preferred-ft", beta=0.1, loss="nll")
-    points.append(measure_trained(bench, "preferred-FT", "preferred-ft", adapter, seconds,
-                                  copy.deepcopy(bench.reference))[0])
-    gc.collect()
-    return points
-
-
-def iterative_points(bench: Bench) -> list[Point]:
-    """Rounds 2.. of iterative DPO: each round's policy labels new pairs and the next round trains from it."""
-    config, out, beta, points = bench.config, bench.out, bench.config.round_beta, []
-    previous = out / "runs" / f"dpo-beta{beta:g}"
-    policy = load_model(str(previous / "merged"), bench.dtype).to(bench.reference.device) if config.rounds > 1 else None
-    for k in range(2, config.rounds + 1):
-        bench.announce(f"iterative DPO round {k} of {config.rounds} (beta {beta:g}, reference {config.ref_update})")
-        round_pairs = label(policy, bench.tokenizer, bench.plan.train_prompts, bench.reward, config.samples,
-                                  config.max_new_tokens, config.seed + 100 + k, config.gen_batch_size,
-                                  out / f"pairs-round{k}.jsonl")
-        run_dir = out / "runs" / f"dpo-beta{beta:g}-round{k}"
-        adapter, seconds = train_run(config, str(previous / "merged"), round_pairs, run_dir, beta,
-                                     ref=bench.start if config.ref_update == "fixed" else None, merge=k < config.rounds)
-        point, policy = measure_trained(bench, f"DPO beta={beta:g} round {k}", "iterative-dpo", adapter, seconds,
-                                        policy, beta=beta, round=k, extra={"ref_update": config.ref_update})
-        points.append(point)
-        previous = run_dir
-    return points
+    def iterative_points(self) -> list[Point]:
+        """Rounds 2.. of iterative DPO: each round's policy labels new pairs and the next round trains from it."""
+        config, out, beta, points = self.config, self.out, self.config.round_beta, []
+        previous = out / "runs" / f"dpo-beta{beta:g}"
+        if config.rounds > 1:
+            policy = load_model(str(previous / "merged"), self.dtype).to(self.reference.device)
+        for k in range(2, config.rounds + 1):
+            self.announce(f"iterative DPO round {k} of {config.rounds} (beta {beta:g}, reference {config.ref_update})")
+            round_pairs = label(policy, self.tokenizer, self.train_prompts, self.reward, config.samples,
+                                config.max_new_tokens, config.seed + 100 + k, config.gen_batch_size,
+                                out / f"pairs-round{k}.jsonl")
+            run_dir = out / "runs" / f"dpo-beta{beta:g}-round{k}"
+            adapter, seconds = train_run(config, str(previous / "merged"), round_pairs, run_dir, beta,
+                                         ref=self.start if config.ref_update == "fixed" else None,
+                                         merge=k < config.rounds)
+            point, policy = self.measure(f"DPO beta={beta:g} round {k}", "iterative-dpo", adapter, seconds, policy,
+                                         beta=beta, round=k, extra={"ref_update": config.ref_update})
+            points.append(point)
+            previous = run_dir
+        return points
 
 
 def run_frontier(config: FrontierConfig) -> Path:
     """Run the experiment (see the module docstring); returns the output directory."""
     started, load_at_start = time.perf_counter(), os.getloadavg()[0]
-    bench = prepare(config)
-    bench.announce(f"preference pairs from the reference ({len(bench.plan.train_prompts)} prompts, "
-                   f"{config.samples} continuations each)")
-    pairs = label(bench.reference, bench.tokenizer, bench.plan.train_prompts, bench.reward, config.samples,
-                        config.max_new_tokens, config.seed, config.gen_batch_size, bench.out / "pairs-round1.jsonl")
-    bench.announce(f"best-of-N from the reference, N in {list(bench.plan.best_of)}")
-    points = best_of_n_points(bench)
-    points += one_shot_points(bench, pairs)
-    points += iterative_points(bench)
-    machine = {"device": str(bench.reference.device), "torch_threads": torch.get_num_threads(),
+    run = Frontier(config)
+    run.announce(f"preference pairs from the reference ({len(run.train_prompts)} prompts, "
+                 f"{config.samples} continuations each)")
+    pairs = label(run.reference, run.tokenizer, run.train_prompts, run.reward, config.samples, config.max_new_tokens,
+                  config.seed, config.gen_batch_size, run.out / "pairs-round1.jsonl")
+    run.announce(f"best-of-N from the reference, N in {list(run.best_of)}")
+    points = run.best_of_n_points() + run.one_shot_points(pairs) + run.iterative_points()
+    machine = {"device": str(run.reference.device), "torch_threads": torch.get_num_threads(),
                "cpus": os.cpu_count(), "platform": platform.platform(), "load_average_start": load_at_start,
                "load_average_end": os.getloadavg()[0]}
-    write_json(bench.out / "frontier.json", config, bench.plan, points, time.perf_counter() - started, machine,
-               bench.eval_seed)
-    print(render(bench.out).read_text(encoding="utf-8"))
-    return bench.out
+    write_json(run.out / "frontier.json", {
+        "command": command(config), "config": asdict(config), "betas": list(run.betas), "best_of": list(run.best_of),
+        "train_prompts": len(run.train_prompts), "heldout_prompts": run.heldout, "eval_seed": run.eval_seed,
+        "pairs_seed_round1": config.seed, "wall_seconds": time.perf_counter() - started, "machine": machine,
+        "points": [{**asdict(p), "reward": interval_dict(p.reward), "kl": interval_dict(p.kl)} for p in points]})
+    print(render(run.out).read_text(encoding="utf-8"))
+    return run.out

@@ -6,13 +6,13 @@ from __future__ import annotations
 
 import json
 import math
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import dataclass, field, fields
 from pathlib import Path
 from types import SimpleNamespace
 
 from matplotlib.figure import Figure
 
-from tiltlm.experiment import write_markdown
+from tiltlm.experiment import markdown_table, write_markdown
 from tiltlm.stats import format_interval
 
 
@@ -37,61 +37,25 @@ class Point:
 
 
 def interval_dict(interval: tuple[float, float, float]) -> dict:
-    mean, low, high = interval
-    clean = [None if math.isnan(v) else v for v in (mean, low, high)]  # NaN is not JSON
-    return dict(zip(("mean", "low", "high"), clean))
-
-
-def write_json(path: Path, config, plan, points: list[Point], seconds: float, machine: dict, eval_seed: int) -> Path:
-    rows = []
-    for p in points:
-        row = asdict(p)
-        row["reward"], row["kl"] = interval_dict(p.reward), interval_dict(p.kl)
-        rows.append(row)
-    document = {"command": command(config), "config": asdict(config), "betas": list(plan.betas),
-                "best_of": list(plan.best_of), "train_prompts": len(plan.train_prompts),
-                "heldout_prompts": plan.heldout, "eval_seed": eval_seed, "pairs_seed_round1": config.seed,
-                "wall_seconds": seconds, "machine": machine, "points": rows}
-    path.write_text(json.dumps(document, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
-    return path
-
-
-def point_from(row: dict) -> Point:
-    """A point read back from frontier.json (a missing interval bound, written as null, is NaN)."""
-    def interval(values: dict) -> tuple[float, float, float]:
-        return tuple(math.nan if values[k] is None else values[k] for k in ("mean", "low", "high"))
-
-    return Point(**{**row, "reward": interval(row["reward"]), "kl": interval(row["kl"])})
-
-
-def render(out: Path) -> Path:
-    """frontier.png and report.md drawn from frontier.json alone, so that the report always shows the
-    numbers that were saved; returns the report's path."""
-    document = json.loads((out / "frontier.json").read_text(encoding="utf-8"))
-    config = SimpleNamespace(**document["config"])  # the saved settings
-    points = [point_from(row) for row in document["points"]]
-    plot = plot_frontier(points, out / "frontier.png", config)
-    return write_report(out, document, config, points, plot)
+    return dict(zip(("mean", "low", "high"), (None if math.isnan(v) else v for v in interval)))  # NaN is not JSON
 
 
 def command(config) -> str:
     """The command that repeats a run of the dataclass ``config``: every option that differs from the
     defaults."""
-    defaults = type(config)()
-    parts = ["tiltlm", "frontier"]
+    defaults, parts = type(config)(), ["tiltlm", "frontier"]
     for f in fields(config):
-        value = getattr(config, f.name)
-        if value == getattr(defaults, f.name):
-            continue
-        flag = f.name.replace("_", "-")
-        parts += [f"--{flag}" if value else f"--no-{flag}"] if isinstance(value, bool) else [f"--{flag}", str(value)]
+        value, flag = getattr(config, f.name), f.name.replace("_", "-")
+        if value != getattr(defaults, f.name):
+            parts += ([f"--{flag}" if value else f"--no-{flag}"] if isinstance(value, bool)
+                      else [f"--{flag}", str(value)])
     return " ".join(parts)
 
 
-STYLE = {"dpo": ("o", "tab:blue"), "iterative-dpo": ("D", "tab:purple"), "preferred-ft": ("s", "tab:orange"),
-         "best-of-n": ("^", "tab:green")}
-LABEL = {"dpo": "DPO (one point per beta)", "iterative-dpo": "iterative DPO (rounds)",
-         "preferred-ft": "preferred-FT (SFT on chosen)", "best-of-n": "best-of-N from the reference"}
+STYLE = {"dpo": ("o", "tab:blue", "DPO (one point per beta)"),  # marker, colour, legend
+         "iterative-dpo": ("D", "tab:purple", "iterative DPO (rounds)"),
+         "preferred-ft": ("s", "tab:orange", "preferred-FT (SFT on chosen)"),
+         "best-of-n": ("^", "tab:green", "best-of-N from the reference")}
 
 
 def short(name: str) -> str:
@@ -111,13 +75,13 @@ def plot_frontier(points: list[Point], path: Path, config) -> Path:
             chosen = [p for p in points if p.method == "dpo" and p.beta == config.round_beta] + chosen
         if not chosen:
             continue
-        marker, color = STYLE[method]
+        marker, color, label = STYLE[method]
         xs, ys = [p.kl[0] for p in chosen], [p.reward[0] for p in chosen]
         xerr = [[max(p.kl[0] - p.kl[1], 0) for p in chosen], [max(p.kl[2] - p.kl[0], 0) for p in chosen]]
         yerr = [[p.reward[0] - p.reward[1] for p in chosen], [p.reward[2] - p.reward[0] for p in chosen]]
         linestyle = "-" if method in ("best-of-n", "iterative-dpo") else "none"
         ax.errorbar(xs, ys, xerr=xerr, yerr=yerr, marker=marker, color=color, linestyle=linestyle,
-                    capsize=3, markersize=7, label=LABEL[method])
+                    capsize=3, markersize=7, label=label)
         for p in chosen:
             text = (f"N={p.n}" if p.n else f"round {p.round}" if method == "iterative-dpo"
                     else f"β={p.beta:g}" if p.beta else "")
@@ -140,17 +104,6 @@ def plot_frontier(points: list[Point], path: Path, config) -> Path:
     return path
 
 
-def table(points: list[Point]) -> list[str]:
-    lines = ["| point | method | beta | round | N | mean reward (95% CI) | KL nats (95% CI) | KL from | "
-             "train s | measure s |", "|---|---|---|---|---|---|---|---|---|---|"]
-    for p in points:
-        lines.append(f"| {p.name} | {p.method} | {'' if p.beta is None else f'{p.beta:g}'} | "
-                     f"{'' if p.round is None else p.round} | {'' if p.n is None else p.n} | "
-                     f"{format_interval(p.reward)} | {format_interval(p.kl)} | {p.kl_source} | "
-                     f"{p.train_seconds:.1f} | {p.measure_seconds:.1f} |")
-    return lines
-
-
 def dpo_reward_at(points: list[Point], kl: float) -> tuple[float, Point, Point] | None:
     """One-shot DPO's mean reward at ``kl``, interpolated linearly between the two DPO points whose KLs
     bracket it, with those two points; None outside the DPO points' KL range. This is how the DPO paper
@@ -167,35 +120,32 @@ def dpo_reward_at(points: list[Point], kl: float) -> tuple[float, Point, Point] 
 def matching_kl(points: list[Point]) -> list[str]:
     """One line per non-DPO point: its reward against DPO's at the same KL."""
     lines = []
-    for p in points:
-        if p.method == "dpo":
-            continue
+    for p in (p for p in points if p.method != "dpo"):
         found = dpo_reward_at(points, p.kl[0])
-        if found is None:
-            # outside DPO's KL range a DPO point can still dominate: as much reward or more for less KL
-            better = [d for d in points if d.method == "dpo" and d.kl[0] <= p.kl[0] and d.reward[0] >= p.reward[0]]
-            verdict = ("dominated by DPO at " + ", ".join(f"beta {d.beta:g} (KL {d.kl[0]:.3f}, reward "
-                                                          f"{d.reward[0]:+.3f})" for d in better)
-                       + ": as much reward or more for less KL") if better else "no DPO point dominates it"
-            lines.append(f"- {p.name} (KL {p.kl[0]:.3f}, reward {p.reward[0]:+.3f}): outside the KL range of "
-                         f"the DPO points; {verdict}")
+        if found:
+            reward, low, high = found
+            lines.append(f"- {p.name} (KL {p.kl[0]:.3f}): reward {p.reward[0]:+.3f}; DPO at the same KL "
+                         f"(between beta {low.beta:g} and {high.beta:g}): {reward:+.3f}, so DPO is "
+                         f"{'above' if reward > p.reward[0] else 'below'} by {abs(reward - p.reward[0]):.3f}")
             continue
-        reward, low, high = found
-        lines.append(f"- {p.name} (KL {p.kl[0]:.3f}): reward {p.reward[0]:+.3f}; DPO at the same KL "
-                     f"(between beta {low.beta:g} and {high.beta:g}): {reward:+.3f}, so DPO is "
-                     f"{'above' if reward > p.reward[0] else 'below'} by {abs(reward - p.reward[0]):.3f}")
+        # outside DPO's KL range a DPO point can still dominate: as much reward or more for less KL
+        better = [d for d in points if d.method == "dpo" and d.kl[0] <= p.kl[0] and d.reward[0] >= p.reward[0]]
+        verdict = ("dominated by DPO at " + ", ".join(f"beta {d.beta:g} (KL {d.kl[0]:.3f}, reward "
+                                                      f"{d.reward[0]:+.3f})" for d in better)
+                   + ": as much reward or more for less KL") if better else "no DPO point dominates it"
+        lines.append(f"- {p.name} (KL {p.kl[0]:.3f}, reward {p.reward[0]:+.3f}): outside the KL range of "
+                     f"the DPO points; {verdict}")
     return lines
 
 
 def setup_paragraph(out: Path, document: dict, config) -> str:
     """What was trained and measured, in one paragraph."""
     pairs = sum(1 for _ in open(out / "pairs-round1.jsonl", encoding="utf-8"))
-    iterative = ""
-    if config.rounds > 1:
-        iterative = (f" Iterative DPO: {config.rounds} rounds at beta {config.round_beta:g}, each round "
-                     f"sampling {config.samples} continuations of the training prompts from the current policy, "
-                     f"labelling them and training from it; reference of rounds 2 and later: "
-                     f"{'the original model (fixed)' if config.ref_update == 'fixed' else 'the policy the round starts from (current)'}.")
+    reference = ("the original model (fixed)" if config.ref_update == "fixed"
+                 else "the policy the round starts from (current)")
+    iterative = (f" Iterative DPO: {config.rounds} rounds at beta {config.round_beta:g}, each round sampling "
+                 f"{config.samples} continuations of the training prompts from the current policy, labelling them "
+                 f"and training from it; reference of rounds 2 and later: {reference}.") if config.rounds > 1 else ""
     return (f"Reference {config.model}; reward {config.reward}; {document['train_prompts']} training prompts with "
             f"{config.samples} continuations each labelled into {pairs} preference pairs (best and worst per "
             f"prompt); DPO at betas {', '.join(f'{b:g}' for b in document['betas'])} and preferred-FT (length-averaged "
@@ -205,51 +155,46 @@ def setup_paragraph(out: Path, document: dict, config) -> str:
             f"held-out prompt.{iterative}")
 
 
-def write_report(out: Path, document: dict, config, points: list[Point], plot: Path) -> Path:
-    machine, seconds = document["machine"], document["wall_seconds"]
-    lines = [
+def render(out: Path) -> Path:
+    """frontier.png and report.md drawn from frontier.json alone; returns the report's path."""
+    def interval(values: dict) -> tuple[float, float, float]:  # a missing bound, written as null, is NaN
+        return tuple(math.nan if values[k] is None else values[k] for k in ("mean", "low", "high"))
+
+    document = json.loads((out / "frontier.json").read_text(encoding="utf-8"))
+    config, machine = SimpleNamespace(**document["config"]), document["machine"]  # the saved settings
+    points = [Point(**{**row, "reward": interval(row["reward"]), "kl": interval(row["kl"])})
+              for row in document["points"]]
+    return write_markdown(out / "report.md", [
         "# Reward against KL: DPO, preferred-FT and best-of-N",
-        "",
         "The controlled-sentiment experiment of the DPO paper (Rafailov et al. 2023, section 6.1, Figure 2 "
         "left), in miniature.",
-        "",
         setup_paragraph(out, document, config),
-        "",
         f"Measured on {len(document['heldout_prompts'])} held-out prompts, {config.eval_samples} continuations "
         f"each for every trained policy, at most {config.max_new_tokens} new tokens, temperature 1, seed "
         f"{document['eval_seed']} for every policy.",
-        "",
-        f"![reward against KL]({plot.name})",
-        "",
-        *table(points),
-        "",
+        f"![reward against KL]({plot_frontier(points, out / 'frontier.png', config).name})",
+        markdown_table(["point", "method", "beta", "round", "N", "mean reward (95% CI)", "KL nats (95% CI)", "KL from",
+                        "train s", "measure s"],
+                       [[p.name, p.method, "" if p.beta is None else f"{p.beta:g}", "" if p.round is None else p.round,
+                         "" if p.n is None else p.n, format_interval(p.reward), format_interval(p.kl), p.kl_source,
+                         f"{p.train_seconds:.1f}", f"{p.measure_seconds:.1f}"] for p in points]),
         "Mean reward: the mean over held-out prompts of each prompt's mean reward, with a normal 95% interval "
         "over prompts. KL(pi || pi_ref): for trained policies, the mean over the same prompts of "
         "log pi(y|x) - log pi_ref(y|x) averaged over continuations y sampled from pi, in nats per "
         "continuation, always against the original reference (iterative rounds included), so every point "
         "shares one axis. Best-of-N: its KL is log N - (N-1)/N (exact when the N draws are distinct), and "
         "its reward averages the best of each disjoint group of N draws.",
-        "",
         "## At matching KL",
-        "",
         "DPO's reward interpolated between the two betas whose KLs bracket each other point's KL (means "
         "only: differences well inside the intervals above are not resolved):",
-        "",
-        *matching_kl(points),
-        "",
+        matching_kl(points),
         "## Command",
-        "",
-        "```bash",
-        document["command"],
-        "```",
-        "",
-        f"Wall time: {seconds / 60:.1f} min on {machine['device']} ({machine['cpus']} cores, "
+        ["```bash", document["command"], "```"],
+        f"Wall time: {document['wall_seconds'] / 60:.1f} min on {machine['device']} ({machine['cpus']} cores, "
         f"torch threads: {machine['torch_threads']}; load average {machine['load_average_start']:.1f} at the "
         f"start and {machine['load_average_end']:.1f} at the end - above the core count means other "
         f"processes shared the CPU).",
-        "",
         "Files: `frontier.json` (every point and setting), `samples/` (every measured continuation with its "
         "reward and log-probs under the policy and the reference), `pairs-round*.jsonl` (training pairs), "
         "`runs/` (one training run per trained policy).",
-    ]
-    return write_markdown(out / "report.md", lines)
+    ])

@@ -26,11 +26,13 @@ import json
 import random
 import time
 from dataclasses import asdict, dataclass
+from functools import partial
 from pathlib import Path
+from typing import Callable
 
 from tiltlm.config import ConfigError, TrainConfig, check_options, option
 from tiltlm.data import load_pairs
-from tiltlm.experiment import score_policy, write_jsonl
+from tiltlm.experiment import score_policy, write_json, write_jsonl
 from tiltlm.metrics import read_metrics
 from tiltlm.stats import Z95
 
@@ -59,56 +61,41 @@ class HHConfig:
     seed: int = option(0, "seed of the split, the training runs and the sampling", at_least=0)
 
 
-@dataclass
-class Stage:
-    """A result saved under ``name`` in the output directory, with how long it took."""
-
-    name: str
-    value: dict
-    seconds: float
-
-
 def run_hh(config: HHConfig) -> dict:
-    """Every stage in order (each skipped when its result is saved); the results as ``results.json`` has them."""
+    """Every stage in order (each skipped when its result is saved); the results as ``results.json`` has them.
+    An output directory that an experiment with other settings started is refused."""
     from tiltlm.hh_report import write_report
 
-    out = prepare_output(check_options(config))
-    stages = [stage(out, "split", lambda: split_by_prompt(config, out))]
-    for name in ("reward_model", "dpo", "preferred_ft"):
-        stages.append(stage(out, name, lambda: train_and_score(config, out, name)))
-    stages.append(stage(out, "generation", lambda: generation(config, out)))
-    results = {done.name: done.value for done in stages}
-    results["stage_seconds"] = {done.name: done.seconds for done in stages}
+    out, settings = Path(config.output), {k: v for k, v in asdict(check_options(config)).items() if k != "report"}
+    if not Path(config.data).is_file():
+        raise ConfigError(f"data {config.data}: no such file; give --data (the HH-RLHF harmless-base JSONL)")
+    saved = out / "experiment.json"
+    if saved.is_file() and json.loads(saved.read_text(encoding="utf-8")) != settings:
+        raise ConfigError(f"output {out} holds an experiment with other settings ({saved}); use another --output")
+    out.mkdir(parents=True, exist_ok=True)
+    write_json(saved, settings)
+    stages = [("split", partial(split_by_prompt, config, out)),
+              *((name, partial(train_and_score, config, out, name)) for name in RUNS),
+              ("generation", partial(generation, config, out))]
+    done = {name: stage(out, name, compute) for name, compute in stages}
+    results = {name: value for name, (value, _) in done.items()}
+    results["stage_seconds"] = {name: seconds for name, (_, seconds) in done.items()}
     write_report(Path(config.report or out), config, results)
     return results
 
 
-def prepare_output(config: HHConfig) -> Path:
-    """The output directory, refusing one that an experiment with other settings started."""
-    out, settings = Path(config.output), {k: v for k, v in asdict(config).items() if k != "report"}
-    if not Path(config.data).is_file():
-        raise ConfigError(f"data {config.data}: no such file; give --data (the HH-RLHF harmless-base JSONL)")
-    saved = out / "experiment.json"
-    if saved.is_file() and json.loads(saved.read_text()) != settings:
-        raise ConfigError(f"output {out} holds an experiment with other settings ({saved}); use another --output")
-    out.mkdir(parents=True, exist_ok=True)
-    saved.write_text(json.dumps(settings, indent=2) + "\n")
-    return out
-
-
-def stage(out: Path, name: str, compute) -> Stage:
-    """The saved result of stage ``name``, or compute it (a dict) and save it with its wall time."""
+def stage(out: Path, name: str, compute: Callable[[], dict]) -> tuple[dict, float]:
+    """The saved result of stage ``name`` and its wall time in seconds, or compute it and save both."""
     path = out / f"{name}.json"
     if path.is_file():
-        return Stage(name, **json.loads(path.read_text()))
+        saved = json.loads(path.read_text(encoding="utf-8"))
+        return saved["value"], saved["seconds"]
     print(f"[hh] {name}")
     started = time.perf_counter()
-    done = Stage(name, compute(), time.perf_counter() - started)
-    path.write_text(json.dumps({"value": done.value, "seconds": done.seconds}, indent=2) + "\n")
-    return done
-
-
-# --- the split -------------------------------------------------------------------------------------------
+    value = compute()
+    seconds = time.perf_counter() - started
+    write_json(path, {"value": value, "seconds": seconds})
+    return value, seconds
 
 
 def split_by_prompt(config: HHConfig, out: Path) -> dict:
@@ -123,53 +110,42 @@ def split_by_prompt(config: HHConfig, out: Path) -> dict:
     random.Random(config.seed).shuffle(prompts)
     heldout, train = [], []
     for prompt in prompts:
-        target = heldout if len(heldout) < config.heldout_pairs else train
-        if target is train and len(train) >= config.train_pairs:
-            break
-        target.extend(by_prompt[prompt])
+        if len(heldout) < config.heldout_pairs:
+            heldout.extend(by_prompt[prompt])
+        elif len(train) < config.train_pairs:
+            train.extend(by_prompt[prompt])
     train = train[:config.train_pairs]
     write_jsonl(out / "train.jsonl", train)
     write_jsonl(out / "heldout.jsonl", heldout)
-    shared = {row["prompt"] for row in train} & {row["prompt"] for row in heldout}
-    return {"train_pairs": len(train), "heldout_pairs": len(heldout), "pairs_in_file": sum(map(len, by_prompt.values())),
-            "train_prompts": len({row["prompt"] for row in train}),
-            "heldout_prompts": len({row["prompt"] for row in heldout}), "prompts_in_both": len(shared)}
+    train_prompts, heldout_prompts = {row["prompt"] for row in train}, {row["prompt"] for row in heldout}
+    return {"train_pairs": len(train), "heldout_pairs": len(heldout),
+            "pairs_in_file": sum(map(len, by_prompt.values())), "train_prompts": len(train_prompts),
+            "heldout_prompts": len(heldout_prompts), "prompts_in_both": len(train_prompts & heldout_prompts)}
 
-
-# --- training and held-out accuracy ------------------------------------------------------------------------
 
 # what each run trains: the reward model (Bradley-Terry on the pairs), DPO, preferred-FT (NLL of chosen)
 RUNS = {"reward_model": dict(objective="reward-model", merge_lora=True), "dpo": dict(loss="sigmoid"),
         "preferred_ft": dict(loss="nll")}
 
 
-def run_config(config: HHConfig, out: Path, name: str) -> TrainConfig:
-    """The training run ``name`` of the experiment: one epoch of LoRA on the training pairs, checkpoints
-    every 10 steps; resumed when it was started before."""
-    run_dir = out / name
-    return TrainConfig(model=config.model, data=str(out / "train.jsonl"), output=str(run_dir),
-                       resume=(run_dir / "config.yaml").is_file(), beta=config.beta, lr=config.lr, epochs=1,
-                       batch_size=config.batch_size, grad_accum=config.grad_accum, lora_r=config.lora_r,
-                       max_length=config.max_length, max_prompt_length=config.max_prompt_length,
-                       warmup_ratio=0.1, seed=config.seed, save_every=10, keep_checkpoints=1, tensorboard=False,
-                       **RUNS[name])
-
-
 def train_and_score(config: HHConfig, out: Path, name: str) -> dict:
-    """Train run ``name`` (or finish it) and score its held-out accuracy: the reward model's own scores,
-    or the implicit reward ``beta log pi/pi_ref`` of a policy against its base (adapters off)."""
+    """Train run ``name`` (one epoch of LoRA on the training pairs, checkpoints every 10 steps; resumed when
+    it was started before) and score its held-out accuracy: the reward model's own scores, or the implicit
+    reward ``beta log pi/pi_ref`` of a policy against its base (adapters off)."""
     from tiltlm.evaluate import evaluate
     from tiltlm.reward_model import evaluate_reward_model
     from tiltlm.train import train
 
-    settings = run_config(config, out, name)
-    run_dir = Path(settings.output)
-    started = time.perf_counter()
+    run_dir, started = out / name, time.perf_counter()
+    lengths = dict(max_length=config.max_length, max_prompt_length=config.max_prompt_length)
     if not (run_dir / "final").is_dir():
-        train(settings)
+        train(TrainConfig(model=config.model, data=str(out / "train.jsonl"), output=str(run_dir),
+                          resume=(run_dir / "config.yaml").is_file(), beta=config.beta, lr=config.lr, epochs=1,
+                          batch_size=config.batch_size, grad_accum=config.grad_accum, lora_r=config.lora_r,
+                          warmup_ratio=0.1, seed=config.seed, save_every=10, keep_checkpoints=1, tensorboard=False,
+                          **lengths, **RUNS[name]))
     trained = time.perf_counter() - started
     heldout = str(out / "heldout.jsonl")
-    lengths = dict(max_length=config.max_length, max_prompt_length=config.max_prompt_length)
     if name == "reward_model":
         metrics = evaluate_reward_model(str(run_dir / "merged"), heldout, config.batch_size, **lengths)
     else:  # preferred-FT trained without a reference; its implicit reward is read the same way as DPO's
@@ -191,48 +167,36 @@ def accuracy_interval(accuracy: float, n: int) -> tuple[float, float]:
     return max(0.0, accuracy - half), min(1.0, accuracy + half)
 
 
-# --- generation ------------------------------------------------------------------------------------------
-
-
 def generation(config: HHConfig, out: Path) -> dict:
     """The reference, DPO and preferred-FT each sample one reply per held-out prompt (temperature 1, the
     draws an unbiased KL estimate needs); the reward model judges every reply; each policy's win rate
     against the reference with a prompt-level bootstrap interval, and its KL from its own samples."""
-    from peft import PeftModel
-
     from tiltlm.compare import win_rate
-    from tiltlm.models import load_model, load_tokenizer, refusing_pickles
+    from tiltlm.models import load_model, load_tokenizer
     from tiltlm.reward_model import trained_reward
 
     tokenizer = load_tokenizer(config.model)
-    prompts = generation_prompts(config, out, tokenizer)
+    # distinct held-out prompts that fit max_prompt_length tokens: a longer dialogue would be cut at its
+    # start, changing what the reply answers
+    heldout = [json.loads(line) for line in (out / "heldout.jsonl").read_text(encoding="utf-8").splitlines()]
+    prompts = [prompt for prompt in dict.fromkeys(row["prompt"] for row in heldout)
+               if len(tokenizer(prompt)["input_ids"]) <= config.max_prompt_length][:config.generate_prompts]
     reward = trained_reward(str(out / "reward_model" / "merged"), batch_size=config.batch_size)
-    scores, results = {}, {"prompts": len(prompts), "max_new_tokens": config.max_new_tokens}
+    results = {"prompts": len(prompts), "max_new_tokens": config.max_new_tokens}
     for name in ("reference", "dpo", "preferred_ft"):
-        started, base = time.perf_counter(), load_model(config.model)
-        policy = base
-        if name != "reference":
-            with refusing_pickles(str(out / name / "final")):
-                policy = PeftModel.from_pretrained(base, str(out / name / "final"))
-        scores[name] = score_policy(policy, tokenizer, prompts, reward, 1, config.max_new_tokens, config.seed + 1,
-                                    batch_size=config.sample_batch, reference=base if name == "reference" else None)
-        write_jsonl(out / f"samples_{name}.jsonl", scores[name].rows())
-        tokens = sum(len(s.completion_ids) for s in scores[name].samples)
-        results[name] = {"mean_reward": list(scores[name].reward), "kl": list(scores[name].kl),
-                         "seconds": time.perf_counter() - started, "tokens": tokens,
-                         "finished": sum(s.finished for s in scores[name].samples)}
-    for name in ("dpo", "preferred_ft"):
-        rate = win_rate(scores[name].rewards, scores["reference"].rewards, seed=config.seed,
-                        groups=[s.index for s in scores[name].samples])
+        started = time.perf_counter()
+        policy = load_model(config.model if name == "reference" else str(out / name / "final"))
+        score = score_policy(policy, tokenizer, prompts, reward, 1, config.max_new_tokens, config.seed + 1,
+                             batch_size=config.sample_batch, reference=policy if name == "reference" else None)
+        write_jsonl(out / f"samples_{name}.jsonl", score.rows)
+        results[name] = {"mean_reward": list(score.reward), "kl": list(score.kl),
+                         "seconds": time.perf_counter() - started,
+                         "tokens": sum(len(s.completion_ids) for s in score.samples),
+                         "finished": sum(s.finished for s in score.samples)}
+        if name == "reference":
+            reference_rewards = score.rewards
+            continue
+        rate = win_rate(score.rewards, reference_rewards, seed=config.seed, groups=[s.index for s in score.samples])
         results[name].update(win_rate=rate.rate, win_ci=[rate.low, rate.high], wins=rate.wins, ties=rate.ties,
                              losses=rate.losses)
     return results
-
-
-def generation_prompts(config: HHConfig, out: Path, tokenizer) -> list[str]:
-    """The first ``generate_prompts`` distinct held-out prompts that fit ``max_prompt_length`` tokens (longer
-    dialogues would be cut at their start, changing what the reply answers)."""
-    rows = [json.loads(line) for line in (out / "heldout.jsonl").read_text(encoding="utf-8").splitlines()]
-    prompts = list(dict.fromkeys(row["prompt"] for row in rows))
-    fitting = [p for p in prompts if len(tokenizer(p)["input_ids"]) <= config.max_prompt_length]
-    return fitting[:config.generate_prompts]

@@ -3,10 +3,11 @@ figures only (the prompts are red-team prompts; no text of theirs is ever writte
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 from matplotlib.figure import Figure
+
+from tiltlm.experiment import write_json, write_markdown
 
 SCORERS = (("reward_model", "reward model (Bradley-Terry)"), ("dpo_implicit", "DPO implicit reward"),
            ("preferred_ft_implicit", "preferred-FT implicit reward"))
@@ -30,11 +31,9 @@ def summary(results: dict) -> dict:
 def write_report(directory: Path, config, results: dict) -> Path:
     directory.mkdir(parents=True, exist_ok=True)
     data = summary(results)
-    (directory / "results.json").write_text(json.dumps(data, indent=2) + "\n")
+    write_json(directory / "results.json", data)
     plot(data, directory / "hh.png")
-    report = directory / "report.md"
-    report.write_text("\n".join(markdown(config, data)) + "\n", encoding="utf-8")
-    return report
+    return write_markdown(directory / "report.md", [markdown(config, data)])
 
 
 def plot(data: dict, path: Path) -> None:

@@ -1,25 +1,20 @@
-"""Training curves from a run's ``metrics.jsonl``, drawn to PNG files.
+"""Training curves from a run's ``metrics.jsonl``, drawn to PNG files: one per panel (``loss.png``,
+``accuracies.png``, ...), so each can be opened, compared across runs or put in a report on its own.
+Training rows are lines; eval rows (keys ``eval/...``) are markers in the colour of the training curve of
+the same quantity. The x axis is the optimizer step.
 
-One PNG per panel (``loss.png``, ``accuracies.png``, ...), so each can be opened, compared across runs
-or put in a report on its own. Training rows are lines; eval rows (keys ``eval/...``) are markers on the
-same axes, in the same colour as the training curve of the same quantity. The x axis is the optimizer
-step.
-
-Works on finished runs and on runs still being written: :func:`tiltlm.metrics.read_metrics` skips a last
-line cut short by the writer. A resumed run logs again the steps after its checkpoint; for each step
-the latest row counts, which is what the resumed run went on from.
-
-Figures are built with :class:`matplotlib.figure.Figure` and saved through the Agg canvas, never
-through pyplot: no display and no global figure state is involved.
+Works on runs still being written: :func:`tiltlm.metrics.read_metrics` skips a last line cut short by the
+writer. A resumed run logs again the steps after its checkpoint; for each step the latest row counts,
+which is what the resumed run went on from. Figures are built with :class:`matplotlib.figure.Figure` and
+saved through the Agg canvas, never through pyplot: no display and no global figure state is involved.
 """
 
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
 from pathlib import Path
+from typing import NamedTuple
 
-from matplotlib.axes import Axes
 from matplotlib.figure import Figure
 
 from tiltlm.metrics import read_metrics
@@ -31,8 +26,7 @@ class PlotError(ValueError):
     """No curves to draw: a missing or empty metrics file, naming it."""
 
 
-@dataclass(frozen=True)
-class Panel:
+class Panel(NamedTuple):
     """One set of axes: the quantities it shows (training keys; ``eval/`` + key is looked up too)."""
 
     name: str  # also the PNG's file name
@@ -80,28 +74,6 @@ def series(rows: list[dict], key: str) -> tuple[list[float], list[float]]:
     return steps, [by_step[s] for s in steps]
 
 
-def draw_panel(ax: Axes, rows: list[dict], panel: Panel) -> bool:
-    """Draw a panel's curves on ``ax``; False when the rows hold none of its quantities."""
-    drew = False
-    for key in panel.keys:
-        steps, values = series(rows, key)
-        color = None
-        if steps:
-            (line,) = ax.plot(steps, values, label=key, linewidth=1.2)
-            color = line.get_color()
-        eval_steps, eval_values = series(rows, EVAL_PREFIX + key)
-        if eval_steps:
-            ax.plot(eval_steps, eval_values, linestyle="none", marker="o", markersize=5, color=color,
-                    label=EVAL_PREFIX + key)
-        drew = drew or bool(steps) or bool(eval_steps)
-    if drew:
-        ax.set_title(panel.title)
-        ax.set_xlabel("step")
-        ax.grid(alpha=0.3)
-        ax.legend(fontsize="small")
-    return drew
-
-
 def panel_figure(rows: list[dict], panels: tuple[Panel, ...]) -> Figure | None:
     """One figure with the panels that have data side by side (wrapping after three), or None."""
     present = [p for p in panels if any(series(rows, k)[0] or series(rows, EVAL_PREFIX + k)[0] for k in p.keys)]
@@ -112,7 +84,17 @@ def panel_figure(rows: list[dict], panels: tuple[Panel, ...]) -> Figure | None:
     figure = Figure(figsize=(5 * columns, 3.6 * lines), layout="constrained")
     axes = figure.subplots(lines, columns, squeeze=False).ravel()
     for ax, panel in zip(axes, present):
-        draw_panel(ax, rows, panel)
+        for key in panel.keys:
+            steps, values = series(rows, key)
+            color = ax.plot(steps, values, label=key, linewidth=1.2)[0].get_color() if steps else None
+            eval_steps, eval_values = series(rows, EVAL_PREFIX + key)
+            if eval_steps:
+                ax.plot(eval_steps, eval_values, linestyle="none", marker="o", markersize=5, color=color,
+                        label=EVAL_PREFIX + key)
+        ax.set_title(panel.title)
+        ax.set_xlabel("step")
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize="small")
     for ax in axes[len(present):]:
         ax.set_visible(False)
     return figure
@@ -138,9 +120,7 @@ def plot_run(run_dir: str | Path, out_dir: str | Path | None = None) -> list[Pat
     written = []
     for panel in PANELS:
         figure = panel_figure(rows, (panel,))
-        if figure is None:
-            continue
-        path = out / f"{panel.name}.png"
-        figure.savefig(path, dpi=100)
-        written.append(path)
+        if figure is not None:
+            written.append(out / f"{panel.name}.png")
+            figure.savefig(written[-1], dpi=100)
     return written

@@ -1,20 +1,16 @@
 """``tiltlm quickstart``: DPO end to end on the embedded default, on CPU, in a few minutes.
 
 A controlled-sentiment task in the manner of the DPO paper's IMDb experiment (Rafailov et al. 2023,
-section 6.1), with SmolLM2-135M-Instruct as the reference and VADER as the reward:
-
-1. the reference samples several continuations of each training prompt (tiltlm.prompts);
-2. VADER scores them; each prompt's continuations make one ranked list (pairs-ranked.jsonl) and its best
-   and worst one preference pair (pairs.jsonl);
-3. DPO with LoRA trains on one of them (``--preferences``; the reference is the base with adapters off);
-4. held-out prompts are sampled before and after; the report gives the mean reward of each with a 95%
-   interval, KL(policy || reference) from samples, the implicit-reward accuracy on held-out pairs,
-   example continuations, and plots of loss, accuracy and margins (report.md, training.png).
+section 6.1), with SmolLM2-135M-Instruct as the reference and VADER as the reward. The reference's
+continuations of each training prompt (tiltlm.prompts), scored, make one ranked list (pairs-ranked.jsonl)
+and one best-against-worst pair (pairs.jsonl); DPO with LoRA trains on one of them (``--preferences``; the
+reference is the base with adapters off). Held-out prompts are sampled before and after: the report gives
+the mean reward of each with a 95% interval, KL(policy || reference) from samples, the implicit-reward
+accuracy on held-out pairs, example continuations, and plots of loss, accuracy and margins.
 """
 
 from __future__ import annotations
 
-import json
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -23,8 +19,9 @@ import torch
 
 from tiltlm.config import ConfigError, check_options, option
 from tiltlm.evaluate import evaluate
-from tiltlm.experiment import (SEQUENCE, ExperimentConfig, PolicyScore, label, lora_run, preference_pairs,
-                               refuse_existing, score_policy, training_shape, write_jsonl, write_markdown)
+from tiltlm.experiment import (SEQUENCE, ExperimentConfig, PolicyScore, label, lora_run, markdown_table,
+                               preference_pairs, refuse_existing, score_policy, training_shape, write_json,
+                               write_jsonl, write_markdown)
 from tiltlm.metrics import read_metrics
 from tiltlm.models import load_model, load_tokenizer, refusing_pickles
 from tiltlm.plots import plot_metrics
@@ -78,8 +75,8 @@ def run_quickstart(config: QuickstartConfig) -> Path:
         policy = PeftModel.from_pretrained(base, str(run_dir / "final"))
     after = score_policy(policy, tokenizer, heldout, reward, config.samples, config.max_new_tokens,
                          config.seed + 1)
-    write_jsonl(out / "heldout_before.jsonl", before.rows())
-    write_jsonl(out / "heldout_after.jsonl", after.rows())
+    write_jsonl(out / "heldout_before.jsonl", before.rows)
+    write_jsonl(out / "heldout_after.jsonl", after.rows)
     accuracy = evaluate(str(run_dir / "final"), str(heldout_file), beta=config.beta, progress=False, **SEQUENCE)
     rows = read_metrics(run_dir / "metrics.jsonl")
     plot = plot_metrics(rows, out / "training.png")
@@ -88,7 +85,7 @@ def run_quickstart(config: QuickstartConfig) -> Path:
     summary = {"preferences": config.preferences, "prompts": labelled.count, "reward_before": before.reward,
                "reward_after": after.reward, "kl": after.kl, "heldout_accuracy": accuracy["rewards/accuracies"],
                "train_steps": len(rows), "seconds": seconds}
-    (out / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
+    write_json(out / "summary.json", summary)
     print(report.read_text())
     return out
 
@@ -101,42 +98,32 @@ CHOICE = ("Ranked lists are the default: at the same compute (these 15 steps of 
 
 def write_report(out: Path, config: QuickstartConfig, prompts: int, before: PolicyScore, after: PolicyScore,
                  heldout_eval: dict, rows: list[dict], plot: Path, seconds: float) -> Path:
-    examples = []
-    for b, a in list(zip(before.samples, after.samples))[:: config.samples][:4]:
-        examples.append(f"- **{b.prompt}**\n  - before: {b.completion.strip()!r}\n  - after: {a.completion.strip()!r}")
+    examples = [f"- **{b.prompt}**\n  - before: {b.completion.strip()!r}\n  - after: {a.completion.strip()!r}"
+                for b, a in list(zip(before.samples, after.samples))[:: config.samples][:4]]
     last = rows[-1]
-    lines = [
+    return write_markdown(out / "report.md", [
         "# tiltlm quickstart",
-        "",
         f"Reference {config.model}; reward {config.reward}; DPO with LoRA r={config.lora_r}, "
         f"beta={config.beta}, lr={config.lr}, on {prompts} prompts' preferences as "
         f"{'ranked lists of all' if config.preferences == 'ranked' else 'one best-against-worst pair of the'} "
         f"{config.samples} samples per prompt ({config.max_new_tokens} new tokens), at the compute of "
         f"{config.epochs} epochs of pairs. {CHOICE}",
-        "",
-        "| held-out prompts | value |",
-        "|---|---|",
-        f"| mean reward before (reference) | {format_interval(before.reward, '95% CI ')} |",
-        f"| mean reward after (policy) | {format_interval(after.reward, '95% CI ')} |",
-        f"| KL(policy \\|\\| reference), nats per continuation | {format_interval(after.kl, '95% CI ')} |",
-        f"| implicit-reward accuracy on held-out pairs | {heldout_eval['rewards/accuracies']:.3f} "
-        f"({heldout_eval['pairs']} pairs) |",
-        f"| final training loss / accuracy / margin | {last['loss']:.4f} / {last['rewards/accuracies']:.3f} / "
-        f"{last['rewards/margins']:.3f} |",
-        f"| wall time | {seconds / 60:.1f} min |",
-        "",
+        markdown_table(["held-out prompts", "value"], [
+            ["mean reward before (reference)", format_interval(before.reward, "95% CI ")],
+            ["mean reward after (policy)", format_interval(after.reward, "95% CI ")],
+            ["KL(policy \\|\\| reference), nats per continuation", format_interval(after.kl, "95% CI ")],
+            ["implicit-reward accuracy on held-out pairs",
+             f"{heldout_eval['rewards/accuracies']:.3f} ({heldout_eval['pairs']} pairs)"],
+            ["final training loss / accuracy / margin",
+             f"{last['loss']:.4f} / {last['rewards/accuracies']:.3f} / {last['rewards/margins']:.3f}"],
+            ["wall time", f"{seconds / 60:.1f} min"]]),
         f"Intervals are normal 95% intervals over prompts ({config.heldout_prompts} held-out prompts, "
         f"{config.samples} samples each). KL is the mean of log pi(y|x) - log pi_ref(y|x) over continuations "
         f"sampled from the policy at temperature 1.",
-        "",
         "## Examples (held-out prompts, first sample)",
-        "",
-        *examples,
-        "",
+        examples,
         f"## Training curves\n\n![training curves]({plot.name})",
-        "",
         "Files: `pairs.jsonl` and `pairs-ranked.jsonl` (the training preferences), `heldout_pairs.jsonl`, "
         "`heldout_before.jsonl` and `heldout_after.jsonl` (every held-out sample with its reward and log-ratio), "
         "`run/` (config, metrics.jsonl, final/ adapter).",
-    ]
-    return write_markdown(out / "report.md", lines)
+    ])
