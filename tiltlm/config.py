@@ -11,7 +11,7 @@ dataclass, so a typo in a key or a string where a number belongs is an error nam
 from __future__ import annotations
 
 import math
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any, Optional, TypeVar
 
@@ -238,10 +238,6 @@ def validate(config: TrainConfig) -> None:
     if config.label_smoothing > 0 and not set(names) & set(SMOOTHED_LOSSES):
         raise ConfigError(f"label_smoothing = {config.label_smoothing}: no loss of {config.loss!r} uses it "
                           f"(only {', '.join(SMOOTHED_LOSSES)} do)")
-
-
-def to_yaml(config: TrainConfig) -> str:
-    return OmegaConf.to_yaml(OmegaConf.create(asdict(config)))
 
 
 def loss_setup(config: TrainConfig) -> tuple[LossParams, tuple[str, ...], tuple[float, ...]]:
