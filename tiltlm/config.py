@@ -63,8 +63,7 @@ def expectation(meta: dict) -> str:
 
 
 def allowed(value: Any, meta: dict) -> bool:
-    special = meta.get("special")
-    if value is None or (special is not None and value == special):
+    if value is None or value == meta.get("special"):
         return True
     if meta.get("choices"):
         return value in meta["choices"]

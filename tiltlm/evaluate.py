@@ -19,11 +19,9 @@ from tiltlm.reference import AdaptersOffReference, OnlineReference, PrecomputedR
 from tiltlm.runtime import pick_device, training_precision
 
 
-def default_reference(model: str) -> str | None:
-    """The reference a trained model is measured against when none is named: an adapter's base, or
-    the starting model recorded in the run's config.yaml beside ``final/``."""
-    if is_adapter(model):
-        return None  # the adapter's own base, with adapters disabled
+def default_reference(model: str) -> str:
+    """The reference a trained model (not an adapter: that is scored against its own base) is measured
+    against when none is named: the starting model recorded in the run's config.yaml beside ``final/``."""
     saved = Path(model).parent / "config.yaml"
     if saved.is_file():
         return str(OmegaConf.load(saved).model)

@@ -120,8 +120,7 @@ def sample_preferences(table: Table, n: int, gen: torch.Generator) -> tuple[Tens
     """``n`` preference pairs ``(x, chosen, rejected)`` drawn as in :func:`expected_dpo_loss`."""
     probs = pair_probabilities(table)
     flat = torch.multinomial(probs.flatten(), n, replacement=True, generator=gen)
-    responses = probs.shape[1]
-    x, a, b = flat // responses**2, (flat // responses) % responses, flat % responses
+    x, a, b = torch.unravel_index(flat, probs.shape)
     a_wins = torch.rand(n, generator=gen, dtype=DTYPE) < torch.sigmoid(table.rewards[x, a] - table.rewards[x, b])
     return x, torch.where(a_wins, a, b), torch.where(a_wins, b, a)
 

@@ -47,11 +47,8 @@ def run(args: argparse.Namespace) -> int:
 
 def train(args: argparse.Namespace) -> int:
     args.objective = "reward-model"
-    if args.config is None and not getattr(args, "resume", False):
-        if not hasattr(args, "lr"):
-            args.lr = REWARD_LR
-        if not hasattr(args, "output"):
-            args.output = REWARD_OUTPUT
+    if args.config is None and not getattr(args, "resume", False):  # unless a flag sets them
+        args.lr, args.output = getattr(args, "lr", REWARD_LR), getattr(args, "output", REWARD_OUTPUT)
     return train_command.run(args)
 
 
