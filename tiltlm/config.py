@@ -242,8 +242,7 @@ def validate(config: TrainConfig) -> None:
 def loss_setup(config: TrainConfig) -> tuple[LossParams, tuple[str, ...], tuple[float, ...]]:
     """The loss names, their weights and their hyper-parameters from ``config``."""
     names = tuple(n.strip() for n in config.loss.split(",") if n.strip())
-    unknown = [n for n in names if n not in LOSSES]
-    if not names or unknown:
+    if not names or not set(names) <= LOSSES.keys():
         raise ConfigError(f"loss = {config.loss!r}: expected comma-separated names from {', '.join(LOSSES)}")
     try:
         weights = tuple(float(w) for w in config.loss_weights.split(",")) if config.loss_weights else (1.0,) * len(names)
