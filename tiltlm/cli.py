@@ -37,7 +37,7 @@ def main(argv: list[str] | None = None) -> int:
         return args.run(args)
     except (*mistakes, OSError, TrainingError) as error:
         print(f"tiltlm {args.command}: error: {' '.join(str(error).split())}", file=sys.stderr)  # one line
-        # a full disk, too many non-finite steps: not the user's mistake
+        # 1, not 2, for what is not the user's mistake: a full disk, too many non-finite steps
         return 2 if isinstance(error, mistakes) else 1
     except KeyboardInterrupt:
         print(f"tiltlm {args.command}: interrupted", file=sys.stderr)
