@@ -13,9 +13,9 @@ from tiltlm.commands import COMMANDS
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="tiltlm", description="Direct Preference Optimization for Hugging Face causal LMs.")
     commands = parser.add_subparsers(dest="command", required=True)
-    for name, module, summary in COMMANDS:
+    for name, summary in COMMANDS:
         sub = commands.add_parser(name, help=summary, description=summary)
-        command = importlib.import_module(module)
+        command = importlib.import_module(f"tiltlm.commands.{name}")
         command.add_arguments(sub)
         sub.set_defaults(run=command.run)
     return parser
@@ -32,14 +32,13 @@ def main(argv: list[str] | None = None) -> int:
     from tiltlm.rewards import RewardError
     from tiltlm.train import TrainingError
 
+    mistakes = (ConfigError, DataError, ModelError, CheckpointError, CompareError, PlotError, RewardError)
     try:
         return args.run(args)
-    except (ConfigError, DataError, ModelError, CheckpointError, CompareError, PlotError, RewardError) as error:
+    except (*mistakes, OSError, TrainingError) as error:
         print(f"tiltlm {args.command}: error: {' '.join(str(error).split())}", file=sys.stderr)  # one line
-        return 2
-    except (OSError, TrainingError) as error:  # a full disk, too many non-finite steps: not the user's mistake
-        print(f"tiltlm {args.command}: error: {' '.join(str(error).split())}", file=sys.stderr)
-        return 1
+        # 1, not 2, for what is not the user's mistake: a full disk, too many non-finite steps
+        return 2 if isinstance(error, mistakes) else 1
     except KeyboardInterrupt:
         print(f"tiltlm {args.command}: interrupted", file=sys.stderr)
         return 130

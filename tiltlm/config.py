@@ -11,7 +11,7 @@ dataclass, so a typo in a key or a string where a number belongs is an error nam
 from __future__ import annotations
 
 import math
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any, Optional, TypeVar
 
@@ -63,8 +63,7 @@ def expectation(meta: dict) -> str:
 
 
 def allowed(value: Any, meta: dict) -> bool:
-    special = meta.get("special")
-    if value is None or (special is not None and value == special):
+    if value is None or value == meta.get("special"):
         return True
     if meta.get("choices"):
         return value in meta["choices"]
@@ -240,15 +239,10 @@ def validate(config: TrainConfig) -> None:
                           f"(only {', '.join(SMOOTHED_LOSSES)} do)")
 
 
-def to_yaml(config: TrainConfig) -> str:
-    return OmegaConf.to_yaml(OmegaConf.create(asdict(config)))
-
-
 def loss_setup(config: TrainConfig) -> tuple[LossParams, tuple[str, ...], tuple[float, ...]]:
     """The loss names, their weights and their hyper-parameters from ``config``."""
     names = tuple(n.strip() for n in config.loss.split(",") if n.strip())
-    unknown = [n for n in names if n not in LOSSES]
-    if not names or unknown:
+    if not names or not set(names) <= LOSSES.keys():
         raise ConfigError(f"loss = {config.loss!r}: expected comma-separated names from {', '.join(LOSSES)}")
     try:
         weights = tuple(float(w) for w in config.loss_weights.split(",")) if config.loss_weights else (1.0,) * len(names)

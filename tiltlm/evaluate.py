@@ -19,11 +19,9 @@ from tiltlm.reference import AdaptersOffReference, OnlineReference, PrecomputedR
 from tiltlm.runtime import pick_device, training_precision
 
 
-def default_reference(model: str) -> str | None:
-    """The reference a trained model is measured against when none is named: an adapter's base, or
-    the starting model recorded in the run's config.yaml beside ``final/``."""
-    if is_adapter(model):
-        return None  # the adapter's own base, with adapters disabled
+def default_reference(model: str) -> str:
+    """The reference a trained model (not an adapter: that is scored against its own base) is measured
+    against when none is named: the starting model recorded in the run's config.yaml beside ``final/``."""
     saved = Path(model).parent / "config.yaml"
     if saved.is_file():
         return str(OmegaConf.load(saved).model)
@@ -34,17 +32,13 @@ def default_reference(model: str) -> str | None:
 def evaluate(model: str, data: str, ref: str | None = None, progress: bool = True, **options) -> dict[str, float]:
     """Loss and reward metrics of ``model`` against ``ref`` over the preference file ``data``: the
     numbers the trainer logs at step 0 when ``model`` is the policy and ``ref`` its reference.
-    ``options``: any TrainConfig field (beta, loss, max_length, batch_size, dtype, ...), with its defaults."""
-    return evaluate_config(TrainConfig(model=model, data=data, ref=ref, **options), progress)
-
-
-def evaluate_config(config: TrainConfig, progress: bool = True) -> dict[str, float]:
-    """:func:`evaluate` for a whole configuration (``tiltlm eval``'s options are TrainConfig's).
+    ``options``: any TrainConfig field (beta, loss, max_length, batch_size, dtype, ...), with its defaults.
 
     The reference's log-probs come from the precomputed-reference cache (``ref_cache``, see refcache.py)
     when a training run or an earlier evaluation already scored this file with the same reference,
     tokenizer and settings; otherwise they are computed once and saved there."""
-    validate(config)
+    config = TrainConfig(model=model, data=data, ref=ref, **options)
+    validate(config)  # every range checked, nothing loaded yet
     precision = training_precision(config.dtype, False, pick_device(config.device))
     log = (lambda message: print(message, file=sys.stderr)) if progress else (lambda message: None)
     tokenizer = load_tokenizer(config.model, config.trust_remote_code)

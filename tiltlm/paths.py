@@ -20,14 +20,9 @@ import os
 
 def looks_like_path(name: str, file_types: tuple[str, ...] = ()) -> bool:
     """Whether ``name`` is meant as a local path (see the module docstring for the rules)."""
-    if name.startswith(("/", ".", "~")) or "\\" in name:
-        return True
-    if name.count("/") > 1 or name.endswith("/"):
-        return True
-    if file_types and name.lower().endswith(tuple(t.lower() for t in file_types)):
-        return True
-    owner = name.split("/")[0] if "/" in name else ""
-    return bool(owner) and os.path.isdir(owner)
+    return (name.startswith(("/", ".", "~")) or "\\" in name or name.count("/") > 1 or name.endswith("/")
+            or name.lower().endswith(tuple(t.lower() for t in file_types))
+            or ("/" in name and os.path.isdir(name.split("/")[0])))
 
 
 def missing_path_message(name: str) -> str:

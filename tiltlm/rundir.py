@@ -12,13 +12,13 @@ import contextlib
 import fcntl
 import os
 import shutil
-from dataclasses import asdict, replace
+from dataclasses import asdict
 from pathlib import Path
 from typing import Iterator
 
 from omegaconf import OmegaConf
 
-from tiltlm.config import ConfigError, TrainConfig, to_yaml
+from tiltlm.config import ConfigError, TrainConfig
 from tiltlm.models import canonical_name
 
 # What a run writes; --overwrite removes these and nothing else a user may keep beside them.
@@ -37,13 +37,9 @@ RESUMABLE_CHANGES = {"output", "resume", "overwrite", "progress", "tensorboard",
 LOCATIONS = ("model", "ref", "data", "eval_data", "ref_cache")
 
 
-def stored(config: TrainConfig) -> TrainConfig:
-    """``config`` as ``config.yaml`` keeps it: local paths absolute, so the run works from any directory."""
-    return replace(config, **_canonical(asdict(config)))
-
-
 def _canonical(settings: dict) -> dict:
-    """``settings`` (a config as a dict) with the values of LOCATIONS made canonical."""
+    """``settings`` (a config as a dict) with the values of LOCATIONS made canonical: local paths absolute, so
+    that ``config.yaml`` works from any directory."""
     return {**settings, **{k: canonical_name(settings[k]) for k in LOCATIONS if settings.get(k)}}
 
 
@@ -94,7 +90,7 @@ def start(config: TrainConfig) -> Path:
             # a link is removed as a link: rmtree would refuse it, and following it would delete user files
             shutil.rmtree(path) if path.is_dir() and not path.is_symlink() else path.unlink()
         out.mkdir(parents=True, exist_ok=True)
-        (out / "config.yaml").write_text(to_yaml(stored(config)))
+        (out / "config.yaml").write_text(OmegaConf.to_yaml(_canonical(asdict(config))))
     return out
 
 

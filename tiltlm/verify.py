@@ -69,11 +69,6 @@ def optimal_logps(ref_logps: Tensor, rewards: Tensor, beta: float) -> Tensor:
     return torch.log_softmax(ref_logps + rewards / beta, dim=-1)
 
 
-def log_partition(ref_logps: Tensor, rewards: Tensor, beta: float) -> Tensor:
-    """``log Z(x) = log sum_y pi_ref(y|x) exp(r(x,y) / beta)``, per prompt."""
-    return torch.logsumexp(ref_logps + rewards / beta, dim=-1)
-
-
 def objective(logps: Tensor, ref_logps: Tensor, rewards: Tensor, beta: float) -> Tensor:
     """``J(pi) = E_pi[r] - beta KL(pi || pi_ref)`` per prompt (DPO paper, eq. 3). ``logps`` may carry
     leading batch dimensions."""
@@ -87,24 +82,17 @@ def kl(logp: Tensor, logq: Tensor) -> Tensor:
 
 def ordered_pairs(prompts: int, responses: int) -> tuple[Tensor, Tensor, Tensor]:
     """Every ``(x, a, b)`` with ``a != b``, as three index vectors."""
-    x, a, b = torch.meshgrid(torch.arange(prompts), torch.arange(responses), torch.arange(responses),
-                             indexing="ij")
-    keep = a != b
-    return x[keep], a[keep], b[keep]
+    return (~torch.eye(responses, dtype=torch.bool)).expand(prompts, -1, -1).nonzero().unbind(1)
 
 
-def pair_logps(logps: Tensor, x: Tensor, chosen: Tensor, rejected: Tensor) -> PairLogps:
-    """Log-probs of (chosen, rejected) responses in the loss's input format; a response is one token."""
+def pair_losses(theta: Tensor, table: Table, x: Tensor, chosen: Tensor, rejected: Tensor, name: str = "sigmoid",
+                params: LossParams | None = None) -> Tensor:
+    """Per-pair losses of the library's loss ``name`` (with ``beta = table.beta`` unless ``params`` say
+    otherwise) for the policy ``softmax(theta)``; a response is one token."""
     ones = torch.ones_like(x)
-    return PairLogps(logps[x, chosen], logps[x, rejected], ones, ones)
-
-
-def pair_losses(name: str, theta: Tensor, table: Table, x: Tensor, chosen: Tensor, rejected: Tensor,
-                params: LossParams) -> Tensor:
-    """Per-pair losses of the library's loss ``name`` for the policy ``softmax(theta)``."""
-    policy = pair_logps(torch.log_softmax(theta, dim=-1), x, chosen, rejected)
-    reference = pair_logps(table.ref_logps, x, chosen, rejected)
-    return LOSSES[name](policy, reference, params).losses
+    policy, reference = (PairLogps(logps[x, chosen], logps[x, rejected], ones, ones)
+                         for logps in (torch.log_softmax(theta, dim=-1), table.ref_logps))
+    return LOSSES[name](policy, reference, params or LossParams(beta=table.beta)).losses
 
 
 def expected_dpo_loss(theta: Tensor, table: Table) -> Tensor:
@@ -117,8 +105,7 @@ def expected_dpo_loss(theta: Tensor, table: Table) -> Tensor:
     x, a, b = ordered_pairs(*table.rewards.shape)
     preferred = torch.sigmoid(table.rewards[x, a] - table.rewards[x, b])
     weights = pair_probabilities(table)[x, a, b] * preferred
-    losses = pair_losses("sigmoid", theta, table, x, a, b, LossParams(beta=table.beta))
-    return (weights * losses).sum()
+    return (weights * pair_losses(theta, table, x, a, b)).sum()
 
 
 def pair_probabilities(table: Table) -> Tensor:
@@ -133,8 +120,7 @@ def sample_preferences(table: Table, n: int, gen: torch.Generator) -> tuple[Tens
     """``n`` preference pairs ``(x, chosen, rejected)`` drawn as in :func:`expected_dpo_loss`."""
     probs = pair_probabilities(table)
     flat = torch.multinomial(probs.flatten(), n, replacement=True, generator=gen)
-    responses = probs.shape[1]
-    x, a, b = flat // responses**2, (flat // responses) % responses, flat % responses
+    x, a, b = torch.unravel_index(flat, probs.shape)
     a_wins = torch.rand(n, generator=gen, dtype=DTYPE) < torch.sigmoid(table.rewards[x, a] - table.rewards[x, b])
     return x, torch.where(a_wins, a, b), torch.where(a_wins, b, a)
 
@@ -172,8 +158,7 @@ def minimise(loss_of: Callable[[Tensor], Tensor], start: Tensor, iterations: int
     for _ in range(iterations):
         point = theta.clone().requires_grad_(True)
         loss = loss_of(point)
-        (grad,) = torch.autograd.grad(loss, point)
-        grad = grad.flatten()
+        grad = torch.autograd.grad(loss, point)[0].flatten()
         if grad.norm() < 1e-15:
             break
         hessian = torch.autograd.functional.hessian(loss_of, theta).reshape(grad.numel(), grad.numel())
@@ -197,7 +182,7 @@ def check_closed_form(table: Table, gen: torch.Generator, perturbations: int = 1
     r, ref, beta = table.rewards, table.ref_logps, table.beta
     best = optimal_logps(ref, r, beta)
     value = objective(best, ref, r, beta)
-    gap = (value - beta * log_partition(ref, r, beta)).abs().max().item()
+    gap = (value - beta * torch.logsumexp(ref + r / beta, dim=-1)).abs().max().item()  # log Z(x)
     # Perturbation sizes from 1e-3 to 3 in the logits: small ones probe the stationary point, large
     # ones the global claim.
     scales = 10 ** (torch.rand(perturbations, 1, 1, generator=gen, dtype=DTYPE) * 3.5 - 3.0)
@@ -228,11 +213,9 @@ def check_dpo_optimum(table: Table, gen: torch.Generator,
     relative = spread / (table.rewards.max() - table.rewards.min()).item()
 
     sampled, unidentified = [], []
-    params = LossParams(beta=table.beta)
     for n in sizes:
         x, chosen, rejected = sample_preferences(table, n, gen)
-        fit = minimise(lambda t: pair_losses("sigmoid", t, table, x, chosen, rejected, params).mean(),
-                       table.ref_logps)
+        fit = minimise(lambda t: pair_losses(t, table, x, chosen, rejected).mean(), table.ref_logps)
         sampled.append(kl(best, torch.log_softmax(fit, dim=-1)).mean().item())
         unidentified.append(unidentified_prompts(x, chosen, rejected, table.rewards.shape))
     falling = all(big < small for small, big in zip(sampled, sampled[1:]))
@@ -250,10 +233,9 @@ def check_dpo_optimum(table: Table, gen: torch.Generator,
 
 def ordered_triples(prompts: int, responses: int) -> tuple[Tensor, Tensor]:
     """Every ``(x, (a, b, c))`` with distinct ``a, b, c``: prompt indices [T] and responses [T, 3]."""
-    grids = torch.meshgrid(*(torch.arange(n) for n in (prompts, responses, responses, responses)), indexing="ij")
-    x, a, b, c = (g.flatten() for g in grids)
-    keep = (a != b) & (a != c) & (b != c)
-    return x[keep], torch.stack([a[keep], b[keep], c[keep]], dim=1)
+    a, b, c = torch.meshgrid(*[torch.arange(responses)] * 3, indexing="ij")
+    found = ((a != b) & (a != c) & (b != c)).expand(prompts, -1, -1, -1).nonzero()
+    return found[:, 0], found[:, 1:]
 
 
 def ranking_probabilities(table: Table) -> Tensor:
@@ -297,32 +279,20 @@ def check_plackett_luce_optimum(table: Table) -> Check:
 def check_partition_cancels(table: Table, gen: torch.Generator, draws: int = 200) -> Check:
     """Adding any ``c(x)`` to the rewards changes neither the Bradley-Terry probabilities, nor ``pi*``,
     nor the expected DPO loss at the optimum: ``beta log Z(x)`` cancels (eq. 5-7)."""
-    worst = 0.0
+    x, a, b = ordered_pairs(*table.rewards.shape)
+
+    def measured(t: Table) -> tuple[Tensor, Tensor, Tensor]:
+        optimum = optimal_logps(t.ref_logps, t.rewards, t.beta)
+        return torch.sigmoid(t.rewards[x, a] - t.rewards[x, b]), optimum, expected_dpo_loss(optimum, t)
+
+    before, worst = measured(table), 0.0
     for _ in range(draws):
         shift = torch.randn(table.rewards.shape[0], 1, generator=gen, dtype=DTYPE)
         shift = shift * 10 ** (torch.rand(1, generator=gen, dtype=DTYPE) * 5 - 2)  # 1e-2 .. 1e3
-        worst = max(worst, partition_shift_error(table, shift))
+        after = measured(Table(table.rewards + shift, table.ref_logps, table.beta))
+        worst = max(worst, *((new - old).abs().max().item() for new, old in zip(after, before)))
     return Check("Z(x) cancels", worst, "< 1e-9", worst < 1e-9,
                  f"max change of BT probabilities, log pi*, and optimal DPO loss over {draws} shifts c(x)")
-
-
-def partition_shift_error(table: Table, shift: Tensor) -> float:
-    """The largest change that adding ``shift`` (shape [prompts, 1]) to the rewards makes to the BT
-    probabilities, to ``log pi*`` and to the expected DPO loss at ``pi*``."""
-    shifted = Table(table.rewards + shift, table.ref_logps, table.beta)
-    x, a, b = ordered_pairs(*table.rewards.shape)
-
-    def preference(t: Table) -> Tensor:
-        return torch.sigmoid(t.rewards[x, a] - t.rewards[x, b])
-
-    def optimum(t: Table) -> Tensor:
-        return optimal_logps(t.ref_logps, t.rewards, t.beta)
-
-    return max(
-        (preference(shifted) - preference(table)).abs().max().item(),
-        (optimum(shifted) - optimum(table)).abs().max().item(),
-        abs(expected_dpo_loss(optimum(shifted), shifted) - expected_dpo_loss(optimum(table), table)).item(),
-    )
 
 
 def check_gradient(table: Table, gen: torch.Generator) -> Check:
@@ -341,8 +311,7 @@ def autograd_pair_gradients(theta: Tensor, table: Table) -> Tensor:
     """Jacobian of the per-pair DPO losses (every ordered pair, first response chosen) wrt ``theta``:
     shape [pairs, prompts, responses]."""
     x, a, b = ordered_pairs(*table.rewards.shape)
-    params = LossParams(beta=table.beta)
-    return torch.autograd.functional.jacobian(lambda t: pair_losses("sigmoid", t, table, x, a, b, params), theta)
+    return torch.autograd.functional.jacobian(lambda t: pair_losses(t, table, x, a, b), theta)
 
 
 def analytic_pair_gradients(theta: Tensor, table: Table) -> Tensor:
@@ -388,7 +357,7 @@ def train_margin(name: str, table: Table, steps: tuple[int, ...], lr: float, par
     theta = table.ref_logps.clone().requires_grad_(True)
     margins = []
     for step in range(1, steps[-1] + 1):
-        (grad,) = torch.autograd.grad(pair_losses(name, theta, table, x, chosen, rejected, params).sum(), theta)
+        (grad,) = torch.autograd.grad(pair_losses(theta, table, x, chosen, rejected, name, params).sum(), theta)
         with torch.no_grad():
             theta -= lr * grad
         if step in steps:
@@ -450,6 +419,4 @@ def format_table(checks: list[Check]) -> str:
     widths = [max(len(row[i]) for row in rows) for i in range(4)]
     lines = [" | ".join(cell.ljust(w) for cell, w in zip(row, widths)).rstrip() for row in rows]
     lines.insert(1, "-+-".join("-" * w for w in widths))
-    lines.append("")
-    lines += [f"{c.name}: {c.detail}" for c in checks]
-    return "\n".join(lines)
+    return "\n".join([*lines, "", *(f"{c.name}: {c.detail}" for c in checks)])

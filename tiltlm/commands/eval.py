@@ -5,7 +5,7 @@ import json
 from pathlib import Path
 
 from tiltlm.commands.options import add_options, given
-from tiltlm.config import TrainConfig, build_config
+from tiltlm.config import TrainConfig
 
 # the options of an evaluation, declared (with their defaults) by TrainConfig
 OPTIONS = ("model", "ref", "data", "beta", "loss", "max_length", "max_prompt_length", "batch_size", "dtype",
@@ -17,15 +17,17 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--json", help="also write the result to this file")
 
 
-def run(args: argparse.Namespace) -> int:
-    from tiltlm.evaluate import evaluate_config
-
-    # max_prompt_length left unset resolves from max_length, as in training
-    flags = {k: v for k, v in given(args, TrainConfig).items() if v is not None}
-    config = build_config(None, flags)  # every range checked, nothing loaded yet
-    result = evaluate_config(config)
+def print_json(result: dict, path: str | None) -> None:
+    """Print ``result`` as JSON, and write it to ``path`` too when one is given."""
     text = json.dumps(result, indent=2)
     print(text)
-    if args.json:
-        Path(args.json).write_text(text + "\n")
+    if path:
+        Path(path).write_text(text + "\n")
+
+
+def run(args: argparse.Namespace) -> int:
+    from tiltlm.evaluate import evaluate
+
+    # max_prompt_length left unset resolves from max_length, as in training
+    print_json(evaluate(**{k: v for k, v in given(args, TrainConfig).items() if v is not None}), args.json)
     return 0

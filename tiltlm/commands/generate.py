@@ -8,8 +8,7 @@ from tiltlm.commands.options import add_options, from_args
 from tiltlm.config import ConfigError, TrainConfig, check_options
 from tiltlm.experiment import write_jsonl
 from tiltlm.generate import SamplingConfig, load_policy, read_prompts, sample, score_logps
-from tiltlm.models import check_same_tokenizer
-from tiltlm.models import parse_dtype
+from tiltlm.models import check_same_tokenizer, parse_dtype
 from tiltlm.runtime import pick_device
 from tiltlm.stats import mean_ci, per_group_means
 
@@ -78,13 +77,9 @@ def run(args: argparse.Namespace) -> int:
         ref_model, ref_tokenizer = load(args.ref, args)
         check_same_tokenizer(tokenizer, ref_tokenizer, (args.model, args.ref))
         ref_logps = score_logps(ref_model, tokenizer, samples, config.batch_size, args.progress)
-    rows = []
-    for i, s in enumerate(samples):
-        row = {"prompt": s.prompt, "sample": s.sample, "completion": s.completion,
-               "completion_tokens": len(s.completion_ids), "finished": s.finished, "logp_policy": policy_logps[i]}
-        if ref_logps is not None:
-            row["logp_ref"] = ref_logps[i]
-        rows.append(row)
+    rows = [{"prompt": s.prompt, "sample": s.sample, "completion": s.completion,
+             "completion_tokens": len(s.completion_ids), "finished": s.finished, "logp_policy": policy_logps[i],
+             **({} if ref_logps is None else {"logp_ref": ref_logps[i]})} for i, s in enumerate(samples)]
     write_jsonl(output, rows)
     print(f"wrote {len(rows)} completions of {len(prompts)} prompts to {output}")
     if ref_logps is not None:

@@ -15,16 +15,15 @@ of pairs, as JSON.
 from __future__ import annotations
 
 import argparse
-import json
-from pathlib import Path
+
+from tiltlm.commands import train as train_command
+from tiltlm.commands.eval import print_json
 
 REWARD_LR = 1e-5
 REWARD_OUTPUT = "runs/reward"
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    from tiltlm.commands import train as train_command
-
     commands = parser.add_subparsers(dest="reward_command", required=True)
     train = commands.add_parser("train", help="train a Bradley-Terry reward model on preference pairs")
     train_command.add_arguments(train)
@@ -43,30 +42,19 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    if args.reward_command == "train":
-        return train(args)
-    return evaluate(args)
+    return train(args) if args.reward_command == "train" else evaluate(args)
 
 
 def train(args: argparse.Namespace) -> int:
-    from tiltlm.commands import train as train_command
-
     args.objective = "reward-model"
-    if args.config is None and not getattr(args, "resume", False):
-        if not hasattr(args, "lr"):
-            args.lr = REWARD_LR
-        if not hasattr(args, "output"):
-            args.output = REWARD_OUTPUT
+    if args.config is None and not getattr(args, "resume", False):  # unless a flag sets them
+        args.lr, args.output = getattr(args, "lr", REWARD_LR), getattr(args, "output", REWARD_OUTPUT)
     return train_command.run(args)
 
 
 def evaluate(args: argparse.Namespace) -> int:
     from tiltlm.reward_model import evaluate_reward_model
 
-    result = evaluate_reward_model(args.model, args.data, args.batch_size, args.max_length, args.max_prompt_length,
-                                   args.dtype, args.device, args.trust_remote_code)
-    text = json.dumps(result, indent=2)
-    print(text)
-    if args.json:
-        Path(args.json).write_text(text + "\n")
+    print_json(evaluate_reward_model(args.model, args.data, args.batch_size, args.max_length, args.max_prompt_length,
+                                     args.dtype, args.device, args.trust_remote_code), args.json)
     return 0
