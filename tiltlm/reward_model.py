@@ -175,12 +175,11 @@ def evaluate_reward_model(model: str, data: str, batch_size: int = 8, max_length
     of pairs (or ranked lists: their pairs), as ``tiltlm eval`` measures a policy (the trainer's objective and
     eval kernel). Lengths default to those the model was trained with (its mark), else the trainer's."""
     from tiltlm.config import TrainConfig
-    from tiltlm.evaluate import evaluate_config
+    from tiltlm.evaluate import evaluate
 
     saved = read_mark(model)
-    max_length = max_length or saved.get("max_length", TrainConfig.max_length)
-    max_prompt_length = max_prompt_length or saved.get("max_prompt_length", TrainConfig.max_prompt_length)
-    config = TrainConfig(model=model, data=data, objective="reward-model", batch_size=batch_size, dtype=dtype,
-                         device=device, trust_remote_code=trust_remote_code, max_length=max_length,
-                         max_prompt_length=max_prompt_length)
-    return evaluate_config(config, progress)
+    return evaluate(model, data, objective="reward-model", batch_size=batch_size, dtype=dtype, device=device,
+                    trust_remote_code=trust_remote_code, progress=progress,
+                    max_length=max_length or saved.get("max_length", TrainConfig.max_length),
+                    max_prompt_length=max_prompt_length or saved.get("max_prompt_length",
+                                                                     TrainConfig.max_prompt_length))
