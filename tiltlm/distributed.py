@@ -97,9 +97,8 @@ def decoder_layers(model: nn.Module) -> list[nn.Module]:
     layers = [m for m in model.modules() if type(m).__name__ in names]
     if layers:
         return layers
-    backbone, _ = backbone_and_head(model)
-    lists = [m for m in backbone.modules() if isinstance(m, nn.ModuleList)]
-    return list(max(lists, key=len)) if lists else []
+    lists = [m for m in backbone_and_head(model)[0].modules() if isinstance(m, nn.ModuleList)]
+    return list(max(lists, key=len, default=[]))
 
 
 def wrap(scorer: CompletionLogps, parallel: str, runtime: Runtime, compute_dtype: torch.dtype,

@@ -25,7 +25,6 @@ Derived, not traced (each said in the output):
   of the step) and every measured quantity is extended linearly to the full depth
   (:func:`measure_by_layers`; SmolLM2-135M, 30 layers, extended from 2 and 4: 6.13 GiB, traced in full:
   6.14 GiB, in 23 s instead of 578 s).
-
 * Under FSDP with N devices, weights, gradients and optimizer state are split N ways (the sharding rule
   of ``fully_shard``), and each device also holds the decoder layers being gathered: two (the one
   computing and the one prefetched) at the compute dtype, plus one layer's unsharded gradients. The
