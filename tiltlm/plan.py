@@ -246,18 +246,13 @@ def missing_flop_formulas() -> dict:
     from torch.utils.flop_counter import addmm_flop, sdpa_backward_flop_count, sdpa_flop_count
 
     aten = torch.ops.aten
-
-    def forward(query, key, value, *args, **kwargs) -> int:
-        return sdpa_flop_count(query, key, value)
-
-    def backward(grad_out, query, key, value, *args, **kwargs) -> int:
-        return sdpa_backward_flop_count(grad_out, query, key, value)
-
-    def addmm_(self, a, b, *args, **kwargs) -> int:
-        return addmm_flop.__wrapped__(self, a, b)  # the formula itself, not its shape wrapper
-
-    return {aten._scaled_dot_product_flash_attention_for_cpu: forward,
-            aten._scaled_dot_product_flash_attention_for_cpu_backward: backward, aten.addmm_: addmm_}
+    return {
+        aten._scaled_dot_product_flash_attention_for_cpu:
+            lambda query, key, value, *args, **kwargs: sdpa_flop_count(query, key, value),
+        aten._scaled_dot_product_flash_attention_for_cpu_backward:
+            lambda grad, query, key, value, *args, **kwargs: sdpa_backward_flop_count(grad, query, key, value),
+        # addmm's formula itself, not its shape wrapper
+        aten.addmm_: lambda bias, a, b, *args, **kwargs: addmm_flop.__wrapped__(bias, a, b)}
 
 
 @dataclass
