@@ -84,9 +84,8 @@ def shard(scorer: CompletionLogps, runtime: Runtime, compute_dtype: Optional[tor
     mixed = (MixedPrecisionPolicy(param_dtype=compute_dtype, reduce_dtype=torch.float32)
              if compute_dtype not in (None, torch.float32) else MixedPrecisionPolicy())
     policy = CPUOffloadPolicy(pin_memory=runtime.device.type == "cuda") if offload else OffloadPolicy()
-    for layer in decoder_layers(scorer.model):
-        fully_shard(layer, mesh=mesh, mp_policy=mixed, offload_policy=policy)
-    fully_shard(scorer, mesh=mesh, mp_policy=mixed, offload_policy=policy)
+    for module in [*decoder_layers(scorer.model), scorer]:  # the layers first: the root takes what is left
+        fully_shard(module, mesh=mesh, mp_policy=mixed, offload_policy=policy)
     return scorer
 
 
