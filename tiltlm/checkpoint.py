@@ -64,10 +64,6 @@ def sha256(path: Path) -> str:
     return digest.hexdigest()
 
 
-def trainable_state(model: nn.Module) -> dict[str, torch.Tensor]:
-    return {name: p.detach().contiguous().cpu() for name, p in model.named_parameters() if p.requires_grad}
-
-
 def rng_state() -> dict:
     """This process's random states: the CPU's, Python's, and its own GPU's only (a rank's device is
     the current one), so a resume that sees a different number of GPUs still restores."""
@@ -144,7 +140,8 @@ def save_checkpoint(directory: Path, model: nn.Module, optimizer, scheduler, sta
     final = directory / f"step-{state.step}"
 
     def write(tmp: Path) -> None:
-        save_file(trainable_state(model), tmp / "trainable.safetensors")
+        trainable = {name: p.detach().contiguous().cpu() for name, p in model.named_parameters() if p.requires_grad}
+        save_file(trainable, tmp / "trainable.safetensors")
         torch.save(optimizer.state_dict(), tmp / "optimizer.pt")
         torch.save(scheduler.state_dict(), tmp / "scheduler.pt")
         torch.save(rng_state(), tmp / "rng.pt")
@@ -213,12 +210,11 @@ def load_checkpoint(checkpoint: Path, model: nn.Module, optimizer, scheduler) ->
     """Restore weights, optimizer, scheduler and RNG from a verified checkpoint."""
     verify(checkpoint)
     weights = load_file(checkpoint / "trainable.safetensors")
-    missing = model.load_state_dict(weights, strict=False)
-    unexpected = [k for k in missing.unexpected_keys]
-    trainable = {name for name, p in model.named_parameters() if p.requires_grad}
-    if unexpected or trainable - set(weights):
+    unexpected = model.load_state_dict(weights, strict=False).unexpected_keys
+    missing = sorted({name for name, p in model.named_parameters() if p.requires_grad} - set(weights))
+    if unexpected or missing:
         raise CheckpointError(f"{checkpoint}: its weights do not match this model "
-                              f"(unexpected {unexpected[:3]}, missing {sorted(trainable - set(weights))[:3]})")
+                              f"(unexpected {unexpected[:3]}, missing {missing[:3]})")
     optimizer.load_state_dict(read_tensors(checkpoint / "optimizer.pt"))
     scheduler.load_state_dict(read_tensors(checkpoint / "scheduler.pt"))
     set_rng_state(read_tensors(checkpoint / "rng.pt"))

@@ -57,14 +57,10 @@ from tiltlm.config import ConfigError, TrainConfig
 from tiltlm.logprobs import CompletionLogps, backbone_and_head
 from tiltlm.runtime import Runtime
 
-PARALLEL = ("ddp", "fsdp")
-
 
 def uses_fsdp(config: TrainConfig, runtime: Runtime) -> bool:
-    """Whether this run shards with FSDP: ``parallel = fsdp`` and more than one process. Raises
-    ConfigError for settings FSDP does not support, before anything is loaded or written."""
-    if config.parallel not in PARALLEL:
-        raise ConfigError(f"parallel = {config.parallel!r}: expected {' or '.join(PARALLEL)}")
+    """Whether this run shards with FSDP: ``parallel = fsdp`` (a choice ``config.validate`` checked) and more
+    than one process. Raises ConfigError for settings FSDP does not support, before anything is loaded."""
     if config.parallel != "fsdp":
         return False
     if config.lora_r > 0 and config.merge_lora:
@@ -78,10 +74,9 @@ def uses_fsdp(config: TrainConfig, runtime: Runtime) -> bool:
 
 def shard(scorer: CompletionLogps, runtime: Runtime, compute_dtype: Optional[torch.dtype] = None,
           offload: bool = False) -> CompletionLogps:
-    """Apply ``fully_shard`` to each decoder layer of ``scorer.model``, then to ``scorer`` (the root: it
-    owns the remaining weights and its ``forward`` drives the gathering). Changes ``scorer`` in place.
-    ``offload``: shards, gradients (and so the optimizer state) in host memory (``CPUOffloadPolicy``;
-    pinned on CUDA, for asynchronous copies)."""
+    """``fully_shard`` each decoder layer of ``scorer.model``, then ``scorer`` itself (the root), in place.
+    ``offload``: shards, gradients and so the optimizer state in host memory (pinned on CUDA, for
+    asynchronous copies)."""
     from torch.distributed.device_mesh import init_device_mesh
     from torch.distributed.fsdp import CPUOffloadPolicy, MixedPrecisionPolicy, OffloadPolicy, fully_shard
 
@@ -89,9 +84,8 @@ def shard(scorer: CompletionLogps, runtime: Runtime, compute_dtype: Optional[tor
     mixed = (MixedPrecisionPolicy(param_dtype=compute_dtype, reduce_dtype=torch.float32)
              if compute_dtype not in (None, torch.float32) else MixedPrecisionPolicy())
     policy = CPUOffloadPolicy(pin_memory=runtime.device.type == "cuda") if offload else OffloadPolicy()
-    for layer in decoder_layers(scorer.model):
-        fully_shard(layer, mesh=mesh, mp_policy=mixed, offload_policy=policy)
-    fully_shard(scorer, mesh=mesh, mp_policy=mixed, offload_policy=policy)
+    for module in [*decoder_layers(scorer.model), scorer]:  # the layers first: the root takes what is left
+        fully_shard(module, mesh=mesh, mp_policy=mixed, offload_policy=policy)
     return scorer
 
 
@@ -102,15 +96,13 @@ def decoder_layers(model: nn.Module) -> list[nn.Module]:
     layers = [m for m in model.modules() if type(m).__name__ in names]
     if layers:
         return layers
-    backbone, _ = backbone_and_head(model)
-    lists = [m for m in backbone.modules() if isinstance(m, nn.ModuleList)]
-    return list(max(lists, key=len)) if lists else []
+    lists = [m for m in backbone_and_head(model)[0].modules() if isinstance(m, nn.ModuleList)]
+    return list(max(lists, key=len, default=[]))
 
 
 def wrap(scorer: CompletionLogps, parallel: str, runtime: Runtime, compute_dtype: torch.dtype,
          offload: bool = False) -> nn.Module:
-    """What the loop calls for the policy's log-probs: ``scorer`` itself in one process, DDP around it,
-    or ``scorer`` sharded in place (FSDP, its state in host memory with ``offload``)."""
+    """What the loop calls for the policy's log-probs: ``scorer`` in one process, else DDP or FSDP."""
     if not runtime.distributed:
         return scorer
     if parallel == "fsdp":
@@ -127,19 +119,13 @@ def accumulating(model: nn.Module, active: bool) -> Iterator[None]:
     turned off it would keep an unsharded float32 gradient of every parameter between micro-batches
     (~32 GB per GPU for an 8B model), more than the whole sharded training state. The sum of the shards of
     each micro-batch's reduced gradient is the shard of the reduced sum."""
-    if active and isinstance(model, DistributedDataParallel):
-        with model.no_sync():
-            yield
-    else:
+    with model.no_sync() if active and isinstance(model, DistributedDataParallel) else contextlib.nullcontext():
         yield
 
 
 def clip_grad_norm(parameters: list[nn.Parameter], max_norm: float) -> torch.Tensor:
     """Clip the total gradient norm (over all ranks' shards under FSDP); the norm as a plain tensor."""
-    from torch.distributed.tensor import DTensor
-
-    norm = torch.nn.utils.clip_grad_norm_(parameters, max_norm)
-    return norm.full_tensor() if isinstance(norm, DTensor) else norm
+    return collectives.full_tensor(torch.nn.utils.clip_grad_norm_(parameters, max_norm))
 
 
 def is_sharded(model: nn.Module) -> bool:
@@ -153,8 +139,7 @@ def is_sharded(model: nn.Module) -> bool:
 
 def save_checkpoint(directory: Path, model: nn.Module, optimizer, scheduler, state: ckpt.TrainingState,
                     keep: int, runtime: Runtime) -> None:
-    """Called on every rank. Unsharded: rank 0 writes and the others wait. Sharded: every rank writes
-    its shard into a staging directory, then rank 0 completes and renames it."""
+    """Called on every rank: rank 0 writes an unsharded model's, every rank its shard of a sharded one."""
     if is_sharded(model):
         _save_sharded(directory, model, optimizer, scheduler, state, keep, runtime)
     elif runtime.is_main:
@@ -230,10 +215,8 @@ def _save_slices(slices: Slices, path: Path) -> None:
 
 
 def load_checkpoint(checkpoint: Path, model: nn.Module, optimizer, scheduler) -> ckpt.TrainingState:
-    """Called on every rank: restore a checkpoint written by :func:`save_checkpoint` by any number of
-    processes, sharded or not, into this run's model, sharded or not. Each rank reads only the slices of
-    the files it needs (DCP's planner with its safetensors reader); nothing is unpickled but the small
-    ``.pt`` files, with ``weights_only=True``."""
+    """Called on every rank: restore a checkpoint that any number of processes wrote, sharded or not,
+    into this run's model, sharded or not (see the module docstring)."""
     ckpt.verify(checkpoint)
     whole = (checkpoint / "trainable.safetensors").is_file()  # written by one process (or DDP's rank 0)
     if whole and not is_sharded(model):
@@ -308,9 +291,7 @@ def _targets(checkpoint: Path, shapes: dict[str, tuple[int, ...]],
 
 def _read_slices(checkpoint: Path, targets: dict[str, torch.Tensor]) -> None:
     """Fill ``targets`` (whole tensors or DTensors) in place from a sharded checkpoint, whatever number
-    of ranks wrote it. ``HuggingFaceStorageReader`` reads the layout from the safetensors headers
-    (JSON) and each slice with ``safe_open(...).get_slice``: no file is unpickled (DCP's default
-    FileSystemReader would unpickle a ``.metadata`` file without restriction)."""
+    of ranks wrote it, with no file unpickled (see the module docstring)."""
     import torch.distributed.checkpoint as dcp
     from torch.distributed.checkpoint import HuggingFaceStorageReader
 
@@ -324,11 +305,10 @@ def _read_slices(checkpoint: Path, targets: dict[str, torch.Tensor]) -> None:
 
 
 def _copy_slice(whole: torch.Tensor, target: torch.Tensor) -> None:
-    """Copy into ``target`` its part of ``whole``: all of it, or a DTensor's local chunk."""
+    """Copy into ``target`` its part of ``whole`` (shaped alike: :func:`_targets` made it so): all of it, or
+    a DTensor's local chunk."""
     from torch.distributed.tensor import DTensor
 
-    if whole.shape != target.shape:
-        raise ckpt.CheckpointError(f"a saved tensor of shape {tuple(whole.shape)} for one of {tuple(target.shape)}")
     if not isinstance(target, DTensor):
         target.copy_(whole)
         return
@@ -345,10 +325,8 @@ def adapter_weights(model: nn.Module) -> Optional[dict[str, torch.Tensor]]:
 
 
 def save_final(out: Path, model: nn.Module, tokenizer, dtype: torch.dtype, runtime: Runtime) -> None:
-    """Called on every rank, for a sharded model: ``final/`` as :func:`checkpoint.save_final` writes it,
-    without ever holding the whole model on one host. The weights are gathered one at a time
-    (``collectives.full_tensor``, which every rank joins in the same order), cast to ``dtype``, and rank 0
-    appends each to its file of Hugging Face's sharded layout, then forgets it."""
+    """Called on every rank, for a sharded model: ``final/`` as :func:`checkpoint.save_final` writes it, one
+    weight at a time (see the module docstring), every rank joining each gather in the same order."""
     names = set(model.state_dict())  # persistent buffers too; without tied duplicates (named_* drop them)
     tensors = {name: t for name, t in [*model.named_parameters(), *model.named_buffers()] if name in names}
     specs = {name: (tuple(t.shape), dtype if t.is_floating_point() else t.dtype) for name, t in tensors.items()}

@@ -25,7 +25,6 @@ Derived, not traced (each said in the output):
   of the step) and every measured quantity is extended linearly to the full depth
   (:func:`measure_by_layers`; SmolLM2-135M, 30 layers, extended from 2 and 4: 6.13 GiB, traced in full:
   6.14 GiB, in 23 s instead of 578 s).
-
 * Under FSDP with N devices, weights, gradients and optimizer state are split N ways (the sharding rule
   of ``fully_shard``), and each device also holds the decoder layers being gathered: two (the one
   computing and the one prefetched) at the compute dtype, plus one layer's unsharded gradients. The
@@ -135,9 +134,8 @@ for line in open("/proc/self/status"):
 
 @functools.lru_cache(maxsize=1)
 def runtime_baseline() -> int:
-    """Resident bytes of a fresh Python process that has imported what ``tiltlm train`` imports (torch,
-    transformers, peft, tiltlm), before any model exists: measured in a child process, 0 where there is
-    no /proc (the count is then left out)."""
+    """Resident bytes of a fresh process that has imported what ``tiltlm train`` imports, before any model
+    exists; 0 where there is no /proc (the count is then left out)."""
     if not Path("/proc/self/status").is_file():
         return 0
     done = subprocess.run([sys.executable, "-c", RUNTIME_PROBE], capture_output=True, text=True, timeout=300)
@@ -170,7 +168,6 @@ def load_config(name: str):
 
 
 def compute_dtype(precision: str) -> torch.dtype:
-    """The dtype layers compute in: float32, or bf16 for both bf16 settings."""
     return torch.float32 if precision == "float32" else torch.bfloat16
 
 
@@ -184,9 +181,8 @@ def weights_dtype(setup: Setup) -> torch.dtype:
 
 
 def build_policy(config, setup: Setup, dtype: torch.dtype, lora: bool = True):
-    """The policy as ``tiltlm.train.build_models`` makes it (dropout off, gradient checkpointing, LoRA),
-    from ``config`` alone: built on the meta device, then given fake CPU tensors (:func:`as_fake`).
-    Call under FakeTensorMode; no storage is allocated."""
+    """The policy as ``tiltlm.train`` makes it (dropout off, gradient checkpointing, LoRA), from ``config``
+    alone, with fake tensors (:func:`as_fake`). Call under FakeTensorMode."""
     from transformers import AutoModelForCausalLM
 
     from tiltlm.models import add_lora, disable_dropout
@@ -207,15 +203,14 @@ def as_fake(model: torch.nn.Module) -> torch.nn.Module:
     ``.to()`` of new adapters must swap fake tensors.) Values are never read."""
     made: dict[int, torch.Tensor] = {}
     for module in model.modules():
-        for kind in ("_parameters", "_buffers"):
-            for name, tensor in getattr(module, kind).items():
-                if tensor is None:
-                    continue
-                if id(tensor) not in made:
-                    fake = torch.empty(tensor.shape, dtype=tensor.dtype, device="cpu")
-                    made[id(tensor)] = (torch.nn.Parameter(fake, requires_grad=tensor.requires_grad)
-                                        if kind == "_parameters" else fake)
-                getattr(module, kind)[name] = made[id(tensor)]
+        for table in (module._parameters, module._buffers):
+            for name, tensor in table.items():
+                if tensor is not None:
+                    if id(tensor) not in made:
+                        fake = torch.empty(tensor.shape, dtype=tensor.dtype, device="cpu")
+                        made[id(tensor)] = (torch.nn.Parameter(fake, tensor.requires_grad)
+                                            if table is module._parameters else fake)
+                    table[name] = made[id(tensor)]
     return model
 
 
@@ -224,24 +219,20 @@ def synthetic_pairs(setup: Setup, count: int) -> list:
     between chosen and rejected (or of ``pair_lengths``). Token values do not matter to memory or FLOPs."""
     from tiltlm.data.types import TokenizedPair
 
-    if setup.pair_lengths:  # the given pairs, repeated as needed (the precompute pass takes 4x)
-        lengths = [setup.pair_lengths[i % len(setup.pair_lengths)] for i in range(count)]
-        return [TokenizedPair([1] * p, [2] * c, [3] * r) for p, c, r in lengths]
     prompt = max(1, round(setup.seq_len * setup.prompt_share))
     chosen = max(1, (setup.seq_len - prompt) // 2)
-    rejected = max(1, setup.seq_len - prompt - chosen)
-    return [TokenizedPair([1] * prompt, [2] * chosen, [3] * rejected) for _ in range(count)]
+    lengths = setup.pair_lengths or ((prompt, chosen, max(1, setup.seq_len - prompt - chosen)),)
+    # the given pairs, repeated as needed (the precompute pass takes 4x)
+    return [TokenizedPair([1] * p, [2] * c, [3] * r) for p, c, r in (lengths[i % len(lengths)] for i in range(count))]
 
 
 def make_batch(setup: Setup, count: int):
     """A Batch made by tiltlm's collate for the setup's layout (packed rows hold ``seq_len`` tokens),
     carrying its pairs' indices as the trainer's batches do (a precomputed reference reads rows by them)."""
-    from dataclasses import replace as replace_fields
-
     from tiltlm.objectives import make_collate
 
     batch = make_collate(setup.layout, 0, setup.seq_len)(synthetic_pairs(setup, count))
-    return replace_fields(batch, indices=tuple(range(count)))
+    return replace(batch, indices=tuple(range(count)))
 
 
 def batch_tensors(batch) -> list[torch.Tensor]:
@@ -255,18 +246,13 @@ def missing_flop_formulas() -> dict:
     from torch.utils.flop_counter import addmm_flop, sdpa_backward_flop_count, sdpa_flop_count
 
     aten = torch.ops.aten
-
-    def forward(query, key, value, *args, out_shape=None, **kwargs) -> int:
-        return sdpa_flop_count(query, key, value)
-
-    def backward(grad_out, query, key, value, *args, out_shape=None, **kwargs) -> int:
-        return sdpa_backward_flop_count(grad_out, query, key, value)
-
-    def addmm_(self, a, b, *args, out_shape=None, **kwargs) -> int:
-        return addmm_flop.__wrapped__(self, a, b)  # the formula itself, not its shape wrapper
-
-    return {aten._scaled_dot_product_flash_attention_for_cpu: forward,
-            aten._scaled_dot_product_flash_attention_for_cpu_backward: backward, aten.addmm_: addmm_}
+    return {
+        aten._scaled_dot_product_flash_attention_for_cpu:
+            lambda query, key, value, *args, **kwargs: sdpa_flop_count(query, key, value),
+        aten._scaled_dot_product_flash_attention_for_cpu_backward:
+            lambda grad, query, key, value, *args, **kwargs: sdpa_backward_flop_count(grad, query, key, value),
+        # addmm's formula itself, not its shape wrapper
+        aten.addmm_: lambda bias, a, b, *args, **kwargs: addmm_flop.__wrapped__(bias, a, b)}
 
 
 @dataclass
@@ -281,6 +267,7 @@ class Trace:
     trainable: int
     layer_parameters: int  # elements of the largest decoder layer (FSDP gathers one at a time)
     traced_bytes_per_weight: int  # element size the weights were traced in
+    precompute: int = 0  # peak bytes of the reference pass before training (0 without one)
 
 
 def reference_for(setup: Setup, config, policy, dtype: torch.dtype):
@@ -336,9 +323,7 @@ def flops_by_kind(counter) -> dict[str, float]:
     return kinds
 
 
-class _NoHook:
-    def remove(self) -> None:
-        pass
+NO_HOOK = SimpleNamespace(remove=lambda: None)  # a hook handle with nothing to remove
 
 
 def new_tracker(*modules: torch.nn.Module):
@@ -351,8 +336,13 @@ def new_tracker(*modules: torch.nn.Module):
     for module in modules:
         for parameter in module.parameters():
             if not parameter.requires_grad:
-                tracker._param_to_grad_hook_handles[parameter] = (_NoHook(), _NoHook())
+                tracker._param_to_grad_hook_handles[parameter] = (NO_HOOK, NO_HOOK)
     return tracker
+
+
+def snapshot(tracker, kind: str = "peak") -> dict:
+    """Bytes by kind of memory (and their ``Total``) on the one device traced: ``peak`` or ``current``."""
+    return next(iter(tracker.get_tracker_snapshot(kind).values()))
 
 
 def trace_step(config, setup: Setup) -> Trace:
@@ -368,7 +358,8 @@ def trace_step(config, setup: Setup) -> Trace:
         dtype = weights_dtype(setup)
         policy = build_policy(config, setup, dtype)
         reference, ref_model = reference_for(setup, config, policy, dtype)
-        batch = replace(make_batch(setup, setup.batch_size), indices=tuple(range(setup.batch_size)))
+        ref_models = [ref_model] if ref_model else []
+        batch = make_batch(setup, setup.batch_size)
         trainable = [p for p in policy.parameters() if p.requires_grad]
         optimizer = torch.optim.AdamW(trainable, lr=1e-6, fused=True)
         scorer = CompletionLogps(policy, setup.logprob_chunk)
@@ -377,20 +368,19 @@ def trace_step(config, setup: Setup) -> Trace:
         with FlopCounterMode(display=False, custom_mapping=missing_flop_formulas()) as counter:
             train_step(scorer, reference, batch, optimizer, trainable, setup)
         gc.collect()  # reference cycles of the first step: a real run's cycle collector frees them too
-        tracker = new_tracker(scorer, *([ref_model] if ref_model else []))
-        tracker.track_external(scorer, optimizer, *batch_tensors(batch), *([ref_model] if ref_model else []))
+        tracker = new_tracker(scorer, *ref_models)
+        tracker.track_external(scorer, optimizer, *batch_tensors(batch), *ref_models)
         with tracker:
             train_step(scorer, reference, batch, optimizer, trainable, setup)
-        peak = next(iter(tracker.get_tracker_snapshot("peak").values()))
-        layers = decoder_layers(policy)
         return Trace(
-            peak={getattr(kind, "value", kind): int(value) for kind, value in peak.items()},
-            reference_weights=sum(p.untyped_storage().nbytes() for p in ref_model.parameters()) if ref_model else 0,
+            peak={getattr(kind, "value", kind): int(value) for kind, value in snapshot(tracker).items()},
+            reference_weights=sum(p.untyped_storage().nbytes() for m in ref_models for p in m.parameters()),
             head_peak=trace_head(policy, len(batch.target_ids), setup),
             flops_by_kind=flops_by_kind(counter),
             parameters=sum(p.numel() for p in policy.parameters()),
             trainable=sum(p.numel() for p in trainable),
-            layer_parameters=max((sum(p.numel() for p in layer.parameters()) for layer in layers), default=0),
+            layer_parameters=max((sum(p.numel() for p in layer.parameters()) for layer in decoder_layers(policy)),
+                                 default=0),
             traced_bytes_per_weight=dtype.itemsize,
         )
 
@@ -398,8 +388,6 @@ def trace_step(config, setup: Setup) -> Trace:
 def trace_head(policy, positions: int, setup: Setup) -> int:
     """Peak bytes of the chunked vocabulary head by itself (forward and backward over ``positions``
     completion positions), beyond its inputs: the log-prob chunk. Call under FakeTensorMode."""
-    from torch.distributed._tools.mem_tracker import MemTracker
-
     from tiltlm.logprobs import backbone_and_head, chunked_token_logps
 
     _, head = backbone_and_head(policy)
@@ -407,15 +395,14 @@ def trace_head(policy, positions: int, setup: Setup) -> int:
     hidden = torch.zeros(positions, head.weight.shape[1], dtype=dtype, requires_grad=True)
     targets = torch.zeros(positions, dtype=torch.long)
     weight = head.weight.detach().to(dtype)  # no gradient: the weight's gradient is counted as a gradient
-    tracker = MemTracker()
+    tracker = new_tracker()
     tracker.track_external(hidden, targets, weight)
     with tracker:
-        start = tracker.get_tracker_snapshot("current")
+        start = snapshot(tracker, "current")
         head_view = SimpleNamespace(weight=weight, bias=None)  # what chunked_token_logps reads of a head
         logps = chunked_token_logps(hidden, head_view, targets, setup.logprob_chunk)
-        logps.sum().backward()
-    peak = next(iter(tracker.get_tracker_snapshot("peak").values()))["Total"]
-    return int(peak - next(iter(start.values()))["Total"])
+        logps.sum().backward()  # logps alive to the end, as the step keeps them
+    return int(snapshot(tracker)["Total"] - start["Total"])
 
 
 def trace_precompute(config, setup: Setup) -> int:
@@ -434,7 +421,7 @@ def trace_precompute(config, setup: Setup) -> int:
         with tracker, torch.no_grad():
             with torch.autocast("cpu", dtype=torch.bfloat16) if mixed else contextlib.nullcontext():
                 CompletionLogps(model.eval(), setup.logprob_chunk)(batch)
-        return int(next(iter(tracker.get_tracker_snapshot("peak").values()))["Total"])
+        return int(snapshot(tracker)["Total"])
 
 
 def breakdown(trace: Trace, setup: Setup, runtime: int) -> tuple[Breakdown, list[str]]:
@@ -474,35 +461,15 @@ def check(setup: Setup) -> None:
         raise ConfigError("ref_mode adapters-off needs LoRA (lora_r > 0)")
 
 
-def measure(config, setup: Setup) -> tuple[Trace, int]:
-    """The step's trace and the precompute pass's peak (0 without one), of ``config`` as it is."""
+def measure(config, setup: Setup, layers: int | None = None) -> Trace:
+    """The step's trace with the precompute pass's peak, of ``config`` or of its first ``layers`` layers."""
+    if layers is not None:
+        config = copy.deepcopy(config)
+        config.num_hidden_layers = layers
+        if isinstance(getattr(config, "layer_types", None), list):  # per-layer attention kinds (Qwen2, Gemma)
+            config.layer_types = config.layer_types[:layers]
     precompute = trace_precompute(config, setup) if setup.ref_mode == "precompute" else 0
-    return trace_step(config, setup), precompute
-
-
-def with_layers(config, layers: int):
-    """A copy of ``config`` with its first ``layers`` decoder layers only."""
-    config = copy.deepcopy(config)
-    config.num_hidden_layers = layers
-    if isinstance(getattr(config, "layer_types", None), list):  # per-layer attention kinds (Qwen2, Gemma)
-        config.layer_types = config.layer_types[:layers]
-    return config
-
-
-def extend(small: Trace, large: Trace, pre: tuple[int, int], depths: tuple[int, int],
-           layers: int) -> tuple[Trace, int]:
-    """Every measured quantity of two shallow traces extended linearly to ``layers``."""
-    a, b = depths
-
-    def line(x: float, y: float) -> int:
-        return round(x + (y - x) * (layers - a) / (b - a))
-
-    trace = replace(small, peak={k: line(v, large.peak.get(k, 0)) for k, v in small.peak.items()},
-                    reference_weights=line(small.reference_weights, large.reference_weights),
-                    flops_by_kind={k: line(v, large.flops_by_kind[k]) for k, v in small.flops_by_kind.items()},
-                    parameters=line(small.parameters, large.parameters),
-                    trainable=line(small.trainable, large.trainable))
-    return trace, line(*pre)
+    return replace(trace_step(config, setup), precompute=precompute)
 
 
 def same_moment(small: Trace, large: Trace) -> bool:
@@ -515,23 +482,28 @@ def same_moment(small: Trace, large: Trace) -> bool:
     return abs(share(small) - share(large)) < 0.05 and all(v >= 0 for v in small.peak.values())
 
 
-def measure_by_layers(config, setup: Setup) -> tuple[Trace, int, str | None]:
+def measure_by_layers(config, setup: Setup) -> tuple[Trace, str | None]:
     """:func:`measure`, for deep models from two shallow traces: every measured quantity (bytes by kind,
     FLOPs, parameter counts) is traced at ``a`` and ``b`` layers and extended linearly to the model's
     depth: exact when both traces peak at the same moment of the step and the layers repeat (the
-    decoder's layers are identical; one is gathered or recomputed at a time). Depths double until the
-    two traces peak at the same moment; the full depth is traced when they never do."""
-    layers = config.num_hidden_layers
-    depths = (4, 8)
-    while not setup.full_depth and depths[1] < layers:
-        (small, pre_a), (large, pre_b) = (measure(with_layers(config, n), setup) for n in depths)
+    decoder's layers are identical; one is gathered or recomputed at a time; what does not grow with
+    depth stays as it is). Depths double until the two traces peak at the same moment; the full depth
+    is traced when they never do."""
+    layers, (a, b) = config.num_hidden_layers, (4, 8)
+
+    def line(x, y):  # through (a, x) and (b, y), at the model's depth
+        if isinstance(x, dict):
+            return {k: line(v, y.get(k, 0)) for k, v in x.items()}
+        return round(x + (y - x) * (layers - a) / (b - a))
+
+    while not setup.full_depth and b < layers:
+        small, large = measure(config, setup, a), measure(config, setup, b)
         if same_moment(small, large):
-            trace, precompute = extend(small, large, (pre_a, pre_b), depths, layers)
+            trace = Trace(**{name: line(value, getattr(large, name)) for name, value in vars(small).items()})
             if all(v >= 0 for v in trace.peak.values()):
-                return trace, precompute, (f"traced with {depths[0]} and {depths[1]} of {layers} layers, "
-                                           f"extended linearly by layer count")
-        depths = (depths[1], 2 * depths[1])
-    return *measure(config, setup), None
+                return trace, f"traced with {a} and {b} of {layers} layers, extended linearly by layer count"
+        a, b = b, 2 * b
+    return measure(config, setup), None
 
 
 def plan(setup: Setup, config=None) -> Plan:
@@ -541,10 +513,10 @@ def plan(setup: Setup, config=None) -> Plan:
     started = time.perf_counter()
     runtime = setup.runtime_bytes if setup.runtime_bytes is not None else (
         runtime_baseline() if setup.device == "cpu" else 0)
-    trace, precompute, how = measure_by_layers(config, setup)
+    trace, how = measure_by_layers(config, setup)
     step, notes = breakdown(trace, setup, runtime)
     notes += [how] if how else []
-    precompute += runtime if precompute else 0
+    precompute = trace.precompute + runtime if trace.precompute else 0
     if setup.device == "cpu":
         notes.append("CPU: these are live bytes; glibc may keep freed memory resident and RSS then grows above "
                      "them from step to step (tiltlm train --release-memory returns it)")

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import argparse
 import json
+from dataclasses import fields
 from pathlib import Path
 
 from tiltlm.plan import (GIB, LAYOUTS, PRECISIONS, REF_MODES, Setup, format_plan, gib, load_config, longest_pairs,
@@ -24,7 +25,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--precision", choices=PRECISIONS, default="float32")
     parser.add_argument("--lora-r", type=int, default=0, help="LoRA rank; 0: full fine-tuning")
     parser.add_argument("--gradient-checkpointing", action="store_true")
-    parser.add_argument("--ref-mode", choices=REF_MODES, default=None,
+    parser.add_argument("--ref-mode", choices=REF_MODES, default="precompute",
                         help="default: precompute (as the trainer chooses for a run of an epoch or more)")
     parser.add_argument("--logprob-chunk", type=int, default=256)
     parser.add_argument("--devices", type=int, default=1)
@@ -39,18 +40,14 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def setup_from(args: argparse.Namespace) -> Setup:
-    ref_mode = args.ref_mode or "precompute"
+    """The flags named as Setup's fields, then the three given in other units or read from --data."""
     lengths = ()
     if args.data:
         prompt = args.max_prompt_length or args.seq_len // 2
         lengths = longest_pairs(args.model, args.data, args.seq_len, prompt, args.batch_size)
-    return Setup(model=args.model, layout=args.layout, batch_size=args.batch_size, seq_len=args.seq_len,
-                 prompt_share=args.prompt_share, precision=args.precision, lora_r=args.lora_r,
-                 gradient_checkpointing=args.gradient_checkpointing, ref_mode=ref_mode,
-                 logprob_chunk=args.logprob_chunk, devices=args.devices, parallel=args.parallel,
-                 device_memory=int(args.memory_gb * GIB), device=args.device,
-                 runtime_bytes=None if args.runtime_mb is None else int(args.runtime_mb * 2 ** 20),
-                 grad_accum=args.grad_accum, pair_lengths=lengths, full_depth=args.full_depth)
+    same = {f.name: getattr(args, f.name) for f in fields(Setup) if hasattr(args, f.name)}
+    return Setup(**same, device_memory=int(args.memory_gb * GIB), pair_lengths=lengths,
+                 runtime_bytes=None if args.runtime_mb is None else int(args.runtime_mb * 2 ** 20))
 
 
 def run(args: argparse.Namespace) -> int:
