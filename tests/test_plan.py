@@ -176,3 +176,24 @@ def test_planned_peak_within_20_percent_of_measured_rss(workload_20m, tmp_path, 
     predicted = plan(setup).peak_bytes
     print(f"{' '.join(extra) or 'full'}: planned {predicted / 1e6:.0f} MB, measured {measured / 1e6:.0f} MB")
     assert abs(predicted - measured) <= 0.2 * measured, (predicted, measured)
+
+
+def test_lora_with_the_adapters_off_reference_plans(tmp_path):
+    """LoRA scored against its own base with the adapters switched off (what ``--alternatives`` proposes
+    when the reference is not precomputed) used to end in a traceback: the trace hooked gradients while
+    peft had switched the adapters' requires_grad off. The reference is the policy itself: no second copy
+    of the weights, and the same weights and optimizer state as the same LoRA plan with a precomputed reference."""
+    config = llama_config(tmp_path, 32, 2, 4, 64, 300)
+    off = plan(Setup(model=str(config), seq_len=32, batch_size=2, lora_r=4, ref_mode="adapters-off"))
+    precomputed = plan(replace(off.setup, ref_mode="precompute"))
+    assert off.step.reference == 0
+    assert off.step.weights == precomputed.step.weights
+    assert off.step.optimizer == precomputed.step.optimizer > 0
+
+
+def test_alternatives_of_an_online_reference_plan(tmp_path):
+    from tiltlm.cli import main
+
+    config = llama_config(tmp_path, 32, 2, 4, 64, 300)
+    assert main(["plan", "--model", str(config), "--seq-len", "32", "--batch-size", "2", "--ref-mode", "online",
+                 "--alternatives"]) == 0

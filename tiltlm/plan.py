@@ -371,6 +371,9 @@ def trace_step(config, setup: Setup) -> Trace:
         tracker = new_tracker(scorer, *ref_models)
         tracker.track_external(scorer, optimizer, *batch_tensors(batch), *ref_models)
         with tracker:
+            # hook the gradients now: an adapters-off reference runs before the policy, with peft's adapters
+            # (and their requires_grad) switched off, where the tracker's forward hook cannot hook them
+            tracker._track_module_params_and_buffers(scorer)
             train_step(scorer, reference, batch, optimizer, trainable, setup)
         return Trace(
             peak={getattr(kind, "value", kind): int(value) for kind, value in snapshot(tracker).items()},
