@@ -550,6 +550,7 @@ def driver(plan_file: str) -> int:
     plan = json.loads(Path(plan_file).read_text())
     if int(os.environ["RANK"]) != 0:
         read_only_view(plan["read_only"], plan["isolated_marker"])
+    import gc
     import importlib
 
     import torch.distributed as dist
@@ -573,6 +574,7 @@ def driver(plan_file: str) -> int:
                 if dist.get_rank() == 0:
                     interrupted_copy(Path(args[0]), Path(args[1]), int(args[2]))
                 dist.barrier()
+        gc.collect()  # the runs' sharded modules (in cycles) freed while the group and the interpreter live
         dist.barrier()  # both ranks done with every collective before the group is torn down
     finally:
         dist.destroy_process_group()

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import gc
 import os
 import random
 from dataclasses import dataclass
@@ -72,6 +73,9 @@ def start(device: str = "auto") -> Runtime:
 
 def stop(runtime: Runtime) -> None:
     if runtime.owns_group and dist.is_initialized():
+        # FSDP's hooks keep a run's modules in reference cycles; freed at interpreter exit instead, their
+        # tensors can still be held by gloo's worker threads, which then abort the process
+        gc.collect()
         dist.destroy_process_group()
 
 
