@@ -49,9 +49,15 @@ class LossParams:
 def dpo_loss(policy_chosen_logps: Tensor, policy_rejected_logps: Tensor, reference_chosen_logps: Tensor,
              reference_rejected_logps: Tensor, beta: float = 0.1,
              label_smoothing: float = 0.0) -> tuple[Tensor, Tensor, Tensor]:
-    """The DPO loss (Rafailov et al. 2023, "Direct Preference Optimization", eq. 7) with implicit rewards
-    ``r_hat(y) = beta (log pi(y|x) - log pi_ref(y|x))`` (eq. 5) and, for ``label_smoothing = eps > 0``,
-    conservative DPO (Mitchell 2023, "A note on DPO with noisy preferences": labels flipped with prob. eps)::
+    """The DPO loss (Rafailov et al. 2023, "Direct Preference Optimization", eq. 7).
+
+    The KL-regularised objective ``max_pi E[r] - beta KL(pi || pi_ref)`` has the optimum
+    ``pi*(y|x) = pi_ref(y|x) exp(r(x,y)/beta) / Z(x)`` (eq. 4), so ``r(x,y) = beta log pi*(y|x)/pi_ref(y|x)
+    + beta log Z(x)`` (eq. 5). Under Bradley-Terry, ``P(y_w > y_l | x) = sigma(r(x,y_w) - r(x,y_l))``, the
+    ``beta log Z(x)`` cancels, and the negative log-likelihood with implicit rewards
+    ``r_hat(y) = beta (log pi(y|x) - log pi_ref(y|x))`` is ``-log sigma(r_hat(y_w) - r_hat(y_l))`` (eq. 7).
+    With ``label_smoothing = eps > 0``, conservative DPO (Mitchell 2023, "A note on DPO with noisy
+    preferences": each label flipped with probability eps)::
 
         loss = -(1 - eps) log sigma(h) - eps log sigma(-h),   h = r_hat(y_w) - r_hat(y_l)
 
