@@ -165,10 +165,15 @@ def test_unpaired_tokenises_like_a_chosen_completion(sp):
     assert got == TokenizedUnpaired(pair.prompt_ids, pair.chosen_ids, False, True, "u", 0.5)
 
 
-def test_pairs_come_out_as_from_tokenize_pairs(bpe):
+def test_pairs_come_out_as_the_tokenizer_encodes_them(bpe):
+    """Pairs and lists share one path now (tokenize_pairs is tokenize_examples), so a text pair is checked
+    against the tokenizer itself: the prompt by its default encoding, each completion plus EOS."""
     pairs = [Pair(PROMPT, ANSWERS[0], ANSWERS[1], "a", 2.0), Pair(PROMPT, ANSWERS[2], ANSWERS[2], "b"),
              Pair([user("Hi")], [bot("Hello")], [bot("Go away")], "c")]
-    assert tokenize_examples(pairs, bpe, 12, 6) == tokenize_pairs(pairs, bpe, 12, 6)
+    kept, _ = tokenize_examples(pairs, bpe, BIG, BIG)
+    plain = lambda text: bpe(text, add_special_tokens=False)["input_ids"] + [bpe.eos_token_id]  # noqa: E731
+    assert (kept[0].prompt_ids, kept[0].chosen_ids, kept[0].rejected_ids) == (
+        bpe(PROMPT)["input_ids"], plain(ANSWERS[0]), plain(ANSWERS[1]))
     kept, _ = tokenize_pairs(pairs, bpe, 12, 6)
     assert [p.weight for p in kept] == [2.0, 1.0]
 
