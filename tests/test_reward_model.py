@@ -102,6 +102,16 @@ def test_a_causal_lm_loads_with_a_new_score_head(tmp_path):
     assert model.score.weight.shape == (1, 32) and model.config.pad_token_id == PAD
 
 
+def test_loading_with_pad_equal_to_eos_warns_the_user(tmp_path):
+    """The warning reaches the user who loads (and so trains) a reward model, not only the caller of
+    prepare_reward_model: it used to be returned and dropped."""
+    from tiltlm.models import tiny_llama
+
+    tiny_llama(vocab_size=VOCAB).save_pretrained(tmp_path / "lm")
+    with pytest.warns(UserWarning, match="pad token is its EOS token"):
+        load_reward_model(str(tmp_path / "lm"), SimpleNamespace(pad_token_id=2, eos_token_id=2))
+
+
 def test_pad_equal_to_eos_warns_and_no_pad_is_an_error():
     model = tiny_reward_model()
     warning = prepare_reward_model(model, SimpleNamespace(pad_token_id=2, eos_token_id=2))

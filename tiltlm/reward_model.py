@@ -16,6 +16,7 @@ tokenizers without one) it reads the token before the one trained at: :func:`pre
 from __future__ import annotations
 
 import os
+import warnings
 from collections import Counter
 
 import torch
@@ -108,7 +109,9 @@ def load_reward_model(name: str, tokenizer, dtype: torch.dtype = torch.float32, 
         raise ModelError(f"cannot load a sequence-classification (reward) model from {name!r}: {error}") from error
     if "gguf_file" in extra:
         plain_after_gguf(model)
-    prepare_reward_model(model, tokenizer)
+    warning = prepare_reward_model(model, tokenizer)
+    if warning:
+        warnings.warn(warning, stacklevel=2)
     return model
 
 
